@@ -1,0 +1,81 @@
+"""Server arguments: one dataclass, its command-line flags, and validation in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+
+def _flag(default, help: str, *aliases: str, choices=None, **kw):
+    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, **kw})
+
+
+@dataclass
+class ServerArgs:
+    model_path: str | None = _flag(None, "Hugging Face model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+    served_model_name: str | None = _flag(None, "name clients send as `model` (default: derived from the path)")
+    host: str = _flag("127.0.0.1", "address the HTTP server listens on")
+    port: int = _flag(30000, "port the HTTP server listens on")
+    dtype: str = _flag("auto", "weights and activations dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _flag("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
+    tp_size: int = _flag(1, "tensor parallel degree")
+    pp_size: int = _flag(1, "pipeline parallel degree")
+    dp_size: int = _flag(1, "data parallel degree")
+    max_running_requests: int = _flag(64, "most requests decoding at once")
+    max_total_tokens: int | None = _flag(None, "KV cache size in tokens (default: from free memory)")
+    chunked_prefill_size: int = _flag(512, "most prompt tokens prefilled in one step")
+    page_size: int = _flag(16, "tokens per KV cache page")
+    context_length: int | None = _flag(None, "longest prompt plus output (default: the model's)")
+    disable_radix_cache: bool = _flag(False, "do not reuse KV of shared prompt prefixes")
+    random_seed: int = _flag(0, "seed for requests that do not give one")
+    api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health")
+    enable_tracing: bool = _flag(False, "trace every request with OpenTelemetry", "--enable-trace")
+    otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported (OTLP)", "--otlp-traces-endpoint")
+    trace_level: int = _flag(3, "1: root span only; 2: plus stages; 3: plus chunks and decode steps", choices=(1, 2, 3))
+    trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
+    log_level: str = _flag("info", "log verbosity", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with one line naming the flag of the first bad value."""
+
+        def need(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} must be {rule}, got {getattr(self, name)!r}")
+
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                need(False, f.name, "one of " + ", ".join(map(str, choices)))
+        need(0 < self.port < 65536, "port", "in 1..65535")
+        for name in ("tp_size", "pp_size", "dp_size", "max_running_requests", "chunked_prefill_size", "page_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(self.max_total_tokens is None or self.max_total_tokens >= 2 * self.page_size,
+             "max_total_tokens", f"at least two pages ({2 * self.page_size} tokens)")
+        need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")
+        need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            names = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
+            if f.type == "bool":
+                parser.add_argument(*names, dest=f.name, action="store_true", help=f.metadata["help"])
+                continue
+            kind = int if "int" in f.type else str
+            parser.add_argument(*names, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
+                                help=f"{f.metadata['help']} (default: {f.default})")
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> ServerArgs:
+        parser = argparse.ArgumentParser(prog="loupe serve", description="Serve a model over an OpenAI-compatible API.")
+        cls.add_cli_args(parser)
+        ns = parser.parse_args(argv)
+        try:
+            return cls(**vars(ns))
+        except ValueError as e:
+            parser.error(str(e))

@@ -1,0 +1,73 @@
+"""The in-process engine: load a model and generate, without a server."""
+
+from __future__ import annotations
+
+import itertools
+
+from loupe.config import ServerArgs
+from loupe.detokenizer import output_text
+from loupe.scheduler.request import Req, SamplingParams
+from loupe.scheduler.scheduler import Scheduler
+
+
+class Engine:
+    """`Engine(model_path=..., dtype=..., **server_args)`; see `ServerArgs` for the options."""
+
+    def __init__(self, model_path: str | None = None, **kwargs):
+        self.args = ServerArgs(model_path=model_path, **kwargs)
+        self.scheduler = Scheduler(self.args)
+        self.tokenizer = self.scheduler.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+    ) -> dict | list[dict]:
+        """Generate for one prompt (returns a dict) or a list of them (returns a list)."""
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt and input_ids")
+        single = isinstance(prompt, str) or (input_ids is not None and (not input_ids or isinstance(input_ids[0], int)))
+        if prompt is not None:
+            prompts = [prompt] if single else list(prompt)
+            id_lists = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            id_lists = [input_ids] if single else list(input_ids)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
+        if len(params) != len(id_lists):
+            raise ValueError(f"got {len(params)} sampling_params for {len(id_lists)} prompts")
+        # Validate every request before queueing any, so a bad one changes nothing.
+        reqs = [
+            self.scheduler.make_request(f"engine-{next(self._ids)}", ids, SamplingParams.from_dict(p))
+            for ids, p in zip(id_lists, params, strict=True)
+        ]
+        for req in reqs:
+            self.scheduler.add_request(req)
+        while not all(r.finished for r in reqs):
+            self.scheduler.step()
+        outputs = [self._output(r) for r in reqs]
+        return outputs[0] if single else outputs
+
+    def _output(self, req: Req) -> dict:
+        return {
+            "text": output_text(self.tokenizer, req.output_ids, req.finish_reason, req.matched_stop),
+            "output_ids": list(req.output_ids),
+            "meta_info": {
+                "id": req.rid,
+                "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.cached_tokens or 0,
+                "finish_reason": req.finish_reason.value,
+                "matched_stop": req.matched_stop,
+            },
+        }
+
+    def shutdown(self) -> None:
+        self.scheduler = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

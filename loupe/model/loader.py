@@ -1,0 +1,106 @@
+"""Find, read and build a model: a Hugging Face folder or a single GGUF file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file
+
+from loupe.model.config import ModelConfig
+from loupe.model.gguf_loader import bundled_model_path, load_gguf
+from loupe.model.llama import MODEL_CLASSES
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: ModelConfig
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    path: str
+    eos_token_ids: tuple[int, ...]
+
+
+def resolve_dtype(dtype: str, device: str, hf_config: dict) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    # On CPU float32 is the safe default: bfloat16 speed depends on the CPU and drifts numerically.
+    if device == "cpu":
+        return torch.float32
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
+    return torch.float32 if stored == "float32" else torch.bfloat16
+
+
+def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor], object]:
+    """(hf_config, state_dict, tokenizer) from a folder or a .gguf file; one clear error if not."""
+    if not os.path.exists(path):
+        raise ValueError(f"model path {path!r} does not exist")
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"model path {path!r} is a file but not a .gguf file")
+        return load_gguf(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"model path {path!r} has no config.json")
+    try:
+        with open(config_file) as f:
+            hf_config = json.load(f)
+        state_dict = {}
+        index_file = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index_file):
+            with open(index_file) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError("no *.safetensors files")
+        for name in files:
+            state_dict.update(load_file(os.path.join(path, name)))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ValueError as e:
+        raise ValueError(f"cannot load model from {path!r}: {e}") from None
+    except Exception as e:  # corrupt JSON, safetensors or tokenizer files
+        raise ValueError(f"cannot load model from {path!r}: {type(e).__name__}: {e}") from None
+    generation_file = os.path.join(path, "generation_config.json")
+    if os.path.isfile(generation_file):
+        with open(generation_file) as f:
+            hf_config.setdefault("generation_eos_token_id", json.load(f).get("eos_token_id"))
+    return hf_config, state_dict, tokenizer
+
+
+def eos_ids(hf_config: dict, config: ModelConfig, tokenizer) -> tuple[int, ...]:
+    ids = set(config.eos_token_ids)
+    extra = hf_config.get("generation_eos_token_id")
+    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def load_model(
+    path: str | None = None,
+    dtype: str = "auto",
+    device: str = "cpu",
+    context_length: int | None = None,
+) -> LoadedModel:
+    path = path or bundled_model_path()
+    hf_config, state_dict, tokenizer = read_checkpoint(path)
+    try:
+        config = ModelConfig.from_hf(hf_config)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"cannot load model from {path!r}: {e}") from None
+    torch_dtype = resolve_dtype(dtype, device, hf_config)
+    max_positions = context_length or config.max_position_embeddings
+    with torch.device(device):
+        model = MODEL_CLASSES[config.family](config, max_positions)
+    try:
+        model.load_weights(state_dict)
+    except ValueError as e:
+        raise ValueError(f"cannot load model from {path!r}: {e}") from None
+    model = model.to(torch_dtype).eval().requires_grad_(False)
+    model.rotary.float()  # keep rotary tables in float32, as the reference does
+    return LoadedModel(model, config, tokenizer, path, eos_ids(hf_config, config, tokenizer))

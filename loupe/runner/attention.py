@@ -1,0 +1,89 @@
+"""Attention over the paged KV cache.
+
+The model runs on a flat list of new tokens. Decoding requests (one new token each) come
+first, prefill chunks after. Each layer writes the new tokens' K/V into their slots, then
+gathers every request's K/V by its slot table and runs `scaled_dot_product_attention`:
+one call for all decodes and one for all prefill chunks, padded to the longest request
+and masked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """K and V for every token slot of every layer. Slot 0 is never handed out: it stays zero
+    and serves as padding in slot tables."""
+
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (num_layers, num_slots, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * dtype.itemsize
+
+
+@dataclass
+class AttentionGroup:
+    """Requests attended together: their slot tables padded to the longest, and the mask."""
+
+    slots: torch.Tensor  # [B, K] slot of each key position
+    mask: torch.Tensor | None  # [B, 1, Q, K] True where a query may see a key; None: all
+    query_index: torch.Tensor | None  # [T] where each flat query goes in the padded [B*Q]
+    num_queries: int  # Q
+
+
+@dataclass
+class ForwardBatch:
+    kv: KVCache
+    out_slots: torch.Tensor  # [T] slot where each new token's K/V is written
+    num_decode: int  # the first num_decode tokens are single-token decodes
+    decode: AttentionGroup | None
+    prefill: AttentionGroup | None
+    prefill_is_causal: bool  # one prefill with no cached prefix: attend its own K/V directly
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
+        k_cache[self.out_slots] = k
+        v_cache[self.out_slots] = v
+        n = self.num_decode
+        outs = []
+        if self.decode is not None:
+            outs.append(self._attend(self.decode, q[:n], k_cache, v_cache))
+        if self.prefill_is_causal:
+            outs.append(_sdpa(q[n:].unsqueeze(0), k[n:].unsqueeze(0), v[n:].unsqueeze(0), None, True)[0])
+        elif self.prefill is not None:
+            outs.append(self._attend(self.prefill, q[n:], k_cache, v_cache))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.flatten(1)
+
+    @staticmethod
+    def _attend(group: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        b, length = group.slots.shape
+        keys = k_cache[group.slots]  # [B, K, kv_heads, D]
+        values = v_cache[group.slots]
+        if group.query_index is None:  # one query per request
+            queries = q.unsqueeze(1)
+        else:
+            queries = q.new_zeros(b * group.num_queries, *q.shape[1:])
+            queries[group.query_index] = q
+            queries = queries.view(b, group.num_queries, *q.shape[1:])
+        out = _sdpa(queries, keys, values, group.mask, False)
+        out = out.flatten(0, 1)
+        return out if group.query_index is None else out[group.query_index]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """[B, Q, H, D] x [B, K, Hkv, D] -> [B, Q, H, D]."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=causal, enable_gqa=True,
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,97 @@
+"""One forward pass over a batch of requests: build the inputs, run the model, sample."""
+
+from __future__ import annotations
+
+import torch
+
+from loupe.model.loader import LoadedModel
+from loupe.runner.attention import AttentionGroup, ForwardBatch, KVCache
+from loupe.runner.sampler import sample
+from loupe.scheduler.cache import SlotTable
+from loupe.scheduler.request import Req
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, kv: KVCache, slots: SlotTable, device: torch.device):
+        self.model = loaded.model
+        self.kv = kv
+        self.slots = slots
+        self.device = device
+
+    @torch.inference_mode()
+    def forward(self, reqs: list[Req], num_new: list[int]) -> list[int | None]:
+        """Compute `num_new[i]` more tokens of each request's KV. Returns the sampled next
+        token of each request whose input this completes, None for unfinished prefills."""
+        order = sorted(range(len(reqs)), key=lambda i: num_new[i] != 1)  # single queries first
+        reqs = [reqs[i] for i in order]
+        num_new = [num_new[i] for i in order]
+        batch, input_ids, positions = self._prepare(reqs, num_new)
+        hidden = self.model(input_ids, positions, batch)
+
+        ends, sampling = [], []
+        offset = 0
+        for i, (req, n) in enumerate(zip(reqs, num_new, strict=True)):
+            offset += n
+            if req.kv_len + n == req.seq_len:
+                ends.append(offset - 1)
+                sampling.append(i)
+        results: list[int | None] = [None] * len(reqs)
+        if sampling:
+            logits = self.model.compute_logits(hidden[ends])
+            chosen = [reqs[i] for i in sampling]
+            tokens = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
+            for i, token in zip(sampling, tokens, strict=True):
+                results[i] = token
+        unordered: list[int | None] = [None] * len(reqs)
+        for i, token in zip(order, results, strict=True):
+            unordered[i] = token
+        return unordered
+
+    def _prepare(self, reqs: list[Req], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for req, n in zip(reqs, num_new, strict=True):
+            start = req.kv_len
+            if n == 1 and req.output_ids and start == req.seq_len - 1:
+                input_ids.append(req.output_ids[-1])
+            else:
+                input_ids.extend(req.all_ids[start : start + n])
+            positions.extend(range(start, start + n))
+        rows = torch.tensor([r.row for r in reqs])
+        starts = torch.tensor([r.kv_len for r in reqs])
+        counts = torch.tensor(num_new)
+        device = self.device
+        ids_t = torch.tensor(input_ids, device=device)
+        pos_t = torch.tensor(positions, device=device)
+        table = self.slots.table
+        token_rows = torch.repeat_interleave(rows, counts).to(device)
+        out_slots = table[token_rows, pos_t]
+
+        num_single = sum(1 for n in num_new if n == 1)
+        decode = prefill = None
+        if num_single:
+            decode = self._group(table, rows[:num_single], starts[:num_single], counts[:num_single])
+        causal = len(reqs) - num_single == 1 and int(starts[-1]) == 0
+        if num_single < len(reqs) and not causal:
+            prefill = self._group(table, rows[num_single:], starts[num_single:], counts[num_single:])
+        batch = ForwardBatch(self.kv, out_slots, sum(num_new[:num_single]), decode, prefill, causal)
+        return batch, ids_t, pos_t
+
+    def _group(self, table: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> AttentionGroup:
+        device = self.device
+        ends = starts + counts
+        num_keys, num_queries = int(ends.max()), int(counts.max())
+        slots = table[rows.to(device), :num_keys]
+        key_pos = torch.arange(num_keys)
+        if num_queries == 1:
+            same_length = bool((ends == num_keys).all())
+            mask = None if same_length else (key_pos[None, :] < ends[:, None])[:, None, None, :]
+            query_index = None
+        else:
+            query_pos = torch.arange(num_queries)
+            mask = (key_pos[None, None, :] <= (starts[:, None] + query_pos[None, :])[:, :, None])[:, None]
+            query_index = torch.cat([b * num_queries + torch.arange(int(n)) for b, n in enumerate(counts)])
+            query_index = query_index.to(device)
+        if mask is not None:
+            mask = mask.to(device)
+        return AttentionGroup(slots, mask, query_index, num_queries)

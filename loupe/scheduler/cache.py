@@ -1,0 +1,196 @@
+"""KV memory bookkeeping: pages, per-request slot tables, and the radix prefix cache.
+
+The KV tensors themselves live in `runner.attention.KVCache`; this module decides which
+slots each request uses. Memory is handed out in pages of `page_size` token slots; page
+`p` owns slots `[p * page_size, (p + 1) * page_size)`. Page 0 is reserved (its slot 0 is
+the zero padding of slot tables).
+
+Ownership — every page other than page 0 is in exactly one of three places:
+
+    free list          PagePool.free_pages; nobody's
+    radix tree         a node's `pages`; shared, read-only, evictable when unlocked
+    a request's tail   req.pages[req.num_tree_pages:]; private to that request
+
+    req.pages:  [ tree pages (matched, locked) | private pages (written by this request) ]
+                 ^ 0                           ^ num_tree_pages                          ^ len
+
+A request locks the deepest tree node it matched (`req.prefix_node`), which pins that node
+and all its ancestors against eviction. When it ends (finish or retraction) its computed
+full pages are inserted into the tree: pages the tree already holds for the same tokens
+are duplicates and go back to the free list, the rest become the tree's, and the partial
+last page is freed. An aborted request frees its private pages without caching them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import torch
+
+
+class PagePool:
+    def __init__(self, num_pages: int, page_size: int):
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.free_pages = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
+
+    def alloc(self, n: int) -> list[int] | None:
+        if n > len(self.free_pages):
+            return None
+        return [self.free_pages.pop() for _ in range(n)]
+
+    def free(self, pages: list[int]) -> None:
+        self.free_pages.extend(pages)
+
+
+class SlotTable:
+    """`table[row, pos]` is the KV slot of token `pos` of the request holding `row`."""
+
+    def __init__(self, max_rows: int, max_len: int, page_size: int, device: torch.device | str):
+        self.table = torch.zeros(max_rows, max_len, dtype=torch.int64, device=device)
+        self.free_rows = list(range(max_rows - 1, -1, -1))
+        self.page_offsets = torch.arange(page_size, device=device)
+        self.page_size = page_size
+
+    def alloc_row(self) -> int | None:
+        return self.free_rows.pop() if self.free_rows else None
+
+    def free_row(self, row: int) -> None:
+        self.free_rows.append(row)
+
+    def write_pages(self, row: int, first_page_index: int, pages: list[int]) -> None:
+        if not pages:
+            return
+        ps = self.page_size
+        slots = (torch.tensor(pages, device=self.table.device)[:, None] * ps + self.page_offsets).flatten()
+        start = first_page_index * ps
+        end = min(start + len(slots), self.table.shape[1])
+        self.table[row, start:end] = slots[: end - start]
+
+
+class Node:
+    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access")
+
+    def __init__(self, key: tuple[int, ...], pages: list[int], parent: Node | None):
+        self.key = key
+        self.pages = pages
+        self.children: dict[tuple[int, ...], Node] = {}
+        self.parent = parent
+        self.lock_ref = 0
+        self.last_access = 0
+
+
+class RadixCache:
+    """Token-prefix tree at page granularity: node keys are whole pages of token ids."""
+
+    def __init__(self, pool: PagePool, enabled: bool = True):
+        self.pool = pool
+        self.page_size = pool.page_size
+        self.enabled = enabled
+        self.root = Node((), [], None)
+        self.root.lock_ref = 1
+        self.evictable_pages = 0
+        self._clock = itertools.count(1)
+
+    def match_prefix(self, tokens: list[int]) -> tuple[list[int], Node]:
+        """Pages holding the longest cached page-aligned prefix of `tokens`, and its node."""
+        node, pages, ps = self.root, [], self.page_size
+        if not self.enabled:
+            return pages, node
+        pos, tick = 0, next(self._clock)
+        node.last_access = tick
+        while len(tokens) - pos >= ps:
+            child = node.children.get(tuple(tokens[pos : pos + ps]))
+            if child is None:
+                break
+            n = self._common_pages(child.key, tokens, pos)
+            if n < len(child.pages):
+                child = self._split(child, n)
+            pages.extend(child.pages)
+            pos += len(child.key)
+            node = child
+            node.last_access = tick
+        return pages, node
+
+    def insert(self, tokens: list[int], pages: list[int]) -> int:
+        """Cache `pages` (one per full page of `tokens`). Returns how many leading pages the
+        tree already held; the caller frees its own pages for that span if they differ."""
+        ps, node, pos = self.page_size, self.root, 0
+        tick = next(self._clock)
+        while pos < len(tokens):
+            head = tuple(tokens[pos : pos + ps])
+            child = node.children.get(head)
+            if child is None:
+                new = Node(tuple(tokens[pos:]), pages[pos // ps :], node)
+                new.last_access = tick
+                node.children[head] = new
+                self.evictable_pages += len(new.pages)
+                return pos // ps
+            n = self._common_pages(child.key, tokens, pos)
+            if n < len(child.pages):
+                child = self._split(child, n)
+            child.last_access = tick
+            pos += len(child.key)
+            node = child
+        return len(tokens) // ps
+
+    def lock(self, node: Node) -> None:
+        while node is not None:
+            if node.lock_ref == 0:
+                self.evictable_pages -= len(node.pages)
+            node.lock_ref += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        while node is not None:
+            node.lock_ref -= 1
+            if node.lock_ref == 0:
+                self.evictable_pages += len(node.pages)
+            node = node.parent
+
+    def evict(self, num_pages: int) -> int:
+        """Free at least `num_pages` pages from unlocked leaves, least recently used first."""
+        freed = 0
+        leaves = [(n.last_access, id(n), n) for n in self._nodes() if not n.children]
+        heapq.heapify(leaves)
+        while freed < num_pages and leaves:
+            _, _, victim = heapq.heappop(leaves)
+            if victim.lock_ref > 0:
+                continue
+            parent = victim.parent
+            del parent.children[victim.key[: self.page_size]]
+            self.pool.free(victim.pages)
+            self.evictable_pages -= len(victim.pages)
+            freed += len(victim.pages)
+            if parent is not self.root and not parent.children:
+                heapq.heappush(leaves, (parent.last_access, id(parent), parent))
+        return freed
+
+    def total_pages(self) -> int:
+        return sum(len(n.pages) for n in self._nodes())
+
+    def _nodes(self):
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def _common_pages(self, key: tuple[int, ...], tokens: list[int], pos: int) -> int:
+        ps, n = self.page_size, 0
+        while n * ps < len(key) and pos + (n + 1) * ps <= len(tokens):
+            if key[n * ps : (n + 1) * ps] != tuple(tokens[pos + n * ps : pos + (n + 1) * ps]):
+                break
+            n += 1
+        return n
+
+    def _split(self, node: Node, num_pages: int) -> Node:
+        """Cut `node` after `num_pages` pages; return the new upper part."""
+        cut = num_pages * self.page_size
+        upper = Node(node.key[:cut], node.pages[:num_pages], node.parent)
+        upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
+        upper.children[node.key[cut : cut + self.page_size]] = node
+        node.parent.children[node.key[: self.page_size]] = upper
+        node.key, node.pages, node.parent = node.key[cut:], node.pages[num_pages:], upper
+        return upper

@@ -1,0 +1,108 @@
+"""A request as the scheduler sees it, and its sampling parameters."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no limit
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_dict(cls, params: dict | None) -> SamplingParams:
+        """Build and validate; a bad value raises ValueError naming the parameter."""
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter {unknown[0]!r}")
+        if isinstance(params.get("stop"), str):
+            params["stop"] = [params["stop"]]
+        params = {k: v for k, v in params.items() if v is not None or k == "seed"}
+        sp = cls(**params)
+        sp.validate()
+        return sp
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
+        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
+        check(is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1")
+        check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+        check(self.seed is None or is_int(self.seed), "seed", "an integer")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+              "stop", "a non-empty string or a list of them")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "a list of token ids")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class Req:
+    """One generation request. Token ids are `prompt_ids + output_ids`; the KV of the first
+    `kv_len` of them is in the cache. The last token of a decoding request is its next input."""
+
+    def __init__(self, rid: str, prompt_ids: list[int], sampling: SamplingParams, seed: int):
+        self.rid = rid
+        self.prompt_ids = prompt_ids
+        self.output_ids: list[int] = []
+        self.sampling = sampling
+        self.generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else seed)
+        self.arrival_time = time.perf_counter()
+        # KV state, owned by the scheduler (see scheduler/cache.py for the invariants).
+        self.row: int | None = None
+        self.pages: list[int] = []
+        self.num_tree_pages = 0
+        self.prefix_node = None
+        self.kv_len = 0
+        self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
+        self.num_retractions = 0
+        self.finish_reason: FinishReason | None = None
+        self.matched_stop: int | str | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return f"Req({self.rid}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"

@@ -1,0 +1,21 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from tiny_models import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Factory: the folder of a tiny random checkpoint of a family, written once per session."""
+    cache = {}
+
+    def make(family: str = "llama") -> str:
+        if family not in cache:
+            cache[family] = write_tiny_model(str(tmp_path_factory.mktemp(f"tiny-{family}")), family)
+        return cache[family]
+
+    return make
