@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from multiprocessing.connection import Connection
+
+import zmq
+
+from loupe import ipc
+from loupe.process import setup_child
 from loupe.scheduler.request import FinishReason
 
 
@@ -15,3 +21,94 @@ def output_text(tokenizer, output_ids: list[int], finish_reason: FinishReason | 
         cut = text.find(matched_stop)
         text = text[:cut] if cut >= 0 else text
     return text
+
+
+class IncrementalText:
+    """Text of one request as its tokens arrive. Text that could be the start of a stop string
+    is held back until it is known not to be one, so a stream never shows a stop string."""
+
+    def __init__(self, tokenizer, stop: list[str] | None):
+        self.tokenizer = tokenizer
+        self.stop = stop or []
+        self.ids: list[int] = []
+        self.text = ""  # decoded so far
+        self.sent = 0  # characters of `text` already sent
+        self.prefix_offset = 0  # tokens before this are decoded for good
+        self.read_offset = 0
+
+    def add(self, new_ids: list[int]) -> str:
+        """Append tokens; return the text that can be sent now."""
+        self.ids.extend(new_ids)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        # A trailing U+FFFD is half a multi-byte character: wait for the rest.
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        end = len(self.text) - self._held_back()
+        delta = self.text[self.sent : end] if end > self.sent else ""
+        self.sent += len(delta)
+        return delta
+
+    def finish(self, finish_reason, matched_stop) -> tuple[str, str]:
+        """(last delta, whole text) once the request has ended."""
+        final = output_text(self.tokenizer, self.ids, finish_reason, matched_stop)
+        sent = self.text[: self.sent]
+        delta = final[len(sent) :] if final.startswith(sent) else ""
+        return delta, final
+
+    def _held_back(self) -> int:
+        """Length of the longest end of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(s[:n]):
+                    longest = n
+                    break
+        return longest
+
+
+class DetokenizerProcess:
+    def __init__(self, args, ipc_dir: str):
+        from loupe.model.loader import load_tokenizer
+
+        self.tokenizer = load_tokenizer(args.model_path)
+        ctx = zmq.Context()
+        self.tokens = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "detokenizer"))
+        self.to_manager = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))
+        self.states: dict[str, IncrementalText] = {}
+
+    def run_forever(self) -> None:
+        while True:
+            batch = ipc.recv(self.tokens)
+            ipc.send(self.to_manager, ipc.TextBatch([self.convert(o) for o in batch.outputs]))
+
+    def convert(self, out: ipc.RequestOutput) -> ipc.TextOutput:
+        state = self.states.get(out.rid)
+        if state is None:
+            state = self.states[out.rid] = IncrementalText(self.tokenizer, out.stop)
+        final_text = None
+        if out.finish_reason is None:
+            delta = state.add(out.new_token_ids)
+        else:
+            state.ids.extend(out.new_token_ids)
+            delta, final_text = state.finish(FinishReason(out.finish_reason), out.matched_stop)
+            del self.states[out.rid]
+        return ipc.TextOutput(
+            rid=out.rid, text_delta=delta, token_ids=out.new_token_ids, finish_reason=out.finish_reason,
+            matched_stop=out.matched_stop, prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
+            queue_seconds=out.queue_seconds, error=out.error, text=final_text,
+        )
+
+
+def run_detokenizer_process(args, ipc_dir: str, ready: Connection) -> None:
+    setup_child("detokenizer", args.log_level)
+    try:
+        proc = DetokenizerProcess(args, ipc_dir)
+    except Exception as e:
+        ready.send({"error": f"{type(e).__name__}: {e}"})
+        return
+    ready.send({})
+    proc.run_forever()

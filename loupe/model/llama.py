@@ -13,7 +13,7 @@ from loupe.model.layers import DecoderLayer, RMSNorm, RotaryEmbedding
 if TYPE_CHECKING:
     from loupe.runner.attention import ForwardBatch
 
-# Hugging Face checkpoint names that loupe stores fused: (our name, shard index, shard count).
+# Hugging Face checkpoint names that loupe stores fused: (our name, shard index).
 FUSED = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
@@ -50,40 +50,43 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy a Hugging Face-named state dict in, fusing q/k/v and gate/up as it goes."""
-        params = dict(self.named_parameters())
-        seen = set()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> None:
+        """Take a Hugging Face-named state dict, fusing q/k/v and gate/up. The model may be
+        built on the meta device: every parameter is replaced, none is copied into."""
+        expected = dict(self.named_parameters())
+        if self.config.tie_word_embeddings:
+            expected.pop("lm_head.weight", None)
+        shards: dict[str, dict[int, torch.Tensor]] = {}
         for hf_name, tensor in state_dict.items():
             name = hf_name.removeprefix("model.")
             if "rotary_emb" in name or (name == "lm_head.weight" and self.config.tie_word_embeddings):
                 continue
-            shard = None
-            for part, (fused, index) in FUSED.items():
-                if f".{part}." in name:
-                    name, shard = name.replace(part, fused), index
-                    break
-            if name not in params:
-                raise ValueError(f"unexpected weight {hf_name!r} in checkpoint")
-            target = params[name].data
-            if shard is not None:
-                target = target.narrow(0, self._shard_offset(name, shard), tensor.shape[0])
-            if target.shape != tensor.shape:
-                raise ValueError(f"weight {hf_name!r} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
-            target.copy_(tensor)
-            seen.add((name, shard))
-        missing = [n for n, p in params.items() if not any(s[0] == n for s in seen)]
+            part = next((p for p in FUSED if f".{p}." in name), None)
+            if part is not None:
+                fused, index = FUSED[part]
+                shards.setdefault(name.replace(part, fused), {})[index] = tensor
+            else:
+                self._set_parameter(expected, name, tensor, hf_name, dtype, device)
+        for name, parts in shards.items():
+            if sorted(parts) != list(range(3 if "qkv" in name else 2)):
+                raise ValueError(f"checkpoint has only some of the parts of {name!r}")
+            fused = torch.cat([parts[i] for i in sorted(parts)])
+            self._set_parameter(expected, name, fused, name, dtype, device)
+        if expected:
+            raise ValueError(f"checkpoint lacks weights: {', '.join(sorted(expected)[:5])}")
         if self.config.tie_word_embeddings:
-            missing = [n for n in missing if n != "lm_head.weight"]
-        if missing:
-            raise ValueError(f"checkpoint lacks weights: {', '.join(missing[:5])}")
+            self.lm_head.weight = self.embed_tokens.weight
 
-    def _shard_offset(self, name: str, shard: int) -> int:
-        c = self.config
-        if "qkv_proj" in name:
-            q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            return [0, q, q + kv][shard]
-        return shard * c.intermediate_size
+    def _set_parameter(self, expected: dict, name: str, tensor: torch.Tensor, source: str,
+                       dtype: torch.dtype, device: torch.device | str) -> None:
+        if name not in expected:
+            raise ValueError(f"unexpected weight {source!r} in checkpoint")
+        shape = tuple(expected.pop(name).shape)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"weight {source!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        module_name, _, attr = name.rpartition(".")
+        param = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+        setattr(self.get_submodule(module_name), attr, param)
 
 
 class Qwen2ForCausalLM(LlamaForCausalLM):

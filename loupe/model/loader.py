@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from loupe.model.config import ModelConfig
-from loupe.model.gguf_loader import bundled_model_path, load_gguf
+from loupe.model.gguf_loader import bundled_model_path, load_gguf, load_gguf_tokenizer
+from loupe.model.layers import RotaryEmbedding
 from loupe.model.llama import MODEL_CLASSES
 
 
@@ -95,12 +96,26 @@ def load_model(
         raise ValueError(f"cannot load model from {path!r}: {e}") from None
     torch_dtype = resolve_dtype(dtype, device, hf_config)
     max_positions = context_length or config.max_position_embeddings
-    with torch.device(device):
+    with torch.device("meta"):  # no memory and no random init: every weight comes from the file
         model = MODEL_CLASSES[config.family](config, max_positions)
     try:
-        model.load_weights(state_dict)
+        model.load_weights(state_dict, torch_dtype, device)
     except ValueError as e:
         raise ValueError(f"cannot load model from {path!r}: {e}") from None
-    model = model.to(torch_dtype).eval().requires_grad_(False)
-    model.rotary.float()  # keep rotary tables in float32, as the reference does
+    with torch.device(device):
+        model.rotary = RotaryEmbedding(config, max_positions)  # buffers, not weights: computed here
+    model.eval()
     return LoadedModel(model, config, tokenizer, path, eos_ids(hf_config, config, tokenizer))
+
+
+def load_tokenizer(path: str | None):
+    """Only the tokenizer of a model (for processes that never touch the weights)."""
+    path = path or bundled_model_path()
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return load_gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer from {path!r}: {type(e).__name__}: {e}") from None

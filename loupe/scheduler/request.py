@@ -64,6 +64,36 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit in; known to the tokenizer manager so it can refuse early."""
+
+    vocab_size: int
+    context_length: int
+    max_total_tokens: int
+
+    def check(self, input_ids: list[int], sampling: SamplingParams) -> None:
+        """Raise ValueError (naming what is wrong) if the request cannot run."""
+        if not input_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
+            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+        n = len(input_ids)
+        if n >= self.context_length:
+            raise ValueError(f"the prompt has {n} tokens; the context length is {self.context_length}")
+        if n + sampling.max_new_tokens > self.context_length:
+            raise ValueError(
+                f"max_new_tokens={sampling.max_new_tokens} plus the prompt's {n} tokens "
+                f"exceeds the context length {self.context_length}"
+            )
+        if n + sampling.max_new_tokens > self.max_total_tokens:
+            raise ValueError(
+                f"the prompt's {n} tokens plus max_new_tokens={sampling.max_new_tokens} "
+                f"do not fit in the KV cache ({self.max_total_tokens} tokens)"
+            )
+
+
 class FinishReason(str, enum.Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -81,6 +111,7 @@ class Req:
         self.sampling = sampling
         self.generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else seed)
         self.arrival_time = time.perf_counter()
+        self.admit_time: float | None = None
         # KV state, owned by the scheduler (see scheduler/cache.py for the invariants).
         self.row: int | None = None
         self.pages: list[int] = []
@@ -91,6 +122,7 @@ class Req:
         self.num_retractions = 0
         self.finish_reason: FinishReason | None = None
         self.matched_stop: int | str | None = None
+        self.sent_first_output = False
 
     @property
     def all_ids(self) -> list[int]:

@@ -22,7 +22,7 @@ from loupe.model.loader import LoadedModel, load_model
 from loupe.runner.attention import KVCache
 from loupe.runner.model_runner import ModelRunner
 from loupe.scheduler.cache import PagePool, RadixCache, SlotTable
-from loupe.scheduler.request import FinishReason, Req, SamplingParams
+from loupe.scheduler.request import FinishReason, Req, RequestLimits, SamplingParams
 
 CPU_KV_BUDGET_BYTES = 2 << 30
 
@@ -57,6 +57,7 @@ class Scheduler:
         kv = KVCache(config.num_layers, num_pages * self.page_size, config.num_kv_heads, config.head_dim, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, self.slots, self.device)
         self.max_total_tokens = (num_pages - 1) * self.page_size
+        self.limits = RequestLimits(config.vocab_size, self.context_length, self.max_total_tokens)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted, in admission order
         self.seeds = random.Random(args.random_seed)
@@ -75,23 +76,7 @@ class Scheduler:
 
     def make_request(self, rid: str, input_ids: list[int], sampling: SamplingParams) -> Req:
         """Validate a request against this model's limits; ValueError if it cannot run."""
-        vocab = self.model.config.vocab_size
-        if not input_ids:
-            raise ValueError("the prompt is empty")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
-            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
-        if len(input_ids) >= self.context_length:
-            raise ValueError(f"the prompt has {len(input_ids)} tokens; the context length is {self.context_length}")
-        if len(input_ids) + sampling.max_new_tokens > self.context_length:
-            raise ValueError(
-                f"max_new_tokens={sampling.max_new_tokens} plus the prompt's {len(input_ids)} tokens "
-                f"exceeds the context length {self.context_length}"
-            )
-        if len(input_ids) + sampling.max_new_tokens > self.max_total_tokens:
-            raise ValueError(
-                f"the prompt's {len(input_ids)} tokens plus max_new_tokens={sampling.max_new_tokens} "
-                f"do not fit in the KV cache ({self.max_total_tokens} tokens)"
-            )
+        self.limits.check(input_ids, sampling)
         return Req(rid, list(input_ids), sampling, self.seeds.getrandbits(63))
 
     def add_request(self, req: Req) -> None:
@@ -111,6 +96,12 @@ class Scheduler:
                 req.finish_reason = FinishReason.ABORT
                 return req
         return None
+
+    @property
+    def kv_used_tokens(self) -> int:
+        """Tokens of KV held by running requests and by locked prefixes (not evictable)."""
+        used_pages = self.pool.num_pages - 1 - len(self.pool.free_pages) - self.tree.evictable_pages
+        return used_pages * self.page_size
 
     @property
     def has_work(self) -> bool:
@@ -192,6 +183,7 @@ class Scheduler:
         self.slots.write_pages(row, 0, pages)
         if req.cached_tokens is None:
             req.cached_tokens = min(req.kv_len, len(req.prompt_ids))
+            req.admit_time = time.perf_counter()
         return True
 
     def _grow(self, req: Req, new_len: int, reserve: int = 0) -> bool:

@@ -1,0 +1,30 @@
+"""What every loupe child process does first, and how it reports that it is ready."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+
+
+def setup_child(name: str, log_level: str = "info") -> None:
+    """Die with the parent (no orphans), leave Ctrl-C to the parent, log with our name."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the child still exits when its parent's pipes close
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    configure_logging(log_level, name)
+
+
+def configure_logging(level: str, name: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s [{name} pid:{os.getpid()}] %(levelname)s %(message)s",
+        force=True,
+    )

@@ -1,0 +1,109 @@
+"""The scheduler process: receive requests, step the engine, send out new tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from multiprocessing.connection import Connection
+
+import zmq
+
+from loupe import ipc
+from loupe.config import ServerArgs
+from loupe.process import setup_child
+from loupe.scheduler.request import FinishReason, Req, SamplingParams
+from loupe.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+class SchedulerProcess:
+    def __init__(self, args: ServerArgs, ipc_dir: str):
+        self.scheduler = Scheduler(args)
+        ctx = zmq.Context()
+        self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "scheduler"))
+        self.to_detokenizer = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "detokenizer"))
+        self.to_manager = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))
+        self.last_stats = None
+
+    def run_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.requests, zmq.POLLIN)
+        while True:
+            idle = not self.scheduler.has_work
+            if poller.poll(1000 if idle else 0):
+                self.receive()
+            outputs = [self.output(req) for req in self.scheduler.step()]
+            if outputs:
+                ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
+            self.send_stats()
+
+    def receive(self) -> None:
+        outputs = []
+        while True:
+            try:
+                message = ipc.recv(self.requests, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if isinstance(message, ipc.TokenizedRequest):
+                try:
+                    sampling = SamplingParams.from_dict(message.sampling)
+                    req = self.scheduler.make_request(message.rid, message.input_ids, sampling)
+                except ValueError as e:  # the manager checks first; this is the last line of defence
+                    outputs.append(ipc.RequestOutput(message.rid, [], "abort", error=str(e)))
+                    continue
+                self.scheduler.add_request(req)
+            elif isinstance(message, ipc.AbortRequest):
+                req = self.scheduler.abort(message.rid)
+                if req is not None:
+                    outputs.append(self.output(req))
+        if outputs:
+            ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
+
+    @staticmethod
+    def output(req: Req) -> ipc.RequestOutput:
+        first, req.sent_first_output = not req.sent_first_output, True
+        aborted = req.finish_reason == FinishReason.ABORT
+        return ipc.RequestOutput(
+            rid=req.rid,
+            new_token_ids=[] if aborted else req.output_ids[-1:],
+            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            matched_stop=req.matched_stop,
+            prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens or 0,
+            queue_seconds=(req.admit_time - req.arrival_time) if first and req.admit_time else None,
+            stop=req.sampling.stop if first else None,
+        )
+
+    def send_stats(self) -> None:
+        s = self.scheduler
+        stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv_used_tokens, s.max_total_tokens)
+        if stats != self.last_stats:
+            ipc.send(self.to_manager, stats)
+            self.last_stats = stats
+
+
+def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection) -> None:
+    setup_child("scheduler", args.log_level)
+    try:
+        proc = SchedulerProcess(args, ipc_dir)
+    except Exception as e:  # a bad model path, out of memory...: tell the launcher in one line
+        logger.debug("scheduler failed to start", exc_info=True)
+        ready.send({"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
+        return
+    s = proc.scheduler
+    ready.send({
+        "limits": s.limits,
+        "max_total_tokens": s.max_total_tokens,
+        "load_seconds": round(s.load_seconds, 2),
+        "device": str(s.device),
+        "dtype": str(next(s.model.model.parameters()).dtype).removeprefix("torch."),
+        "model_path": s.model.path,
+    })
+    logger.info("ready: %d KV tokens on %s, model loaded in %.1f s", s.max_total_tokens, s.device, s.load_seconds)
+    start = time.perf_counter()
+    try:
+        proc.run_forever()
+    finally:
+        logger.info("stopping after %.0f s", time.perf_counter() - start)

@@ -1,0 +1,115 @@
+"""The main process's side of generation: tokenize, send to the scheduler, gather the text back."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from loupe import ipc
+from loupe.config import ServerArgs
+from loupe.scheduler.request import RequestLimits, SamplingParams
+from loupe.server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finished: bool = False
+
+
+class TokenizerManager:
+    def __init__(self, args: ServerArgs, ipc_dir: str, metrics: Metrics):
+        self.args = args
+        self.metrics = metrics
+        ctx = zmq.asyncio.Context()
+        self.to_scheduler = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "scheduler"))
+        self.inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "manager"))
+        self.states: dict[str, RequestState] = {}
+        self.tokenizer = None
+        self.limits: RequestLimits | None = None
+        self.model_info: dict = {}
+        self.ready = False
+
+    def set_ready(self, tokenizer, limits: RequestLimits, model_info: dict) -> None:
+        self.tokenizer, self.limits, self.model_info = tokenizer, limits, model_info
+        self.ready = True
+
+    # ---- tokenization ---------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use /v1/completions")
+        encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    # ---- generation -----------------------------------------------------------------------
+
+    def check(self, input_ids: list[int], sampling: SamplingParams) -> None:
+        """ValueError if the request cannot run; call before `generate` to answer 400 early."""
+        self.limits.check(input_ids, sampling)
+
+    async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams) -> AsyncIterator[ipc.TextOutput]:
+        """Yield the request's outputs until it finishes. Closing the iterator early aborts it."""
+        self.check(input_ids, sampling)
+        if rid in self.states:
+            raise ValueError(f"request id {rid!r} is already in use")
+        state = self.states[rid] = RequestState()
+        ipc.send(self.to_scheduler, ipc.TokenizedRequest(rid, input_ids, dataclasses.asdict(sampling)))
+        try:
+            while True:
+                out = await state.outputs.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if not state.finished:
+                self.abort(rid)
+            self.states.pop(rid, None)
+
+    def abort(self, rid: str) -> None:
+        if rid in self.states:
+            ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
+
+    async def run_inbox(self) -> None:
+        """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
+        while True:
+            message = ipc.recv_async(await self.inbox.recv())
+            if isinstance(message, ipc.SchedulerStats):
+                self.metrics.set_scheduler_stats(message)
+                continue
+            now = time.perf_counter()
+            for out in message.outputs:
+                state = self.states.get(out.rid)
+                if state is None:  # the client left and its abort crossed this output
+                    continue
+                self._observe(state, out, now)
+                state.outputs.put_nowait(out)
+
+    def _observe(self, state: RequestState, out: ipc.TextOutput, now: float) -> None:
+        m = self.metrics
+        if out.queue_seconds is not None:
+            m.queue_time.observe(out.queue_seconds)
+        if out.token_ids:
+            m.generation_tokens.inc(len(out.token_ids))
+            if state.first_token_time is None:
+                state.first_token_time = now
+                m.time_to_first_token.observe(now - state.created)
+                m.prompt_tokens.inc(out.prompt_tokens)
+        if out.finish_reason is not None:
+            state.finished = True
+            m.e2e_latency.observe(now - state.created)
+            m.requests.labels(status="error" if out.error else out.finish_reason).inc()
