@@ -13,6 +13,7 @@ GFLOPS for loupe as a share of a square-matmul peak measured in the same process
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import time
@@ -170,6 +171,7 @@ def main() -> None:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
+    load_before = os.getloadavg()[0]
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measuring matmul peak")
     peaks = {d: matmul_peak_gflops(getattr(torch, d)) for d in args.dtypes}
     # A throwaway engine gives the checkpoint path and tokenizer; also used for the sanity check.
@@ -211,7 +213,8 @@ def main() -> None:
                          gflops, 100 * gflops / peaks[dtype]))
 
     print(f"\nmodel: {hf_config.get('model_type')} {sum(dims[k] for k in ('body_params', 'head_params')) / 1e6:.1f}M "
-          f"matmul params; torch threads: {torch.get_num_threads()}")
+          f"matmul params; torch threads: {torch.get_num_threads()}; 1-min load average "
+          f"{load_before:.2f} at start, {os.getloadavg()[0]:.2f} at end (others' load skews timings)")
     print("matmul peak (2048^3): " + ", ".join(f"{d} {g:.1f} GFLOPS" for d, g in peaks.items()))
     print(sanity)
     header = ("conc", "dtype", "reqs", "out_tok", "loupe tok/s", "hf tok/s", "loupe/hf", "loupe GFLOPS", "% peak")

@@ -108,4 +108,8 @@ def send(sock: zmq.Socket, message: object) -> None:
 
 
 def recv(sock: zmq.Socket, flags: int = 0) -> object:
-    return pickle.loads(sock.recv(flags))
+    return decode(sock.recv(flags))
+
+
+def decode(frame: bytes) -> object:
+    return pickle.loads(frame)

@@ -9,6 +9,14 @@ from dataclasses import dataclass, field, fields
 import torch
 
 
+class InvalidRequest(ValueError):
+    """A request that cannot run; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -23,15 +31,15 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, params: dict | None) -> SamplingParams:
-        """Build and validate; a bad value raises ValueError naming the parameter."""
+        """Build and validate; a bad value raises InvalidRequest naming the parameter."""
         params = dict(params or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise ValueError(f"unknown sampling parameter {unknown[0]!r}")
+            raise InvalidRequest(f"unknown sampling parameter {unknown[0]!r}", unknown[0])
         if isinstance(params.get("stop"), str):
             params["stop"] = [params["stop"]]
-        params = {k: v for k, v in params.items() if v is not None or k == "seed"}
+        params = {k: v for k, v in params.items() if v is not None}
         sp = cls(**params)
         sp.validate()
         return sp
@@ -39,7 +47,7 @@ class SamplingParams:
     def validate(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+                raise InvalidRequest(f"{name} must be {rule}, got {getattr(self, name)!r}", name)
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -75,26 +83,26 @@ class RequestLimits:
     def check(self, input_ids: list[int], sampling: SamplingParams) -> None:
         """Raise ValueError (naming what is wrong) if the request cannot run."""
         if not input_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
-            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+            raise InvalidRequest(f"input_ids must be token ids in [0, {vocab})", "input_ids")
         n = len(input_ids)
         if n >= self.context_length:
-            raise ValueError(f"the prompt has {n} tokens; the context length is {self.context_length}")
+            raise InvalidRequest(f"the prompt has {n} tokens; the context length is {self.context_length}", "prompt")
         if n + sampling.max_new_tokens > self.context_length:
-            raise ValueError(
+            raise InvalidRequest(
                 f"max_new_tokens={sampling.max_new_tokens} plus the prompt's {n} tokens "
-                f"exceeds the context length {self.context_length}"
+                f"exceeds the context length {self.context_length}", "max_new_tokens"
             )
         if n + sampling.max_new_tokens > self.max_total_tokens:
-            raise ValueError(
+            raise InvalidRequest(
                 f"the prompt's {n} tokens plus max_new_tokens={sampling.max_new_tokens} "
-                f"do not fit in the KV cache ({self.max_total_tokens} tokens)"
+                f"do not fit in the KV cache ({self.max_total_tokens} tokens)", "max_new_tokens"
             )
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"

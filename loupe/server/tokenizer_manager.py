@@ -87,7 +87,7 @@ class TokenizerManager:
     async def run_inbox(self) -> None:
         """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
         while True:
-            message = ipc.recv_async(await self.inbox.recv())
+            message = ipc.decode(await self.inbox.recv())
             if isinstance(message, ipc.SchedulerStats):
                 self.metrics.set_scheduler_stats(message)
                 continue

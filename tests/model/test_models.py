@@ -7,6 +7,7 @@ import transformers
 from loupe.config import ServerArgs
 from loupe.scheduler.request import SamplingParams
 from loupe.scheduler.scheduler import Scheduler
+
 from tiny_models import FAMILIES, write_tiny_model
 
 

@@ -1,0 +1,165 @@
+"""Start a loupe server: `python -m loupe.launch_server [flags]` (same as `loupe serve`).
+
+Process layout:
+
+    main process        HTTP (FastAPI + uvicorn) and the tokenizer manager
+    ├── scheduler       batching, KV cache, model forward, sampling
+    └── detokenizer     token ids -> incremental text
+
+The main process supervises the children: if one dies, the server says which and exits
+non-zero; on SIGINT/SIGTERM it stops them all. Children die with the main process.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+from multiprocessing.connection import wait
+
+import uvicorn
+
+from loupe import ipc
+from loupe.config import ServerArgs
+from loupe.detokenizer import run_detokenizer_process
+from loupe.process import configure_logging
+from loupe.scheduler.process import run_scheduler_process
+
+logger = logging.getLogger("loupe")
+CHILD_STOP_SECONDS = 5
+
+
+def served_model_name(args: ServerArgs) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model_path is None:
+        return "SmolLM2-135M-Instruct"
+    return os.path.basename(os.path.normpath(args.model_path)).removesuffix(".gguf")
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind the HTTP port before anything else starts, so that a busy port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        reason = "is already in use" if e.errno == 98 else f"cannot be bound ({e.strerror})"
+        raise SystemExit(f"loupe: port {port} on {host} {reason}") from None
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+class Supervisor:
+    """Starts the children, waits for them to be ready, and watches them while serving."""
+
+    def __init__(self, args: ServerArgs, ipc_dir: str):
+        ctx = mp.get_context("spawn")
+        self.children: list[tuple[str, mp.Process, object]] = []
+        for name, target in (("scheduler", run_scheduler_process), ("detokenizer", run_detokenizer_process)):
+            reader, writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=target, args=(args, ipc_dir, writer), name=f"loupe-{name}", daemon=True)
+            proc.start()
+            writer.close()
+            self.children.append((name, proc, reader))
+        self.stopping = False
+        self.exit_code = 0
+
+    def wait_ready(self) -> dict:
+        """Each child's ready message; raises RuntimeError naming the child that failed."""
+        infos = {}
+        for name, proc, reader in self.children:
+            ready = wait([reader, proc.sentinel])
+            if reader not in ready or not reader.poll():
+                raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
+            info = reader.recv()
+            if "error" in info:
+                raise RuntimeError(info["error"])
+            infos[name] = info
+        return infos
+
+    def watch(self, on_death) -> None:
+        sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
+        ready = wait(list(sentinels))
+        if self.stopping:
+            return
+        name, proc = sentinels[ready[0]]
+        proc.join()
+        on_death(f"loupe: the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}; shutting down")
+
+    def stop(self) -> None:
+        self.stopping = True
+        for _, proc, _ in self.children:
+            if proc.is_alive():
+                proc.terminate()
+        for _, proc, _ in self.children:
+            proc.join(CHILD_STOP_SECONDS)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def launch(args: ServerArgs) -> int:
+    """Serve until a signal or a child's death; returns the process exit code."""
+    configure_logging(args.log_level, "loupe")
+    sock = listen_socket(args.host, args.port)
+    ipc_dir = ipc.ipc_dir()
+    supervisor = Supervisor(args, ipc_dir)
+    from loupe.model.loader import load_tokenizer
+    from loupe.server.http_server import create_app
+    from loupe.server.metrics import Metrics
+    from loupe.server.tokenizer_manager import TokenizerManager
+
+    metrics = Metrics()
+    manager = TokenizerManager(args, ipc_dir, metrics)
+    name = served_model_name(args)
+    app = create_app(manager, args, metrics, name)
+    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+
+    def fail(message: str) -> None:
+        logger.error(message)
+        supervisor.exit_code = 1
+        server.should_exit = True
+
+    def bring_up() -> None:
+        try:
+            tokenizer = load_tokenizer(args.model_path)
+            infos = supervisor.wait_ready()
+        except (RuntimeError, ValueError) as e:
+            return fail(f"loupe: cannot start: {e}")
+        info = infos["scheduler"]
+        model_info = {k: v for k, v in info.items() if k != "limits"}
+        model_info["context_length"] = info["limits"].context_length
+        manager.set_ready(tokenizer, info["limits"], model_info)
+        logger.info("serving %s at http://%s:%d", name, args.host, args.port)
+        supervisor.watch(fail)
+
+    threading.Thread(target=bring_up, name="supervisor", daemon=True).start()
+    # uvicorn handles SIGINT/SIGTERM itself, then re-raises them under the handlers it found:
+    # make those harmless so that the children are stopped below rather than orphaned.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        supervisor.stop()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    return supervisor.exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = ServerArgs.from_cli(argv)
+    sys.exit(launch(args))
+
+
+if __name__ == "__main__":
+    main()

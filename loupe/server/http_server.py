@@ -1,0 +1,325 @@
+"""The HTTP routes: OpenAI-compatible chat and completions, native /generate, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from loupe.config import ServerArgs
+from loupe.ipc import TextOutput
+from loupe.scheduler.request import InvalidRequest, SamplingParams
+from loupe.server.metrics import Metrics
+from loupe.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+)
+from loupe.server.tokenizer_manager import TokenizerManager
+
+OPEN_ROUTES = {"/health"}  # answered without an API key
+DISCONNECT_POLL_SECONDS = 0.5
+HEALTH_GENERATE_TIMEOUT = 30
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, model_name: str) -> FastAPI:
+    app = FastAPI(title="loupe", docs_url=None, redoc_url=None)
+    api = OpenAIRoutes(manager, metrics, model_name)
+
+    @app.on_event("startup")
+    async def start_inbox() -> None:
+        app.state.inbox = asyncio.create_task(manager.run_inbox())
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if args.api_key and request.url.path not in OPEN_ROUTES:
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
+                return api.error(APIError(401, "missing or wrong API key", code="invalid_api_key"))
+        if not manager.ready and request.url.path != "/metrics":
+            return api.error(APIError(503, "the server is starting: the model is not loaded yet"))
+        return await call_next(request)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError):
+        return api.error(exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(request: Request, exc: ClientDisconnected):
+        return Response(status_code=499)  # nobody is there to read it
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return api.error(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+        field = ".".join(where) or None
+        message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+        return api.error(APIError(400, message, param=field))
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate() -> Response:
+        outputs = manager.generate(f"health-{uuid.uuid4().hex}", manager.encode("ping") or [0],
+                                   SamplingParams(max_new_tokens=1))
+
+        async def run() -> None:
+            async for _ in outputs:
+                pass
+
+        try:
+            await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT)
+        except TimeoutError:
+            return api.error(APIError(503, f"no token generated in {HEALTH_GENERATE_TIMEOUT} s"))
+        finally:
+            await outputs.aclose()
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/get_model_info")
+    async def model_info() -> dict:
+        return {"served_model_name": model_name, "is_generation": True, **manager.model_info}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "loupe",
+                "root": manager.model_info.get("model_path"), "max_model_len": manager.limits.context_length}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        return await api.chat(body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await api.completions(body, request)
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        return await api.generate(body, request)
+
+    return app
+
+
+class OpenAIRoutes:
+    def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str):
+        self.manager, self.metrics, self.model_name = manager, metrics, model_name
+
+    def error(self, exc: APIError) -> JSONResponse:
+        self.metrics.requests.labels(status=f"http_{exc.status}").inc()
+        return exc.response()
+
+    # ---- OpenAI ---------------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model_and_n(body)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            input_ids = self.manager.apply_chat_template(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await self._openai(body, request, input_ids, max_tokens, chat=True)
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model_and_n(body)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        input_ids = self.manager.encode(prompt) if isinstance(prompt, str) else prompt
+        return await self._openai(body, request, input_ids, body.max_tokens, chat=False)
+
+    def _check_model_and_n(self, body: SamplingFields) -> None:
+        if body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
+                           param="model", code="model_not_found")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+
+    async def _openai(self, body: SamplingFields, request: Request, input_ids: list[int],
+                      max_tokens: int | None, chat: bool) -> Response:
+        if max_tokens is None:  # as much as the context leaves, like OpenAI
+            max_tokens = max(self.manager.limits.context_length - len(input_ids), 1)
+        sampling = self._sampling(body.sampling_dict(max_tokens), input_ids, openai_names=True)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        outputs = self.manager.generate(rid, input_ids, sampling)
+        fmt = OpenAIFormat(rid, self.model_name, chat, int(time.time()))
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return sse(fmt.stream(outputs, usage), outputs)
+        final = await last_output(outputs, request)
+        return JSONResponse(fmt.response(final))
+
+    def _sampling(self, params: dict, input_ids: list[int], openai_names: bool = False) -> SamplingParams:
+        try:
+            sampling = SamplingParams.from_dict(params)
+            self.manager.check(input_ids, sampling)
+        except InvalidRequest as e:
+            message, param = str(e), e.param
+            if openai_names:
+                message = message.replace("max_new_tokens", "max_tokens")
+                param = {"max_new_tokens": "max_tokens", "input_ids": "prompt"}.get(param, param)
+            raise APIError(400, message, param=param) from None
+        return sampling
+
+    # ---- native ---------------------------------------------------------------------------
+
+    async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        if (body.text is None) == (body.input_ids is None):
+            raise APIError(400, "give exactly one of text and input_ids", param="text")
+        input_ids = self.manager.encode(body.text) if body.text is not None else body.input_ids
+        sampling = self._sampling(body.sampling_params, input_ids)
+        rid = body.rid or uuid.uuid4().hex
+        if rid in self.manager.states:
+            raise APIError(400, f"request id {rid!r} is already in use", param="rid")
+        outputs = self.manager.generate(rid, input_ids, sampling)
+        if body.stream:
+            return sse(native_stream(rid, outputs), outputs)
+        final = await last_output(outputs, request)
+        return JSONResponse(native_body(rid, final.text, final))
+
+
+class OpenAIFormat:
+    """Shapes outputs as OpenAI chat.completion(.chunk) or text_completion objects."""
+
+    def __init__(self, rid: str, model: str, chat: bool, created: int):
+        self.rid, self.model, self.chat, self.created = rid, model, chat, created
+
+    def _object(self, kind: str, choices: list, usage: dict | None = None) -> dict:
+        obj = {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        if usage is not None:
+            obj["usage"] = usage
+        return obj
+
+    def response(self, out: TextOutput) -> dict:
+        reason = finish_reason(out)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": reason}
+            return self._object("chat.completion", [choice], usage(out))
+        choice = {"index": 0, "text": out.text, "finish_reason": reason, "logprobs": None}
+        return self._object("text_completion", [choice], usage(out))
+
+    def chunk(self, text: str | None, reason: str | None, first: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+            return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": reason}])
+        return self._object("text_completion", [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}])
+
+    async def stream(self, outputs: AsyncIterator[TextOutput], include_usage: bool) -> AsyncIterator[dict]:
+        if self.chat:
+            yield self.chunk(None, None, first=True)
+        async for out in outputs:
+            raise_if_failed(out)
+            if out.finish_reason is None:
+                if out.text_delta:
+                    yield self.chunk(out.text_delta, None)
+                continue
+            if out.text_delta:
+                yield self.chunk(out.text_delta, None)
+            yield self.chunk(None, finish_reason(out))
+            if include_usage:
+                obj = self._object("chat.completion.chunk" if self.chat else "text_completion", [], usage(out))
+                yield obj
+
+
+def usage(out: TextOutput) -> dict:
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+    }
+
+
+def finish_reason(out: TextOutput) -> str:
+    return "length" if out.finish_reason == "length" else "stop"
+
+
+def raise_if_failed(out: TextOutput) -> None:
+    if out.error:
+        raise APIError(400, out.error)
+
+
+def native_body(rid: str, text: str, out: TextOutput, output_ids: list[int] | None = None) -> dict:
+    meta = {"id": rid, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+            "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "matched_stop": out.matched_stop}
+    return {"text": text, "output_ids": output_ids if output_ids is not None else out.token_ids, "meta_info": meta}
+
+
+async def native_stream(rid: str, outputs: AsyncIterator[TextOutput]) -> AsyncIterator[dict]:
+    """Each event holds the text and token ids so far, as other engines' native APIs do."""
+    text, ids = "", []
+    async for out in outputs:
+        raise_if_failed(out)
+        ids.extend(out.token_ids)
+        text = out.text if out.text is not None else text + out.text_delta
+        yield native_body(rid, text, out, list(ids))
+
+
+async def last_output(outputs: AsyncIterator[TextOutput], request: Request) -> TextOutput:
+    """Run a request to its end; abort it if the client goes away meanwhile."""
+
+    async def consume() -> TextOutput:
+        ids, last = [], None
+        async for out in outputs:
+            ids.extend(out.token_ids)
+            last = out
+        last.token_ids = ids
+        return last
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                break
+            if await request.is_disconnected():
+                raise ClientDisconnected
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await outputs.aclose()  # aborts the request if it has not finished
+    out = task.result()
+    raise_if_failed(out)
+    return out
+
+
+def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput]) -> StreamingResponse:
+    """Server-sent events. If the client leaves, the stream is cancelled and closing `outputs`
+    aborts the request."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+        except APIError as e:
+            yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n".encode()
+        finally:
+            await events.aclose()
+            await outputs.aclose()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")

@@ -1,0 +1,33 @@
+"""Prometheus metrics of the server, served at /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from loupe.ipc import SchedulerStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loupe_requests", "Requests by how they ended (finish reason or HTTP error)", ["status"], registry=r)
+        self.prompt_tokens = Counter("loupe_prompt_tokens", "Prompt tokens of requests that produced output", registry=r)
+        self.generation_tokens = Counter("loupe_generation_tokens", "Generated tokens", registry=r)
+        self.time_to_first_token = Histogram("loupe_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e_latency = Histogram("loupe_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("loupe_queue_time_seconds", "Time waiting for admission", buckets=LATENCY_BUCKETS, registry=r)
+        self.num_running = Gauge("loupe_num_running_reqs", "Requests admitted to the running batch", registry=r)
+        self.num_waiting = Gauge("loupe_num_waiting_reqs", "Requests waiting for admission", registry=r)
+        self.kv_used_tokens = Gauge("loupe_kv_used_tokens", "KV cache tokens held by requests (not evictable)", registry=r)
+        self.kv_usage = Gauge("loupe_kv_cache_usage", "Fraction of the KV cache held by requests", registry=r)
+
+    def set_scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.num_running.set(stats.num_running)
+        self.num_waiting.set(stats.num_waiting)
+        self.kv_used_tokens.set(stats.kv_used_tokens)
+        self.kv_usage.set(stats.kv_used_tokens / max(stats.kv_total_tokens, 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,92 @@
+"""Request bodies of the HTTP API (OpenAI-compatible and native), and the error shape."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+             503: "service_unavailable"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+                "param": self.param, "code": self.code}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+class StrictModel(BaseModel):
+    # Strict: a string where a number belongs is a 400, not silently converted. Unknown
+    # fields are accepted and ignored, as OpenAI clients send options loupe does not use.
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class SamplingFields(StrictModel):
+    """Sampling options shared by both OpenAI endpoints; loupe's extensions included."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def sampling_dict(self, max_tokens: int | None) -> dict:
+        return {
+            "max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
+        }
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[int] | list[str]
+
+
+class GenerateRequest(StrictModel):
+    text: str | None = None
+    input_ids: list[int] | None = None
+    sampling_params: dict = Field(default_factory=dict)
+    stream: bool = False
+    rid: str | None = None
