@@ -81,6 +81,23 @@ class SchedulerStats:
     kv_total_tokens: int
 
 
+@dataclass
+class SpanBatch:
+    """Finished spans of one process, as tuples (see tracing/recorder.py)."""
+
+    offset_ns: int  # add to the perf_counter_ns() times to get epoch ns
+    spans: list[tuple]
+    fanouts: list[tuple]
+    dropped: int  # spans this process had to drop since its last batch
+
+
+@dataclass
+class ExporterStats:
+    exported: int
+    dropped: int
+    failed: int
+
+
 def ipc_dir() -> str:
     return tempfile.mkdtemp(prefix="loupe-ipc-")
 
@@ -103,8 +120,12 @@ def connect(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
     return sock
 
 
+def encode(message: object) -> bytes:
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 def send(sock: zmq.Socket, message: object) -> None:
-    sock.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    sock.send(encode(message))
 
 
 def recv(sock: zmq.Socket, flags: int = 0) -> object:

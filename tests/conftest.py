@@ -19,3 +19,12 @@ def tiny_model_dir(tmp_path_factory):
         return cache[family]
 
     return make
+
+
+@pytest.fixture
+def unused_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

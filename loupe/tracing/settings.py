@@ -1,0 +1,82 @@
+"""Where and how spans are exported: the endpoint flag and the environment (SPEC §1)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+REQUIRED_PACKAGES = {
+    "opentelemetry.sdk": "opentelemetry-sdk",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter": "opentelemetry-exporter-otlp-proto-grpc",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter": "opentelemetry-exporter-otlp-proto-http",
+}
+
+
+def first_env(*names: str, default: str) -> str:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return value
+    return default
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    endpoint: str
+    protocol: str  # "grpc" | "http/protobuf"
+    schedule_delay_ms: int
+    max_export_batch_size: int
+    max_queue_size: int
+
+    @classmethod
+    def from_env(cls, endpoint: str) -> ExportSettings:
+        """Raises ValueError naming the variable of a bad value."""
+        protocol = first_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL", default="grpc")
+        if protocol not in ("grpc", "http/protobuf"):
+            raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be grpc or http/protobuf, got {protocol!r}")
+        values = {}
+        for key, names, default in (
+            ("schedule_delay_ms", ("LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS",
+                                   "SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS", "OTEL_BSP_SCHEDULE_DELAY"), "500"),
+            ("max_export_batch_size", ("LOUPE_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE",
+                                       "SGLANG_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), "64"),
+            ("max_queue_size", ("OTEL_BSP_MAX_QUEUE_SIZE",), "2048"),
+        ):
+            raw = first_env(*names, default=default)
+            try:
+                values[key] = int(raw)
+            except ValueError:
+                values[key] = -1
+            if values[key] < (0 if key == "schedule_delay_ms" else 1):
+                name = next((n for n in names if os.environ.get(n)), names[0])
+                raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+        return cls(normalize_endpoint(endpoint, protocol), protocol, **values)
+
+
+def normalize_endpoint(endpoint: str, protocol: str) -> str:
+    """`host:4317` and `http://host:4317` for gRPC; `http://host:4318` gets `/v1/traces` for HTTP."""
+    endpoint = endpoint.strip()
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    parsed = urlparse(endpoint)
+    if not parsed.hostname:
+        raise ValueError(f"--otlp-endpoint must look like http://host:port, got {endpoint!r}")
+    if protocol == "http/protobuf" and parsed.path in ("", "/"):
+        endpoint = endpoint.rstrip("/") + "/v1/traces"
+    return endpoint
+
+
+def missing_packages() -> list[str]:
+    """pip names of the OpenTelemetry packages tracing needs that are not installed."""
+    import importlib.util
+
+    missing = []
+    for module, package in REQUIRED_PACKAGES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
