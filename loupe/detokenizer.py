@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from multiprocessing.connection import Connection
 
 import zmq
@@ -9,6 +10,8 @@ import zmq
 from loupe import ipc
 from loupe.process import setup_child
 from loupe.scheduler.request import FinishReason
+from loupe.tracing.recorder import Recorder
+from loupe.tracing.spans import DetokenizerSpans, DetokenizerTracer
 
 
 def output_text(tokenizer, output_ids: list[int], finish_reason: FinishReason | None, matched_stop) -> str:
@@ -35,6 +38,7 @@ class IncrementalText:
         self.sent = 0  # characters of `text` already sent
         self.prefix_offset = 0  # tokens before this are decoded for good
         self.read_offset = 0
+        self.spans = None  # tracing.spans.DetokenizerSpans of a traced request
 
     def add(self, new_ids: list[int]) -> str:
         """Append tokens; return the text that can be sent now."""
@@ -74,20 +78,35 @@ class DetokenizerProcess:
         from loupe.model.loader import load_tokenizer
 
         self.tokenizer = load_tokenizer(args.model_path)
+        self.tracer = None
+        if args.enable_tracing:
+            self.tracer = DetokenizerTracer(Recorder(ipc.endpoint(ipc_dir, "tracing"), "Detokenizer"))
         ctx = zmq.Context()
         self.tokens = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "detokenizer"))
         self.to_manager = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))
         self.states: dict[str, IncrementalText] = {}
 
     def run_forever(self) -> None:
-        while True:
-            batch = ipc.recv(self.tokens)
-            ipc.send(self.to_manager, ipc.TextBatch([self.convert(o) for o in batch.outputs]))
+        try:
+            while True:
+                if self.tracer and not self.tokens.poll(1000):
+                    self.tracer.recorder.maybe_flush()
+                    continue
+                batch = ipc.recv(self.tokens)
+                ipc.send(self.to_manager, ipc.TextBatch([self.convert(o) for o in batch.outputs]))
+                if self.tracer:
+                    self.tracer.recorder.maybe_flush()
+        finally:
+            if self.tracer:
+                self.tracer.recorder.flush()
 
     def convert(self, out: ipc.RequestOutput) -> ipc.TextOutput:
+        start = time.perf_counter_ns()
         state = self.states.get(out.rid)
         if state is None:
             state = self.states[out.rid] = IncrementalText(self.tokenizer, out.stop)
+            if self.tracer and out.trace is not None and out.trace.level >= 2:
+                state.spans = DetokenizerSpans(out.trace, start)
         final_text = None
         if out.finish_reason is None:
             delta = state.add(out.new_token_ids)
@@ -95,11 +114,15 @@ class DetokenizerProcess:
             state.ids.extend(out.new_token_ids)
             delta, final_text = state.finish(FinishReason(out.finish_reason), out.matched_stop)
             del self.states[out.rid]
+        if state.spans is not None:
+            self.tracer.on_convert(state.spans, start, time.perf_counter_ns(), len(out.new_token_ids),
+                                   out.finish_reason is not None)
         return ipc.TextOutput(
             rid=out.rid, text_delta=delta, token_ids=out.new_token_ids, finish_reason=out.finish_reason,
             matched_stop=out.matched_stop, prompt_tokens=out.prompt_tokens,
             completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
             queue_seconds=out.queue_seconds, error=out.error, text=final_text,
+            prefill_seconds=out.prefill_seconds, decode_seconds=out.decode_seconds, events=out.events,
         )
 
 

@@ -17,14 +17,15 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from loupe.tracing.context import TraceContext
+
 
 @dataclass
 class TokenizedRequest:
     rid: str
     input_ids: list[int]
     sampling: dict  # SamplingParams fields, validated by the tokenizer manager
-    stream: bool = False
-    trace: dict = field(default_factory=dict)  # propagated tracing context, empty when off
+    trace: TraceContext | None = None  # None when the request is not traced
 
 
 @dataclass
@@ -45,7 +46,12 @@ class RequestOutput:
     cached_tokens: int = 0
     queue_seconds: float | None = None  # set on the first output: time from arrival to admission
     stop: list[str] | None = None  # the request's stop strings, on the first output
+    trace: TraceContext | None = None  # on the first output of a traced request
     error: str | None = None  # the scheduler refused the request
+    # On the last output:
+    prefill_seconds: float = 0.0  # admission to first token
+    decode_seconds: float = 0.0  # first token to the end
+    events: list = field(default_factory=list)  # (name, epoch ns, attributes) for the root span
 
 
 @dataclass
@@ -66,6 +72,9 @@ class TextOutput:
     queue_seconds: float | None
     error: str | None = None
     text: str | None = None  # the whole final text, on the last output
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    events: list = field(default_factory=list)
 
 
 @dataclass

@@ -29,6 +29,8 @@ from loupe.config import ServerArgs
 from loupe.detokenizer import run_detokenizer_process
 from loupe.process import configure_logging
 from loupe.scheduler.process import run_scheduler_process
+from loupe.tracing.exporter import run_exporter_process
+from loupe.tracing.settings import ExportSettings, missing_packages
 
 logger = logging.getLogger("loupe")
 CHILD_STOP_SECONDS = 5
@@ -58,25 +60,43 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def tracing_settings(args: ServerArgs) -> ExportSettings | None:
+    """Check that tracing can run before anything starts; one line and exit if not."""
+    if not args.enable_tracing:
+        return None
+    missing = missing_packages()
+    if missing:
+        raise SystemExit(f"loupe: --enable-tracing needs OpenTelemetry: pip install {' '.join(missing)}")
+    try:
+        return ExportSettings.from_env(args.otlp_endpoint)
+    except ValueError as e:
+        raise SystemExit(f"loupe: {e}") from None
+
+
 class Supervisor:
     """Starts the children, waits for them to be ready, and watches them while serving."""
 
-    def __init__(self, args: ServerArgs, ipc_dir: str):
-        ctx = mp.get_context("spawn")
+    def __init__(self, args: ServerArgs, ipc_dir: str, tracing: ExportSettings | None):
+        self.ctx = mp.get_context("spawn")
         self.children: list[tuple[str, mp.Process, object]] = []
-        for name, target in (("scheduler", run_scheduler_process), ("detokenizer", run_detokenizer_process)):
-            reader, writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=target, args=(args, ipc_dir, writer), name=f"loupe-{name}", daemon=True)
-            proc.start()
-            writer.close()
-            self.children.append((name, proc, reader))
+        if tracing is not None:  # first, so that the others' spans have somewhere to go
+            self.start("exporter", run_exporter_process, (tracing, ipc_dir), args.log_level)
+        self.start("scheduler", run_scheduler_process, (args, ipc_dir))
+        self.start("detokenizer", run_detokenizer_process, (args, ipc_dir))
         self.stopping = False
         self.exit_code = 0
+
+    def start(self, name: str, target, args: tuple, *extra) -> None:
+        reader, writer = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=target, args=(*args, writer, *extra), name=f"loupe-{name}", daemon=True)
+        proc.start()
+        writer.close()
+        self.children.append((name, proc, reader))
 
     def wait_ready(self) -> dict:
         """Each child's ready message; raises RuntimeError naming the child that failed."""
         infos = {}
-        for name, proc, reader in self.children:
+        for name, proc, reader in self.children:  # the exporter answers first: it starts first
             ready = wait([reader, proc.sentinel])
             if reader not in ready or not reader.poll():
                 raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
@@ -95,24 +115,32 @@ class Supervisor:
         proc.join()
         on_death(f"loupe: the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}; shutting down")
 
-    def stop(self) -> None:
+    def stop(self, before_exporter=None) -> None:
+        """Stop the serving children, run `before_exporter`, then stop the span exporter
+        last so that it exports every span the others flushed on their way out."""
         self.stopping = True
-        for _, proc, _ in self.children:
-            if proc.is_alive():
-                proc.terminate()
-        for _, proc, _ in self.children:
-            proc.join(CHILD_STOP_SECONDS)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        serving = [p for name, p, _ in self.children if name != "exporter"]
+        exporters = [p for name, p, _ in self.children if name == "exporter"]
+        for group in (serving, exporters):
+            for proc in group:
+                if proc.is_alive():
+                    proc.terminate()
+            for proc in group:
+                proc.join(CHILD_STOP_SECONDS)
+                if proc.is_alive():
+                    proc.kill()
+                    proc.join()
+            if before_exporter is not None and group is serving:
+                before_exporter()
 
 
 def launch(args: ServerArgs) -> int:
     """Serve until a signal or a child's death; returns the process exit code."""
     configure_logging(args.log_level, "loupe")
+    tracing = tracing_settings(args)
     sock = listen_socket(args.host, args.port)
     ipc_dir = ipc.ipc_dir()
-    supervisor = Supervisor(args, ipc_dir)
+    supervisor = Supervisor(args, ipc_dir, tracing)
     from loupe.model.loader import load_tokenizer
     from loupe.server.http_server import create_app
     from loupe.server.metrics import Metrics
@@ -151,7 +179,7 @@ def launch(args: ServerArgs) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        supervisor.stop()
+        supervisor.stop(before_exporter=manager.tracer.recorder.flush if manager.tracer else None)
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return supervisor.exit_code
 

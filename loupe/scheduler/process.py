@@ -13,6 +13,8 @@ from loupe.config import ServerArgs
 from loupe.process import setup_child
 from loupe.scheduler.request import FinishReason, Req, SamplingParams
 from loupe.scheduler.scheduler import Scheduler
+from loupe.tracing.recorder import Recorder
+from loupe.tracing.spans import SchedulerTracer
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,10 @@ logger = logging.getLogger(__name__)
 class SchedulerProcess:
     def __init__(self, args: ServerArgs, ipc_dir: str):
         self.scheduler = Scheduler(args)
+        self.recorder = None
+        if args.enable_tracing:
+            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", {"TP": 0})
+            self.scheduler.tracer = SchedulerTracer(self.recorder)
         ctx = zmq.Context()
         self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "scheduler"))
         self.to_detokenizer = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "detokenizer"))
@@ -29,14 +35,21 @@ class SchedulerProcess:
     def run_forever(self) -> None:
         poller = zmq.Poller()
         poller.register(self.requests, zmq.POLLIN)
-        while True:
-            idle = not self.scheduler.has_work
-            if poller.poll(1000 if idle else 0):
-                self.receive()
-            outputs = [self.output(req) for req in self.scheduler.step()]
-            if outputs:
-                ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
-            self.send_stats()
+        try:
+            while True:
+                idle = not self.scheduler.has_work
+                if poller.poll(1000 if idle else 0):
+                    self.receive()
+                outputs = [self.output(req) for req in self.scheduler.step()]
+                if outputs:
+                    ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
+                self.send_stats()
+                if idle and self.recorder:
+                    self.recorder.maybe_flush()
+        finally:  # shutdown: close every request's spans and hand them over
+            self.scheduler.abort_all()
+            if self.recorder:
+                self.recorder.flush()
 
     def receive(self) -> None:
         outputs = []
@@ -52,6 +65,10 @@ class SchedulerProcess:
                 except ValueError as e:  # the manager checks first; this is the last line of defence
                     outputs.append(ipc.RequestOutput(message.rid, [], "abort", error=str(e)))
                     continue
+                if message.trace is not None:
+                    req.trace = message.trace
+                    if self.scheduler.tracer:
+                        self.scheduler.tracer.on_arrival(req, message.trace)
                 self.scheduler.add_request(req)
             elif isinstance(message, ipc.AbortRequest):
                 req = self.scheduler.abort(message.rid)
@@ -64,7 +81,7 @@ class SchedulerProcess:
     def output(req: Req) -> ipc.RequestOutput:
         first, req.sent_first_output = not req.sent_first_output, True
         aborted = req.finish_reason == FinishReason.ABORT
-        return ipc.RequestOutput(
+        out = ipc.RequestOutput(
             rid=req.rid,
             new_token_ids=[] if aborted else req.output_ids[-1:],
             finish_reason=req.finish_reason.value if req.finish_reason else None,
@@ -74,7 +91,12 @@ class SchedulerProcess:
             cached_tokens=req.cached_tokens or 0,
             queue_seconds=(req.admit_time - req.arrival_time) if first and req.admit_time else None,
             stop=req.sampling.stop if first else None,
+            trace=req.trace if first else None,
         )
+        if req.finished:
+            _, out.prefill_seconds, out.decode_seconds = req.stage_seconds()
+            out.events = req.events
+        return out
 
     def send_stats(self) -> None:
         s = self.scheduler

@@ -119,7 +119,9 @@ class Req:
         self.sampling = sampling
         self.generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else seed)
         self.arrival_time = time.perf_counter()
-        self.admit_time: float | None = None
+        self.admit_time: float | None = None  # first admission
+        self.first_token_time: float | None = None
+        self.finish_time: float | None = None
         # KV state, owned by the scheduler (see scheduler/cache.py for the invariants).
         self.row: int | None = None
         self.pages: list[int] = []
@@ -131,6 +133,11 @@ class Req:
         self.finish_reason: FinishReason | None = None
         self.matched_stop: int | str | None = None
         self.sent_first_output = False
+        # Tracing: the context from the tokenizer manager, open scheduler spans (level 2+),
+        # and events for the root span. All None/empty when the request is not traced.
+        self.trace = None
+        self.spans = None
+        self.events: list[tuple[str, int, dict]] = []
 
     @property
     def all_ids(self) -> list[int]:
@@ -143,6 +150,17 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def stage_seconds(self) -> tuple[float, float, float]:
+        """(queue, prefill, decode) time, as far as the request got."""
+        end = self.finish_time or time.perf_counter()
+        admitted = self.admit_time or end
+        first = self.first_token_time or end
+        return admitted - self.arrival_time, first - admitted, end - first
+
+    def event(self, name: str, **attributes) -> None:
+        if self.trace is not None:
+            self.events.append((name, time.time_ns(), attributes))
 
     def __repr__(self) -> str:
         return f"Req({self.rid}, prompt={len(self.prompt_ids)}, out={len(self.output_ids)}, kv={self.kv_len})"

@@ -62,6 +62,7 @@ class Scheduler:
         self.running: list[Req] = []  # admitted, in admission order
         self.seeds = random.Random(args.random_seed)
         self.num_forward_steps = 0
+        self.tracer = None  # a tracing.spans.SchedulerTracer when tracing is on
 
     def _default_kv_tokens(self, per_token: int) -> int:
         if self.device.type == "cuda":
@@ -84,18 +85,25 @@ class Scheduler:
 
     def abort(self, rid: str) -> Req | None:
         """Finish a request with reason `abort`, freeing its KV pages at once."""
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                req.finish_reason = FinishReason.ABORT
-                return req
-        for req in self.running:
-            if req.rid == rid:
-                self.running.remove(req)
-                self._release(req, cache=False)
-                req.finish_reason = FinishReason.ABORT
-                return req
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    self._release(req, cache=False)
+                    req.finish_reason = FinishReason.ABORT
+                    req.event("abort")
+                    self._finish(req)
+                    return req
         return None
+
+    def abort_all(self) -> list[Req]:
+        """Abort every request (at shutdown), closing their spans."""
+        return [self.abort(req.rid) for req in [*self.running, *self.waiting]]
+
+    def _finish(self, req: Req) -> None:
+        req.finish_time = time.perf_counter()
+        if self.tracer:
+            self.tracer.on_finish(req)
 
     @property
     def kv_used_tokens(self) -> int:
@@ -116,6 +124,7 @@ class Scheduler:
             return []
         reqs = [r for r, _ in batch]
         num_new = [n for _, n in batch]
+        started = time.perf_counter_ns() if self.tracer else 0
         tokens = self.runner.forward(reqs, num_new)
         self.num_forward_steps += 1
         updated = []
@@ -123,12 +132,18 @@ class Scheduler:
             req.kv_len += n
             if token is None:
                 continue
+            if not req.output_ids:
+                req.first_token_time = time.perf_counter()
             req.output_ids.append(token)
             self._check_finished(req, token)
+            updated.append(req)
+        if self.tracer:
+            self.tracer.on_forward(reqs, num_new, started, time.perf_counter_ns())
+        for req in updated:
             if req.finished:
                 self.running.remove(req)
                 self._release(req, cache=True)
-            updated.append(req)
+                self._finish(req)
         return updated
 
     def schedule(self) -> list[tuple[Req, int]]:
@@ -165,7 +180,7 @@ class Scheduler:
                 self._release(req, cache=False)
                 break
             self.waiting.popleft()
-            self.running.append(req)
+            self._admitted(req)
             batch.append((req, n))
             budget -= n
         return batch
@@ -181,10 +196,19 @@ class Scheduler:
         req.row, req.prefix_node, req.pages, req.num_tree_pages = row, node, list(pages), len(pages)
         req.kv_len = len(pages) * self.page_size
         self.slots.write_pages(row, 0, pages)
+        return True
+
+    def _admitted(self, req: Req) -> None:
+        """`req` has joined the running batch (for the first time, or again after a retraction)."""
+        self.running.append(req)
         if req.cached_tokens is None:
             req.cached_tokens = min(req.kv_len, len(req.prompt_ids))
             req.admit_time = time.perf_counter()
-        return True
+            req.event("queue.admitted", queue_seconds=req.admit_time - req.arrival_time)
+            hit = "prefix_cache.hit" if req.cached_tokens else "prefix_cache.miss"
+            req.event(hit, cached_tokens=req.cached_tokens, prompt_tokens=len(req.prompt_ids))
+        if self.tracer:
+            self.tracer.on_admit(req)
 
     def _grow(self, req: Req, new_len: int, reserve: int = 0) -> bool:
         """Give `req` pages for its first `new_len` tokens; False if memory is short."""
@@ -219,6 +243,9 @@ class Scheduler:
         self.running.remove(req)
         self._release(req, cache=True)
         req.num_retractions += 1
+        req.event("retracted", completion_tokens=len(req.output_ids), retractions=req.num_retractions)
+        if self.tracer:
+            self.tracer.on_retract(req)
         self.waiting.appendleft(req)
 
     def _check_finished(self, req: Req, token: int) -> None:

@@ -25,6 +25,7 @@ from loupe.server.protocol import (
     SamplingFields,
 )
 from loupe.server.tokenizer_manager import TokenizerManager
+from loupe.tracing.spans import RequestTrace, now
 
 OPEN_ROUTES = {"/health"}  # answered without an API key
 DISCONNECT_POLL_SECONDS = 0.5
@@ -35,27 +36,51 @@ class ClientDisconnected(Exception):
     pass
 
 
+class GuardMiddleware:
+    """Answers a request itself when `refusal` gives a response (no API key, not ready).
+
+    Plain ASGI on purpose: `@app.middleware("http")` wraps `receive` so that
+    `request.is_disconnected()` never sees a client leave, and a non-streaming request
+    whose client went away would then run to its end instead of being aborted."""
+
+    def __init__(self, app, refusal):
+        self.app, self.refusal = app, refusal
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            response = self.refusal(Request(scope))
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, model_name: str) -> FastAPI:
     app = FastAPI(title="loupe", docs_url=None, redoc_url=None)
     api = OpenAIRoutes(manager, metrics, model_name)
 
     @app.on_event("startup")
-    async def start_inbox() -> None:
-        app.state.inbox = asyncio.create_task(manager.run_inbox())
+    async def start_background_tasks() -> None:
+        app.state.tasks = [asyncio.create_task(manager.run_inbox()),
+                           asyncio.create_task(manager.flush_spans_periodically())]
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+    def refusal(request: Request) -> Response | None:
         if args.api_key and request.url.path not in OPEN_ROUTES:
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
                 return api.error(APIError(401, "missing or wrong API key", code="invalid_api_key"))
         if not manager.ready and request.url.path != "/metrics":
             return api.error(APIError(503, "the server is starting: the model is not loaded yet"))
-        return await call_next(request)
+        return None
+
+    app.add_middleware(GuardMiddleware, refusal=refusal)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
-        return api.error(exc)
+        trace = getattr(request.state, "trace", None)
+        if trace is not None and not trace.finished:  # refused before reaching the scheduler
+            manager.end_trace_with_error(trace, exc.TYPES.get(exc.status, "server_error"), exc.message)
+        return api.error(exc, trace_headers(trace))
 
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(request: Request, exc: ClientDisconnected):
@@ -125,31 +150,60 @@ class OpenAIRoutes:
     def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str):
         self.manager, self.metrics, self.model_name = manager, metrics, model_name
 
-    def error(self, exc: APIError) -> JSONResponse:
+    def error(self, exc: APIError, headers: dict | None = None) -> JSONResponse:
         self.metrics.requests.labels(status=f"http_{exc.status}").inc()
-        return exc.response()
+        return exc.response(headers)
 
     # ---- OpenAI ---------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._check_model_and_n(body)
+        rid = "chatcmpl-" + uuid.uuid4().hex
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        trace = self._start_trace(request, rid, "chat", body, max_tokens, messages)
+        self._check_model_and_n(body)
+        started = now()
         try:
             input_ids = self.manager.apply_chat_template(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await self._openai(body, request, input_ids, max_tokens, chat=True)
+        if trace:
+            trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
+        return await self._openai(body, request, rid, input_ids, max_tokens, trace)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        rid = "cmpl-" + uuid.uuid4().hex
+        trace = self._start_trace(request, rid, "text_completion", body, body.max_tokens, body.prompt)
         self._check_model_and_n(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
+        started = now()
         input_ids = self.manager.encode(prompt) if isinstance(prompt, str) else prompt
-        return await self._openai(body, request, input_ids, body.max_tokens, chat=False)
+        if trace:
+            trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
+        return await self._openai(body, request, rid, input_ids, body.max_tokens, trace)
+
+    def _start_trace(self, request: Request, rid: str, operation: str, body, max_tokens, prompt) -> RequestTrace | None:
+        """Open the request's trace; kept on `request.state` so an error response can end it."""
+        native = isinstance(body, GenerateRequest)
+        attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name}
+        if not native:
+            attributes["gen_ai.request.model"] = body.model
+        for key in ("max_tokens", "temperature", "top_p", "top_k"):
+            if key == "max_tokens":
+                value = max_tokens
+            else:
+                value = body.sampling_params.get(key) if native else getattr(body, key)
+            if value is not None:
+                attributes[f"gen_ai.request.{key}"] = value
+        trace = self.manager.start_trace(rid, request.headers, attributes)
+        if trace is not None and self.manager.tracer.include_content:
+            trace.attributes["gen_ai.prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        request.state.trace = trace
+        return trace
 
     def _check_model_and_n(self, body: SamplingFields) -> None:
         if body.model != self.model_name:
@@ -158,19 +212,19 @@ class OpenAIRoutes:
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", param="n")
 
-    async def _openai(self, body: SamplingFields, request: Request, input_ids: list[int],
-                      max_tokens: int | None, chat: bool) -> Response:
+    async def _openai(self, body: SamplingFields, request: Request, rid: str, input_ids: list[int],
+                      max_tokens: int | None, trace: RequestTrace | None) -> Response:
         if max_tokens is None:  # as much as the context leaves, like OpenAI
             max_tokens = max(self.manager.limits.context_length - len(input_ids), 1)
         sampling = self._sampling(body.sampling_dict(max_tokens), input_ids, openai_names=True)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        outputs = self.manager.generate(rid, input_ids, sampling)
-        fmt = OpenAIFormat(rid, self.model_name, chat, int(time.time()))
+        outputs = self.manager.generate(rid, input_ids, sampling, trace)
+        fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()))
+        headers = trace_headers(trace)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return sse(fmt.stream(outputs, usage), outputs)
+            return sse(fmt.stream(outputs, usage), outputs, headers)
         final = await last_output(outputs, request)
-        return JSONResponse(fmt.response(final))
+        return JSONResponse(fmt.response(final), headers=headers)
 
     def _sampling(self, params: dict, input_ids: list[int], openai_names: bool = False) -> SamplingParams:
         try:
@@ -187,18 +241,23 @@ class OpenAIRoutes:
     # ---- native ---------------------------------------------------------------------------
 
     async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        rid = body.rid or uuid.uuid4().hex
+        prompt = body.text if body.text is not None else body.input_ids
+        trace = self._start_trace(request, rid, "generate", body, body.sampling_params.get("max_new_tokens"), prompt)
         if (body.text is None) == (body.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", param="text")
-        input_ids = self.manager.encode(body.text) if body.text is not None else body.input_ids
-        sampling = self._sampling(body.sampling_params, input_ids)
-        rid = body.rid or uuid.uuid4().hex
         if rid in self.manager.states:
             raise APIError(400, f"request id {rid!r} is already in use", param="rid")
-        outputs = self.manager.generate(rid, input_ids, sampling)
+        started = now()
+        input_ids = self.manager.encode(body.text) if body.text is not None else body.input_ids
+        if trace:
+            trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
+        sampling = self._sampling(body.sampling_params, input_ids)
+        outputs = self.manager.generate(rid, input_ids, sampling, trace)
         if body.stream:
-            return sse(native_stream(rid, outputs), outputs)
+            return sse(native_stream(rid, outputs), outputs, trace_headers(trace))
         final = await last_output(outputs, request)
-        return JSONResponse(native_body(rid, final.text, final))
+        return JSONResponse(native_body(rid, final.text, final), headers=trace_headers(trace))
 
 
 class OpenAIFormat:
@@ -307,7 +366,12 @@ async def last_output(outputs: AsyncIterator[TextOutput], request: Request) -> T
     return out
 
 
-def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput]) -> StreamingResponse:
+def trace_headers(trace: RequestTrace | None) -> dict | None:
+    """The response names the request's root span, so a client can find its trace."""
+    return {"traceparent": trace.ctx.traceparent} if trace is not None else None
+
+
+def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput], headers: dict | None = None) -> StreamingResponse:
     """Server-sent events. If the client leaves, the stream is cancelled and closing `outputs`
     aborts the request."""
 
@@ -322,4 +386,4 @@ def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput]) -> Stre
             await outputs.aclose()
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)

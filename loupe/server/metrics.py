@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from loupe.ipc import SchedulerStats
+from loupe.ipc import ExporterStats, SchedulerStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
@@ -22,12 +22,24 @@ class Metrics:
         self.num_waiting = Gauge("loupe_num_waiting_reqs", "Requests waiting for admission", registry=r)
         self.kv_used_tokens = Gauge("loupe_kv_used_tokens", "KV cache tokens held by requests (not evictable)", registry=r)
         self.kv_usage = Gauge("loupe_kv_cache_usage", "Fraction of the KV cache held by requests", registry=r)
+        self.spans_exported = Counter("loupe_tracing_spans_exported", "Spans accepted by the OTLP backend", registry=r)
+        self.spans_dropped = Counter("loupe_tracing_spans_dropped", "Spans dropped: the export queue was full", registry=r)
+        self.spans_failed = Counter("loupe_tracing_spans_failed", "Spans lost to failed exports", registry=r)
+        self._exporter_totals = ExporterStats(0, 0, 0)
 
     def set_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
         self.kv_used_tokens.set(stats.kv_used_tokens)
         self.kv_usage.set(stats.kv_used_tokens / max(stats.kv_total_tokens, 1))
+
+    def set_exporter_stats(self, stats: ExporterStats) -> None:
+        """The exporter reports running totals; the counters advance by the difference."""
+        last = self._exporter_totals
+        self.spans_exported.inc(max(stats.exported - last.exported, 0))
+        self.spans_dropped.inc(max(stats.dropped - last.dropped, 0))
+        self.spans_failed.inc(max(stats.failed - last.failed, 0))
+        self._exporter_totals = stats
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -18,10 +18,10 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
-    def response(self) -> JSONResponse:
+    def response(self, headers: dict | None = None) -> JSONResponse:
         body = {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                 "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
 
 
 class StrictModel(BaseModel):

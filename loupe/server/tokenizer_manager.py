@@ -16,6 +16,8 @@ from loupe import ipc
 from loupe.config import ServerArgs
 from loupe.scheduler.request import RequestLimits, SamplingParams
 from loupe.server.metrics import Metrics
+from loupe.tracing.recorder import Recorder
+from loupe.tracing.spans import RequestTrace, TokenizerTracer, now
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ class TokenizerManager:
         self.limits: RequestLimits | None = None
         self.model_info: dict = {}
         self.ready = False
+        self.tracer = None
+        if args.enable_tracing:
+            recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Tokenizer")
+            self.tracer = TokenizerTracer(recorder, args.trace_level, args.trace_include_content)
 
     def set_ready(self, tokenizer, limits: RequestLimits, model_info: dict) -> None:
         self.tokenizer, self.limits, self.model_info = tokenizer, limits, model_info
@@ -62,27 +68,62 @@ class TokenizerManager:
         """ValueError if the request cannot run; call before `generate` to answer 400 early."""
         self.limits.check(input_ids, sampling)
 
-    async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams) -> AsyncIterator[ipc.TextOutput]:
-        """Yield the request's outputs until it finishes. Closing the iterator early aborts it."""
+    async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams,
+                       trace: RequestTrace | None = None) -> AsyncIterator[ipc.TextOutput]:
+        """Yield the request's outputs until it finishes. Closing the iterator early aborts it
+        (and ends its trace, if it has one)."""
         self.check(input_ids, sampling)
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
         state = self.states[rid] = RequestState()
-        ipc.send(self.to_scheduler, ipc.TokenizedRequest(rid, input_ids, dataclasses.asdict(sampling)))
+        dispatched = now()
+        ipc.send(self.to_scheduler, ipc.TokenizedRequest(rid, input_ids, dataclasses.asdict(sampling),
+                                                         trace.ctx if trace else None))
+        if trace:
+            trace.mark("dispatch", dispatched)
+        out, text = None, []
         try:
             while True:
                 out = await state.outputs.get()
+                if trace:
+                    self.tracer.on_output(trace, out)
+                    text.append(out.text_delta)
                 yield out
                 if out.finish_reason is not None:
                     return
         finally:
             if not state.finished:
                 self.abort(rid)
+                # Its last output will be dropped by run_inbox (the state is gone): count it here.
+                self.metrics.requests.labels(status="abort").inc()
             self.states.pop(rid, None)
+            if trace:
+                final = out if state.finished else None
+                gone = None if state.finished else "client_disconnected"
+                error = out.error if final is not None and out.error else None
+                self.tracer.finish(trace, final, "invalid_request" if error else gone,
+                                   error or ("the client went away" if gone else None),
+                                   final.text if final is not None and final.text is not None else "".join(text))
 
     def abort(self, rid: str) -> None:
         if rid in self.states:
             ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
+
+    def start_trace(self, rid: str, headers, attributes: dict) -> RequestTrace | None:
+        """A trace for a request that just arrived, under the caller's `traceparent` if valid."""
+        if self.tracer is None:
+            return None
+        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes)
+
+    def end_trace_with_error(self, trace: RequestTrace | None, error_type: str, message: str) -> None:
+        """For a request refused before it reached the scheduler."""
+        if trace is not None:
+            self.tracer.finish(trace, None, error_type, message)
+
+    async def flush_spans_periodically(self) -> None:
+        while self.tracer is not None:
+            await asyncio.sleep(0.05)
+            self.tracer.recorder.maybe_flush()
 
     async def run_inbox(self) -> None:
         """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
@@ -90,6 +131,9 @@ class TokenizerManager:
             message = ipc.decode(await self.inbox.recv())
             if isinstance(message, ipc.SchedulerStats):
                 self.metrics.set_scheduler_stats(message)
+                continue
+            if isinstance(message, ipc.ExporterStats):
+                self.metrics.set_exporter_stats(message)
                 continue
             now = time.perf_counter()
             for out in message.outputs:
