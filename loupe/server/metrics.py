@@ -26,6 +26,7 @@ class Metrics:
         self.spans_dropped = Counter("loupe_tracing_spans_dropped", "Spans dropped: the export queue was full", registry=r)
         self.spans_failed = Counter("loupe_tracing_spans_failed", "Spans lost to failed exports", registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
+        self.open_requests = Gauge("loupe_open_requests", "Requests the HTTP side holds state for", registry=r)
 
     def set_scheduler_stats(self, stats: SchedulerStats) -> None:
         self.num_running.set(stats.num_running)

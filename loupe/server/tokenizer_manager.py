@@ -38,6 +38,7 @@ class TokenizerManager:
         self.to_scheduler = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "scheduler"))
         self.inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "manager"))
         self.states: dict[str, RequestState] = {}
+        metrics.open_requests.set_function(lambda: len(self.states))
         self.tokenizer = None
         self.limits: RequestLimits | None = None
         self.model_info: dict = {}
