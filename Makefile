@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench clean phoenix-setup demo
 
 setup: $(VENV)/.installed
 
@@ -24,7 +24,7 @@ serve: setup
 lint: setup
 	$(PY) -m ruff check loupe tests benchmarks
 
-test: lint
+test: lint phoenix-setup
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 bench: setup
@@ -32,3 +32,23 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Arize Phoenix: a real tracing backend with a UI, used by tests/tracing/test_phoenix.py and
+# `make demo`. It is ~850 MB, so it lives in its own venv and never touches $(VENV). The
+# stamp names the version, so changing the pin reinstalls.
+PHOENIX_VENV ?= .phoenix-venv
+PHOENIX_VERSION ?= 20.26.1
+
+phoenix-setup: $(PHOENIX_VENV)/.installed-$(PHOENIX_VERSION)
+
+$(PHOENIX_VENV)/.installed-$(PHOENIX_VERSION):
+	rm -f $(PHOENIX_VENV)/.installed-*
+	$(PYTHON) -m venv $(PHOENIX_VENV)
+	$(PHOENIX_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PHOENIX_VENV)/bin/python -m pip install -q "arize-phoenix==$(PHOENIX_VERSION)"
+	touch $@
+
+# Phoenix (UI at http://localhost:6006, OTLP gRPC on 4317) plus a traced server on the bundled
+# model; Ctrl-C stops both. ARGS go to the server.
+demo: setup phoenix-setup
+	PY=$(PY) PHOENIX_VENV=$(PHOENIX_VENV) scripts/demo.sh $(ARGS)

@@ -67,7 +67,7 @@ def model_name(server: LiveServer) -> str:
 def trace_of(receiver, response: httpx.Response, expected: int | None = None, timeout: float = 20) -> list[dict]:
     trace_id = response.headers["traceparent"].split("-")[1]
     done = (lambda s: len(s) >= expected) if expected else (lambda s: any(x["name"].startswith("Req ") for x in s))
-    spans = receiver.wait_for(lambda s: done([x for x in s if x["trace_id"] == trace_id]), timeout)
+    receiver.wait_for(lambda s: done([x for x in s if x["trace_id"] == trace_id]), timeout)
     time.sleep(0.3)  # let stragglers of the same trace land
     return [s for s in receiver.spans() if s["trace_id"] == trace_id]
 
