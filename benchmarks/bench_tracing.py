@@ -1,0 +1,141 @@
+"""What tracing costs.
+
+1. Micro: the serving-path cost of recording one slice (a `Recorder.span` call), of adding
+   one request to a decode-step fan-out, and of the branch taken when tracing is off.
+2. Live: the bundled model at a given concurrency, tracing off vs levels 1, 2 and 3 (spans
+   exported over OTLP gRPC to a real receiver in another process), in rounds that
+   alternate the configurations; medians of throughput and median latency, as ratios to off.
+
+    .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--concurrency 32] [--num-requests 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from loupe.bench import run as run_load  # noqa: E402
+from loupe.tracing.recorder import Recorder  # noqa: E402
+
+
+def micro(n: int = 200_000) -> dict[str, float]:
+    """Nanoseconds per operation on the serving path (the recorder's socket is never flushed)."""
+    recorder = Recorder("ipc:///tmp/loupe-bench-unused", "Bench")
+    recorder.maybe_flush = lambda: None
+    attrs = {"num_tokens": 8, "batch_size": 32}
+    start = time.perf_counter_ns()
+    for i in range(n):
+        t = time.perf_counter_ns()
+        recorder.span(1, i + 1, 7, "prefill_chunk", t, t + 10, attrs)
+    span_ns = (time.perf_counter_ns() - start) / n
+    recorder.spans.clear()
+    parents: list = []
+    start = time.perf_counter_ns()
+    for i in range(n):
+        parents.append((1, i))
+    fanout_ns = (time.perf_counter_ns() - start) / n
+    tracer = None
+    start = time.perf_counter_ns()
+    for _ in range(n):
+        if tracer:
+            pass
+    off_ns = (time.perf_counter_ns() - start) / n
+    return {"slice (Recorder.span + clock read)": span_ns, "decode step, per request (fan-out)": fanout_ns,
+            "tracing off (one branch)": off_ns}
+
+
+def receiver_process(port_out) -> None:
+    from otlp_receivers import GrpcReceiver
+
+    receiver = GrpcReceiver()
+    port_out.send(receiver.port)
+    while True:
+        time.sleep(3600)
+
+
+def start_server(port: int, level: int | None, otlp_port: int) -> subprocess.Popen:
+    flags = ["--port", str(port)]
+    if level is not None:
+        flags += ["--enable-tracing", "--trace-level", str(level), "--otlp-endpoint", f"127.0.0.1:{otlp_port}"]
+    return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_ready(port: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server on port {port} did not start")
+
+
+def live(rounds: int, concurrency: int, num_requests: int) -> None:
+    ctx = mp.get_context("spawn")
+    read, write = ctx.Pipe(duplex=False)
+    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
+    receiver.start()
+    otlp_port = read.recv()
+    configs = {"off": None, "level 1": 1, "level 2": 2, "level 3": 3}
+    ports = {name: 31100 + i for i, name in enumerate(configs)}
+    servers = {name: start_server(ports[name], level, otlp_port) for name, level in configs.items()}
+    results: dict[str, list[dict]] = {name: [] for name in configs}
+    try:
+        for name in configs:
+            wait_ready(ports[name])
+            asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct", 4, 4, 99, None))  # warm
+        for r in range(rounds):
+            order = list(configs) if r % 2 == 0 else list(reversed(configs))  # alternate, to spread drift
+            for name in order:
+                summary = asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct",
+                                               concurrency, num_requests, r, None))
+                assert summary["failed"] == 0, summary
+                results[name].append(summary)
+                print(f"round {r + 1} {name:>8}: {summary['output_tokens_per_s']:7.1f} tok/s, "
+                      f"e2e p50 {summary['e2e_p50_s']:.3f} s", file=sys.stderr)
+    finally:
+        for proc in servers.values():
+            proc.terminate()
+        for proc in servers.values():
+            proc.wait(30)
+        receiver.kill()
+    base_tps = statistics.median(s["output_tokens_per_s"] for s in results["off"])
+    base_p50 = statistics.median(s["e2e_p50_s"] for s in results["off"])
+    print(f"\nlive: concurrency {concurrency}, {num_requests} requests per run, {rounds} rounds, medians")
+    print(f"{'config':>8} {'tok/s':>8} {'vs off':>8} {'e2e p50 s':>10} {'vs off':>8}")
+    for name in configs:
+        tps = statistics.median(s["output_tokens_per_s"] for s in results[name])
+        p50 = statistics.median(s["e2e_p50_s"] for s in results[name])
+        print(f"{name:>8} {tps:8.1f} {tps / base_tps:8.3f} {p50:10.3f} {p50 / base_p50:8.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--micro-only", action="store_true")
+    args = parser.parse_args()
+    print("micro (ns per operation on the serving path):")
+    for name, ns in micro().items():
+        print(f"  {name:<40} {ns:8.1f} ns")
+    if not args.micro_only:
+        live(args.rounds, args.concurrency, args.num_requests)
+
+
+if __name__ == "__main__":
+    main()
