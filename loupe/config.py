@@ -72,10 +72,17 @@ class ServerArgs:
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None) -> ServerArgs:
-        parser = argparse.ArgumentParser(prog="loupe serve", description="Serve a model over an OpenAI-compatible API.")
+        parser = OneLineErrorParser(prog="loupe serve", description="Serve a model over an OpenAI-compatible API.")
         cls.add_cli_args(parser)
         ns = parser.parse_args(argv)
         try:
             return cls(**vars(ns))
         except ValueError as e:
             parser.error(str(e))
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """A bad flag gets one line naming it (the usage is one `--help` away), and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")

@@ -26,10 +26,7 @@ import uvicorn
 
 from loupe import ipc
 from loupe.config import ServerArgs
-from loupe.detokenizer import run_detokenizer_process
 from loupe.process import configure_logging
-from loupe.scheduler.process import run_scheduler_process
-from loupe.tracing.exporter import run_exporter_process
 from loupe.tracing.settings import ExportSettings, missing_packages
 
 logger = logging.getLogger("loupe")
@@ -77,6 +74,10 @@ class Supervisor:
     """Starts the children, waits for them to be ready, and watches them while serving."""
 
     def __init__(self, args: ServerArgs, ipc_dir: str, tracing: ExportSettings | None):
+        from loupe.detokenizer import run_detokenizer_process
+        from loupe.scheduler.process import run_scheduler_process
+        from loupe.tracing.exporter import run_exporter_process
+
         self.ctx = mp.get_context("spawn")
         self.children: list[tuple[str, mp.Process, object]] = []
         if tracing is not None:  # first, so that the others' spans have somewhere to go

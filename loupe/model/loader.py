@@ -111,6 +111,8 @@ def load_model(
 def load_tokenizer(path: str | None):
     """Only the tokenizer of a model (for processes that never touch the weights)."""
     path = path or bundled_model_path()
+    if not os.path.exists(path):
+        raise ValueError(f"model path {path!r} does not exist")
     if os.path.isfile(path) and path.endswith(".gguf"):
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer

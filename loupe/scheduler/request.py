@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field, fields
 
@@ -53,14 +54,14 @@ class SamplingParams:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v: object) -> bool:
-            return isinstance(v, int | float) and not isinstance(v, bool)
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
         check(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
         check(is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
         check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
         check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1")
         check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
-        check(self.seed is None or is_int(self.seed), "seed", "an integer")
+        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "seed", "an integer in [0, 2**63)")
         check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
               "stop", "a non-empty string or a list of them")
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),

@@ -70,7 +70,9 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
             if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
                 return api.error(APIError(401, "missing or wrong API key", code="invalid_api_key"))
         if not manager.ready and request.url.path != "/metrics":
-            return api.error(APIError(503, "the server is starting: the model is not loaded yet"))
+            starting = APIError(503, "the server is starting: the model is not loaded yet")
+            # Health probes while starting are expected, not refused requests: not counted.
+            return starting.response() if request.url.path in OPEN_ROUTES else api.error(starting)
         return None
 
     app.add_middleware(GuardMiddleware, refusal=refusal)
@@ -214,8 +216,9 @@ class OpenAIRoutes:
 
     async def _openai(self, body: SamplingFields, request: Request, rid: str, input_ids: list[int],
                       max_tokens: int | None, trace: RequestTrace | None) -> Response:
-        if max_tokens is None:  # as much as the context leaves, like OpenAI
-            max_tokens = max(self.manager.limits.context_length - len(input_ids), 1)
+        if max_tokens is None:  # as much as the context (and the KV cache) leaves, like OpenAI
+            limits = self.manager.limits
+            max_tokens = max(min(limits.context_length, limits.max_total_tokens) - len(input_ids), 1)
         sampling = self._sampling(body.sampling_dict(max_tokens), input_ids, openai_names=True)
         outputs = self.manager.generate(rid, input_ids, sampling, trace)
         fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()))
@@ -379,8 +382,10 @@ def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput], headers
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-        except APIError as e:
-            yield f"data: {json.dumps({'error': {'message': e.message, 'code': e.status}})}\n\n".encode()
+        except APIError as e:  # the status line is sent already: the error is an event, in OpenAI's shape
+            error = {"message": e.message, "type": APIError.TYPES.get(e.status, "server_error"),
+                     "param": e.param, "code": e.code}
+            yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n".encode()
         finally:
             await events.aclose()
             await outputs.aclose()

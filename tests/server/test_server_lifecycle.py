@@ -1,0 +1,97 @@
+"""Process lifecycle: signals stop everything, a dead child stops the server, and bad
+start-up input fails fast with one clear line."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import pytest
+from server_harness import REPO, free_port, server_command, server_env
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
+    server = launch(*tiny_flags).wait_ready()
+    children = server.descendants()
+    assert len(children) >= 2, "expected at least the scheduler and detokenizer processes"
+    # A request in flight must not hold the shutdown up for long.
+    streaming = threading.Event()
+
+    def long_request():
+        body = {"text": "one two three", "stream": True,
+                "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
+        try:
+            with httpx.stream("POST", server.url("/generate"), json=body, timeout=30, trust_env=False) as r:
+                for _ in r.iter_lines():
+                    streaming.set()
+        except httpx.HTTPError:
+            pass
+
+    worker = threading.Thread(target=long_request, daemon=True)
+    worker.start()
+    assert streaming.wait(30)
+    start = time.monotonic()
+    server.proc.send_signal(sig)
+    code = server.wait_exit(10)
+    assert code is not None, f"the main process still runs 10 s after {sig.name}:\n{server.log()}"
+    left = server.wait_all_gone(max(0.5, 10 - (time.monotonic() - start)))
+    assert not left, f"processes left after {sig.name}: {left}\n{server.log()}"
+    assert code == 0, f"exit code {code} after {sig.name}:\n{server.log()}"
+    worker.join(10)
+
+
+def test_scheduler_death_stops_server_non_zero(launch, tiny_flags):
+    server = launch(*tiny_flags).wait_ready()
+    found = re.search(r"\[scheduler pid:(\d+)\]", server.log())
+    assert found, server.log()
+    scheduler_pid = int(found.group(1))
+    assert scheduler_pid in server.descendants()
+    os.kill(scheduler_pid, signal.SIGKILL)
+    code = server.wait_exit(10)
+    assert code is not None, f"the main process still runs 10 s after its scheduler died:\n{server.log()}"
+    assert code != 0
+    log = server.log()
+    assert re.search(r"scheduler.*(died|exit)", log), log
+    assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
+
+
+def run_server_expecting_failure(*args, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    result = subprocess.run(server_command(*args), capture_output=True, text=True, timeout=timeout,
+                            cwd=REPO, env=server_env(), stdin=subprocess.DEVNULL)
+    return result, time.monotonic() - start
+
+
+def test_busy_port_fails_fast(launch, tiny_flags):
+    first = launch(*tiny_flags).wait_ready()
+    result, seconds = run_server_expecting_failure("--port", first.port, *tiny_flags, timeout=30)
+    assert result.returncode != 0
+    assert seconds < 30, f"took {seconds:.1f} s to notice the busy port"
+    output = result.stdout + result.stderr
+    assert re.search(rf"port {first.port}\b.*(in use|already)", output), output
+    # The first server is unharmed.
+    assert httpx.get(first.url("/health"), trust_env=False).status_code == 200
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-model"])
+def test_bad_model_path_fails_naming_it(tmp_path, kind):
+    path = tmp_path / "no-such-model" if kind == "missing" else tmp_path
+    result, seconds = run_server_expecting_failure("--port", free_port(), "--model-path", path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert str(path) in output, output
+    assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("flag,value", [("--page-size", "0"), ("--dtype", "float8"), ("--port", "70000"),
+                                        ("--max-total-tokens", "1"), ("--trace-level", "7")])
+def test_bad_flag_value_fails_with_one_line_naming_it(flag, value):
+    result, seconds = run_server_expecting_failure("--port", 12345, flag, value, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and flag in errors[0], result.stderr
