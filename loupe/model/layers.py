@@ -19,6 +19,33 @@ if TYPE_CHECKING:
     from loupe.runner.attention import ForwardBatch
 
 
+class PackedLinear(nn.Module):
+    """A linear layer whose weight oneDNN has reordered into its blocked layout once, at load.
+    On CPU its matmuls run 2-3x faster than `F.linear`'s (MKL) for the short, wide inputs of
+    decoding, weights being streamed from memory every step; the numerics stay float32."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int = 32):
+        super().__init__()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every nn.Linear of a CPU model for a PackedLinear; how many were swapped."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    return count
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from loupe.model.config import ModelConfig
 from loupe.model.gguf_loader import bundled_model_path, load_gguf, load_gguf_tokenizer
-from loupe.model.layers import RotaryEmbedding
+from loupe.model.layers import RotaryEmbedding, pack_linears
 from loupe.model.llama import MODEL_CLASSES
 
 
@@ -104,6 +104,8 @@ def load_model(
         raise ValueError(f"cannot load model from {path!r}: {e}") from None
     with torch.device(device):
         model.rotary = RotaryEmbedding(config, max_positions)  # buffers, not weights: computed here
+    if device == "cpu" and torch_dtype in (torch.float32, torch.bfloat16):
+        pack_linears(model)
     model.eval()
     return LoadedModel(model, config, tokenizer, path, eos_ids(hf_config, config, tokenizer))
 

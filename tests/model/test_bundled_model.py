@@ -1,0 +1,51 @@
+"""The bundled SmolLM2-135M-Instruct GGUF: loupe against transformers on the same weights."""
+
+import time
+
+import torch
+import transformers
+
+from loupe import Engine
+from loupe.model.gguf_loader import bundled_model_path
+from loupe.model.loader import read_checkpoint
+from loupe.scheduler.request import SamplingParams
+
+
+def test_bundled_model_matches_transformers():
+    started = time.perf_counter()
+    engine = Engine(dtype="float32")
+    load_seconds = time.perf_counter() - started
+    hf_config, state_dict, tokenizer = read_checkpoint(bundled_model_path())
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    reference = transformers.LlamaForCausalLM(config).eval()
+    reference.load_state_dict(state_dict, strict=False)
+    reference.tie_weights()
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 32, "temperature": 0, "ignore_eos": True})
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        full = reference(torch.tensor([prompt + out["output_ids"]])).logits[0]
+    assert out["output_ids"] == expected
+    assert "Paris" in out["text"]
+
+    # Logits of the prompt's last position and of a few decode steps, through the paged cache.
+    s = engine.scheduler
+    req = s.make_request("logits", prompt, SamplingParams(max_new_tokens=8))
+    assert s._admit(req)
+    worst = 0.0
+    for step in range(4):
+        n = req.seq_len - req.kv_len if step == 0 else 1  # the cache may hold part of the prompt
+        if step:
+            req.output_ids.append(out["output_ids"][step - 1])
+        assert s._grow(req, req.kv_len + n)
+        batch, ids, pos = s.runner._prepare([req], [n])
+        with torch.inference_mode():
+            logits = s.runner.model.compute_logits(s.runner.model(ids, pos, batch)[-1:])
+        req.kv_len += n
+        worst = max(worst, (logits[0] - full[len(prompt) - 1 + step]).abs().max().item())
+    s._release(req, cache=False)
+    assert worst <= 1e-3
+    assert load_seconds < 30  # seconds, not tens of seconds (generous for a loaded CI machine)
