@@ -22,7 +22,7 @@ serve: setup
 	$(PY) -m loupe.launch_server $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check loupe tests benchmarks
+	$(PY) -m ruff check loupe tests benchmarks scripts
 
 test: lint phoenix-setup
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
@@ -51,4 +51,4 @@ $(PHOENIX_VENV)/.installed-$(PHOENIX_VERSION):
 # Phoenix (UI at http://localhost:6006, OTLP gRPC on 4317) plus a traced server on the bundled
 # model; Ctrl-C stops both. ARGS go to the server.
 demo: setup phoenix-setup
-	PY=$(PY) PHOENIX_VENV=$(PHOENIX_VENV) scripts/demo.sh $(ARGS)
+	PHOENIX_VENV=$(PHOENIX_VENV) $(PY) scripts/demo.py $(ARGS)

@@ -162,7 +162,7 @@ class OpenAIRoutes:
         rid = "chatcmpl-" + uuid.uuid4().hex
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        trace = self._start_trace(request, rid, "chat", body, max_tokens, messages)
+        trace = self._start_trace(request, rid, "chat", body, messages)
         self._check_model_and_n(body)
         started = now()
         try:
@@ -175,7 +175,7 @@ class OpenAIRoutes:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         rid = "cmpl-" + uuid.uuid4().hex
-        trace = self._start_trace(request, rid, "text_completion", body, body.max_tokens, body.prompt)
+        trace = self._start_trace(request, rid, "text_completion", body, body.prompt)
         self._check_model_and_n(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -188,19 +188,11 @@ class OpenAIRoutes:
             trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
         return await self._openai(body, request, rid, input_ids, body.max_tokens, trace)
 
-    def _start_trace(self, request: Request, rid: str, operation: str, body, max_tokens, prompt) -> RequestTrace | None:
+    def _start_trace(self, request: Request, rid: str, operation: str, body, prompt) -> RequestTrace | None:
         """Open the request's trace; kept on `request.state` so an error response can end it."""
-        native = isinstance(body, GenerateRequest)
         attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name}
-        if not native:
+        if not isinstance(body, GenerateRequest):
             attributes["gen_ai.request.model"] = body.model
-        for key in ("max_tokens", "temperature", "top_p", "top_k"):
-            if key == "max_tokens":
-                value = max_tokens
-            else:
-                value = body.sampling_params.get(key) if native else getattr(body, key)
-            if value is not None:
-                attributes[f"gen_ai.request.{key}"] = value
         trace = self.manager.start_trace(rid, request.headers, attributes)
         if trace is not None and self.manager.tracer.include_content:
             trace.attributes["gen_ai.prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)
@@ -246,7 +238,7 @@ class OpenAIRoutes:
     async def generate(self, body: GenerateRequest, request: Request) -> Response:
         rid = body.rid or uuid.uuid4().hex
         prompt = body.text if body.text is not None else body.input_ids
-        trace = self._start_trace(request, rid, "generate", body, body.sampling_params.get("max_new_tokens"), prompt)
+        trace = self._start_trace(request, rid, "generate", body, prompt)
         if (body.text is None) == (body.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", param="text")
         if rid in self.manager.states:

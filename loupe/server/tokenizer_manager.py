@@ -82,6 +82,10 @@ class TokenizerManager:
                                                          trace.ctx if trace else None))
         if trace:
             trace.mark("dispatch", dispatched)
+            trace.attributes.update({  # the values in effect, defaults included
+                "gen_ai.request.max_tokens": sampling.max_new_tokens, "gen_ai.request.temperature": sampling.temperature,
+                "gen_ai.request.top_p": sampling.top_p, "gen_ai.request.top_k": sampling.top_k,
+            })
         out, text = None, []
         try:
             while True:

@@ -42,6 +42,7 @@ class RequestTrace:
     slices: list = field(default_factory=list)  # (name, start, end, attributes)
     first_token: int | None = None
     tokens_seen: int = 0
+    queue_seconds: float = 0.0
     finished: bool = False
 
     def mark(self, name: str, start: int, attributes: dict | None = None) -> None:
@@ -60,6 +61,8 @@ class TokenizerTracer:
         return trace
 
     def on_output(self, trace: RequestTrace, out) -> None:
+        if out.queue_seconds is not None:  # on the first output only
+            trace.queue_seconds = out.queue_seconds
         if not out.token_ids:
             return
         if trace.first_token is None:
@@ -82,7 +85,7 @@ class TokenizerTracer:
         if out is not None:
             attrs.update(usage_attributes(out))
             attrs["gen_ai.response.finish_reasons"] = [out.finish_reason or "abort"]
-            attrs["gen_ai.latency.time_in_queue"] = out.queue_seconds or 0.0
+            attrs["gen_ai.latency.time_in_queue"] = trace.queue_seconds
             attrs["gen_ai.latency.time_in_model_prefill"] = out.prefill_seconds
             attrs["gen_ai.latency.time_in_model_decode"] = out.decode_seconds
             events.extend((name, wall - self.offset, a) for name, wall, a in out.events)

@@ -143,6 +143,7 @@ def test_propagation_and_root_attributes(traced, receiver):
     assert a["gen_ai.usage.completion_tokens"] == a["gen_ai.usage.output_tokens"] == usage["completion_tokens"]
     assert a["gen_ai.usage.cached_tokens"] == a["gen_ai.usage.cache_read.input_tokens"] == 0
     assert a["gen_ai.request.max_tokens"] == 5 and a["gen_ai.request.temperature"] == 0
+    assert a["gen_ai.request.top_p"] == 1.0 and a["gen_ai.request.top_k"] == -1  # defaults in effect
     assert a["gen_ai.operation.name"] == "text_completion" and a["gen_ai.response.finish_reasons"] == ["length"]
     assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == model_name(server)
     assert a["rid"] == a["gen_ai.request.id"] == r.json()["id"]
@@ -151,6 +152,9 @@ def test_propagation_and_root_attributes(traced, receiver):
     assert 0 <= a["gen_ai.latency.time_in_queue"] <= a["gen_ai.latency.time_to_first_token"] <= a["gen_ai.latency.e2e"]
     assert abs(a["gen_ai.latency.e2e"] - e2e) < 0.01
     assert a["gen_ai.latency.time_in_model_prefill"] + a["gen_ai.latency.time_in_model_decode"] <= e2e
+    queue = next(s for s in spans if s["name"] == "queue")
+    assert abs(a["gen_ai.latency.time_in_queue"] - (queue["end"] - queue["start"]) / 1e9) < 0.05
+    assert a["gen_ai.latency.time_in_queue"] > 0
 
     again = complete(server, headers={"traceparent": "00-not-a-traceparent"}, max_tokens=5, prompt=long_prompt)
     assert again.status_code == 200 and again.headers["traceparent"].split("-")[1] != CALLER_TRACE

@@ -1,0 +1,333 @@
+"""End to end against a real tracing backend: Arize Phoenix, run offline from `.phoenix-venv`.
+
+One Phoenix (`phoenix serve`, temporary working dir, free loopback ports) and two traced
+servers on the bundled model: one exports over OTLP/gRPC into Phoenix's gRPC port, the other
+over OTLP HTTP/protobuf into Phoenix's HTTP port (`/v1/traces`). Each server tags its spans
+with its own Phoenix project (`openinference.project.name` in OTEL_RESOURCE_ATTRIBUTES).
+Requests go through the official `openai` client with a W3C `traceparent`; the spans are then
+read back through Phoenix's REST API (`GET /v1/projects/{project}/spans`).
+
+Phoenix is big, so it lives in its own venv: `make phoenix-setup` (a dependency of `make
+test`). Without it this test fails, it does not skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import psutil
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PHOENIX_VENV = os.environ.get("LOUPE_PHOENIX_VENV", os.path.join(REPO, ".phoenix-venv"))
+PHOENIX_BIN = os.path.join(PHOENIX_VENV, "bin", "phoenix")
+MODEL = "SmolLM2-135M-Instruct"
+READY_TIMEOUT = 120  # seconds, Phoenix and each server; the machines are small and shared
+SPANS_TIMEOUT = 30  # seconds to wait for a request's spans to be queryable in Phoenix
+STOP_TIMEOUT = 15
+
+THREAD_SPAN = {
+    "Tokenizer": re.compile(r"^Tokenizer \(host:[0-9a-f]{8} \| pid:\d+\)$"),
+    "Scheduler": re.compile(r"^Scheduler \[TP 0\] \(host:[0-9a-f]{8} \| pid:\d+\)$"),
+    "Detokenizer": re.compile(r"^Detokenizer \(host:[0-9a-f]{8} \| pid:\d+\)$"),
+}
+# stage span -> the thread span it belongs under
+STAGE_PARENT = {"tokenize": "Tokenizer", "dispatch": "Tokenizer", "queue": "Scheduler",
+                "prefill": "Scheduler", "decode": "Scheduler", "detokenize": "Detokenizer"}
+VARIANTS = {"grpc": "loupe-e2e-grpc", "http/protobuf": "loupe-e2e-http"}  # protocol -> project
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A subprocess in its own session with its output in a log file; `stop()` ends it and
+    every descendant it was seen with, and says which pids (if any) outlived it."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str):
+        self.name = name
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=REPO, env=env,
+                                     start_new_session=True)
+        self.pids = {self.proc.pid}
+
+    def remember_children(self) -> None:
+        try:
+            self.pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+
+    def wait_http(self, url: str, timeout: float = READY_TIMEOUT) -> float:
+        """Poll `url` until it answers 200; seconds it took."""
+        start = time.monotonic()
+        with httpx.Client(timeout=5, trust_env=False) as http:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.name} exited with {self.proc.returncode} while "
+                                         f"starting:\n{self.log_tail()}")
+                if time.monotonic() - start > timeout:
+                    raise AssertionError(f"{self.name} was not ready at {url} within {timeout} s:\n"
+                                         f"{self.log_tail()}")
+                try:
+                    if http.get(url).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        self.remember_children()
+        return time.monotonic() - start
+
+    def alive(self) -> list[int]:
+        out = []
+        for pid in self.pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    out.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def stop(self) -> list[int]:
+        """SIGTERM (not SIGINT: a shell may have started us with SIGINT ignored, and children
+        inherit that), then SIGKILL for what lingers; the pids that had to be killed."""
+        self.remember_children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.proc.poll()  # reap
+        lingering = self.alive()
+        for pid in lingering:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc.poll() is None:
+            self.proc.wait(10)
+        self._log.close()
+        return lingering
+
+    def log_tail(self, chars: int = 6000) -> str:
+        self._log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return f.read()[-chars:]
+
+
+def base_env() -> dict[str, str]:
+    """This environment without any OTEL_* / PHOENIX_* settings that could leak in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PHOENIX_"))}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Phoenix plus one traced server per OTLP protocol, all started at once (they start in
+    parallel), all stopped at the end, and nothing left running."""
+    if not os.access(PHOENIX_BIN, os.X_OK):
+        pytest.fail(f"Arize Phoenix is not installed ({PHOENIX_BIN} is missing): run "
+                    "`make phoenix-setup` (a dependency of `make test`) to create .phoenix-venv",
+                    pytrace=False)
+    logs = str(tmp_path_factory.mktemp("phoenix-e2e"))
+    work = os.path.join(logs, "phoenix-working-dir")
+    os.makedirs(work)
+    http_port, grpc_port = free_port(), free_port()
+    phoenix_env = {
+        **base_env(),
+        "PHOENIX_WORKING_DIR": work,  # its SQLite database and files: thrown away afterwards
+        "PHOENIX_TELEMETRY_ENABLED": "false",
+        "PHOENIX_ALLOW_EXTERNAL_RESOURCES": "false",  # offline: no WASM/web-font downloads
+        "PHOENIX_HOST": "127.0.0.1",  # the HTTP server (UI, REST, OTLP/HTTP)
+        "PHOENIX_PORT": str(http_port),
+        "PHOENIX_GRPC_PORT": str(grpc_port),  # OTLP/gRPC (Phoenix binds it on every interface)
+        "PYTHONUNBUFFERED": "1",
+    }
+    procs: list[Proc] = []
+    try:
+        phoenix = Proc("phoenix", [PHOENIX_BIN, "serve"], phoenix_env, logs)
+        procs.append(phoenix)
+        servers = {}
+        for protocol, project in VARIANTS.items():
+            port = free_port()
+            endpoint = (f"http://127.0.0.1:{grpc_port}" if protocol == "grpc"
+                        else f"http://127.0.0.1:{http_port}")  # loupe adds /v1/traces
+            env = {**base_env(), "PYTHONUNBUFFERED": "1",
+                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol,
+                   "OTEL_RESOURCE_ATTRIBUTES": f"openinference.project.name={project}",
+                   "LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "100"}
+            command = [sys.executable, "-m", "loupe.launch_server", "--port", str(port),
+                       "--enable-tracing", "--otlp-endpoint", endpoint]
+            server = Proc(f"loupe-{project}", command, env, logs)
+            procs.append(server)
+            servers[protocol] = (server, port)
+        print(f"Phoenix healthy after {phoenix.wait_http(f'http://127.0.0.1:{http_port}/healthz'):.1f} s")
+        for server, port in servers.values():
+            print(f"{server.name} ready {server.wait_http(f'http://127.0.0.1:{port}/health'):.1f} s later")
+        yield {"phoenix": f"http://127.0.0.1:{http_port}", "phoenix_proc": phoenix,
+               "servers": servers}
+    finally:
+        lingering = {p.name: p.stop() for p in reversed(procs)}
+        survivors = {name: pids for name, pids in lingering.items() if pids}
+        # Loupe servers must exit on SIGTERM by themselves, children included; Phoenix too.
+        assert not survivors, f"processes that outlived SIGTERM and had to be killed: {survivors}"
+        still = {p.name: p.alive() for p in procs if p.alive()}
+        assert not still, f"processes left running after teardown: {still}"
+
+
+def phoenix_spans(base: str, project: str, trace_id: str) -> list[dict]:
+    r = httpx.get(f"{base}/v1/projects/{project}/spans",
+                  params={"trace_id": trace_id, "limit": 1000}, timeout=10, trust_env=False)
+    if r.status_code == 404:  # the project appears with its first span
+        return []
+    assert r.status_code == 200, (r.status_code, r.text)
+    body = r.json()
+    assert body.get("next_cursor") is None, "more than 1000 spans in one trace?"
+    return body["data"]
+
+
+def wait_for_trace(base: str, project: str, trace_id: str, want: set[str], phoenix: Proc) -> list[dict]:
+    """Poll Phoenix until the trace holds a root and every span name family in `want`."""
+    start = time.monotonic()
+    spans: list[dict] = []
+    while time.monotonic() < start + SPANS_TIMEOUT:
+        spans = phoenix_spans(base, project, trace_id)
+        names = {family(s["name"]) for s in spans}
+        if want <= names:
+            print(f"{project}: trace {trace_id} complete in Phoenix after "
+                  f"{time.monotonic() - start:.2f} s ({len(spans)} spans)")
+            return spans
+        time.sleep(0.25)
+    raise AssertionError(
+        f"Phoenix project {project!r} never showed trace {trace_id} with spans {sorted(want)}; "
+        f"it has {sorted(s['name'] for s in spans)}\nPhoenix log tail:\n{phoenix.log_tail(3000)}")
+
+
+def family(name: str) -> str:
+    """'Req abc' -> 'Req'; 'Scheduler [TP 0] (host:..)' -> 'Scheduler'; slices unchanged."""
+    return name.split(" ", 1)[0]
+
+
+def traceparent() -> tuple[str, str, str]:
+    trace_id, span_id = secrets.token_hex(16), secrets.token_hex(8)
+    return f"00-{trace_id}-{span_id}-01", trace_id, span_id
+
+
+def send_requests(port: int) -> list[dict]:
+    """One chat and one text completion through the official client, each with its own caller
+    trace; what was sent and what came back."""
+    sent = []
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                       timeout=120, http_client=httpx.Client(trust_env=False)) as client:
+        for operation in ("chat", "text_completion"):
+            header, trace_id, span_id = traceparent()
+            start = time.monotonic()
+            if operation == "chat":
+                raw = client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                    max_tokens=6, temperature=0, extra_headers={"traceparent": header})
+            else:
+                raw = client.completions.with_raw_response.create(
+                    model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0.5,
+                    top_p=0.9, extra_headers={"traceparent": header})
+            print(f"{operation} request: {time.monotonic() - start:.2f} s")
+            sent.append({"operation": operation, "trace_id": trace_id, "span_id": span_id,
+                         "response": raw.parse(), "traceparent": raw.headers.get("traceparent")})
+    return sent
+
+
+@pytest.mark.parametrize("protocol", list(VARIANTS))
+def test_traces_land_in_phoenix(stack, protocol):
+    server, port = stack["servers"][protocol]
+    project = VARIANTS[protocol]
+    want = {"Req", *THREAD_SPAN, *STAGE_PARENT}
+    for sent in send_requests(port):
+        trace_id, caller_span = sent["trace_id"], sent["span_id"]
+        usage = sent["response"].usage
+        where = f"[{protocol}, {sent['operation']}, trace {trace_id}]"
+        spans = wait_for_trace(stack["phoenix"], project, trace_id, want, stack["phoenix_proc"])
+
+        # every span is in the caller's trace and the tree hangs together under the caller
+        assert {s["context"]["trace_id"] for s in spans} == {trace_id}, where
+        by_id = {s["context"]["span_id"]: s for s in spans}
+        assert len(by_id) == len(spans), f"{where} duplicate span ids"
+        for s in spans:
+            assert s["parent_id"] == caller_span or s["parent_id"] in by_id, (where, s["name"])
+
+        # the root: the caller's span is its parent; it is what the response header names
+        roots = [s for s in spans if family(s["name"]) == "Req"]
+        assert len(roots) == 1, (where, [s["name"] for s in roots])
+        root = roots[0]
+        attrs = root["attributes"]
+        assert root["parent_id"] == caller_span, where
+        assert root["name"] == f"Req {attrs['rid']}", where
+        assert attrs["gen_ai.request.id"] == attrs["rid"], where
+        assert sent["traceparent"], f"{where} the response has no traceparent header"
+        version, header_trace, header_span, _flags = sent["traceparent"].split("-")
+        assert (version, header_trace, header_span) == ("00", trace_id, root["context"]["span_id"]), \
+            (where, sent["traceparent"], root["context"])
+        assert root["status_code"] != "ERROR", (where, root["status_message"])
+
+        # usage: the response's numbers, under both the old and the current GenAI names
+        assert attrs["gen_ai.operation.name"] == sent["operation"], where
+        assert attrs["gen_ai.request.model"] == MODEL and attrs["gen_ai.response.model"] == MODEL, where
+        assert attrs["gen_ai.request.max_tokens"] == 6, where
+        assert usage.completion_tokens == 6, (where, usage)
+        assert attrs["gen_ai.usage.prompt_tokens"] == usage.prompt_tokens, (where, usage)
+        assert attrs["gen_ai.usage.input_tokens"] == usage.prompt_tokens, (where, usage)
+        assert attrs["gen_ai.usage.completion_tokens"] == usage.completion_tokens, (where, usage)
+        assert attrs["gen_ai.usage.output_tokens"] == usage.completion_tokens, (where, usage)
+        details = usage.prompt_tokens_details
+        cached = details.cached_tokens if details and details.cached_tokens is not None else 0
+        assert attrs["gen_ai.usage.cached_tokens"] == cached, (where, usage)
+        assert attrs["gen_ai.usage.cache_read.input_tokens"] == cached, (where, usage)
+        assert attrs["gen_ai.response.finish_reasons"] == [sent["response"].choices[0].finish_reason], where
+        for key in ("time_in_queue", "time_to_first_token", "e2e", "time_in_model_prefill",
+                    "time_in_model_decode"):
+            assert isinstance(attrs[f"gen_ai.latency.{key}"], float), (where, key)
+        if sent["operation"] == "text_completion":
+            assert attrs["gen_ai.request.temperature"] == pytest.approx(0.5), where
+            assert attrs["gen_ai.request.top_p"] == pytest.approx(0.9), where
+
+        # Phoenix's own reading of them: an LLM span whose token counts are the response's
+        assert root["span_kind"] == "LLM", (where, root["span_kind"])
+        assert attrs["llm.model_name"] == MODEL, where
+        assert attrs["llm.token_count.prompt"] == usage.prompt_tokens, where
+        assert attrs["llm.token_count.completion"] == usage.completion_tokens, where
+        assert attrs["llm.token_count.total"] == usage.total_tokens, where
+        assert json.loads(attrs["llm.invocation_parameters"])["max_tokens"] == 6, where
+
+        # thread spans under the root, one each, and the stages under their thread span
+        threads = {}
+        for label, pattern in THREAD_SPAN.items():
+            matching = [s for s in spans if pattern.match(s["name"])]
+            assert len(matching) == 1, (where, label, [s["name"] for s in spans])
+            threads[label] = matching[0]
+            assert matching[0]["parent_id"] == root["context"]["span_id"], (where, label)
+            assert matching[0]["attributes"]["thread_label"] == label, where
+        for stage, label in STAGE_PARENT.items():
+            matching = [s for s in spans if s["name"] == stage]
+            assert len(matching) == 1, (where, stage, len(matching))
+            assert matching[0]["parent_id"] == threads[label]["context"]["span_id"], (where, stage)
+        # level 3 (the default): prefill chunks and decode steps too; the first token comes
+        # from prefill, so decode runs one step per further token
+        prefill = next(s for s in spans if s["name"] == "prefill")["context"]["span_id"]
+        decode = next(s for s in spans if s["name"] == "decode")["context"]["span_id"]
+        chunks = [s for s in spans if s["name"] == "prefill_chunk"]
+        steps = [s for s in spans if s["name"] == "decode_step"]
+        assert chunks and all(s["parent_id"] == prefill for s in chunks), where
+        assert usage.completion_tokens - 1 <= len(steps) <= usage.completion_tokens, (where, len(steps))
+        assert all(s["parent_id"] == decode for s in steps), where
