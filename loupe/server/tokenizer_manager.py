@@ -86,13 +86,12 @@ class TokenizerManager:
                 "gen_ai.request.max_tokens": sampling.max_new_tokens, "gen_ai.request.temperature": sampling.temperature,
                 "gen_ai.request.top_p": sampling.top_p, "gen_ai.request.top_k": sampling.top_k,
             })
-        out, text = None, []
+        out = None
         try:
             while True:
                 out = await state.outputs.get()
                 if trace:
                     self.tracer.on_output(trace, out)
-                    text.append(out.text_delta)
                 yield out
                 if out.finish_reason is not None:
                     return
@@ -103,12 +102,7 @@ class TokenizerManager:
                 self.metrics.requests.labels(status="abort").inc()
             self.states.pop(rid, None)
             if trace:
-                final = out if state.finished else None
-                gone = None if state.finished else "client_disconnected"
-                error = out.error if final is not None and out.error else None
-                self.tracer.finish(trace, final, "invalid_request" if error else gone,
-                                   error or ("the client went away" if gone else None),
-                                   final.text if final is not None and final.text is not None else "".join(text))
+                self.tracer.finish_request(trace, out if state.finished else None)
 
     def abort(self, rid: str) -> None:
         if rid in self.states:

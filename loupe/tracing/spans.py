@@ -43,6 +43,7 @@ class RequestTrace:
     first_token: int | None = None
     tokens_seen: int = 0
     queue_seconds: float = 0.0
+    text: list = field(default_factory=list)  # completion text so far, with --trace-include-content
     finished: bool = False
 
     def mark(self, name: str, start: int, attributes: dict | None = None) -> None:
@@ -63,6 +64,8 @@ class TokenizerTracer:
     def on_output(self, trace: RequestTrace, out) -> None:
         if out.queue_seconds is not None:  # on the first output only
             trace.queue_seconds = out.queue_seconds
+        if self.include_content:
+            trace.text.append(out.text_delta)
         if not out.token_ids:
             return
         if trace.first_token is None:
@@ -73,8 +76,17 @@ class TokenizerTracer:
                 name = "first_token" if milestone == 1 else "token_milestone"
                 trace.events.append((name, now(), {"completion_tokens": milestone}))
 
-    def finish(self, trace: RequestTrace, out, error_type: str | None = None, error: str | None = None,
-               completion_text: str | None = None) -> None:
+    def finish_request(self, trace: RequestTrace, out) -> None:
+        """End the trace of a request that reached the scheduler; `out` is its last output,
+        or None when the client went away first."""
+        if out is None:
+            self.finish(trace, None, "client_disconnected", "the client went away")
+        elif out.error:
+            self.finish(trace, out, "invalid_request", out.error)
+        else:
+            self.finish(trace, out)
+
+    def finish(self, trace: RequestTrace, out, error_type: str | None = None, error: str | None = None) -> None:
         """Record the root (and, from level 2, the tokenizer's spans) of a finished request."""
         if trace.finished:
             return
@@ -94,8 +106,8 @@ class TokenizerTracer:
         if trace.first_token is not None:
             attrs["gen_ai.latency.time_to_first_token"] = (trace.first_token - trace.start) / 1e9
         attrs["gen_ai.latency.e2e"] = (end - trace.start) / 1e9
-        if self.include_content and completion_text is not None:
-            attrs["gen_ai.completion"] = completion_text
+        if self.include_content:
+            attrs["gen_ai.completion"] = out.text if out is not None and out.text is not None else "".join(trace.text)
         if error_type:
             attrs["error.type"] = error_type
             events.append(("exception", end, {"exception.type": error_type, "exception.message": error or ""}))

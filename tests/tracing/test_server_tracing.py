@@ -47,8 +47,9 @@ def traced(tiny_model_dir, logs, receiver):
     servers = {}
     fast = {"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"}
     for level in (1, 2, 3):
+        content = ["--trace-include-content"] if level == 1 else []
         servers[level] = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
-                                      "--trace-level", level, env=fast)
+                                      "--trace-level", level, *content, env=fast)
     yield servers
     for server in servers.values():
         server.stop()
@@ -76,7 +77,7 @@ def names(spans):
     return sorted(s["name"].split(" (")[0] for s in spans)
 
 
-def test_level_1_is_the_root_alone(traced, receiver):
+def test_level_1_is_the_root_alone_with_content_when_asked(traced, receiver):
     r = complete(traced[1])
     spans = trace_of(receiver, r)
     time.sleep(1)
@@ -86,6 +87,8 @@ def test_level_1_is_the_root_alone(traced, receiver):
     assert root["name"].startswith("Req cmpl-") and root["kind"] == 2
     assert root["attributes"]["gen_ai.usage.completion_tokens"] == 6
     assert {e["name"] for e in root["events"]} >= {"queue.admitted", "prefix_cache.miss", "first_token"}
+    assert root["attributes"]["gen_ai.prompt"] == "The capital of France is Paris. Hello, my name is"
+    assert root["attributes"]["gen_ai.completion"] == r.json()["choices"][0]["text"]
 
 
 def test_level_2_adds_thread_spans_and_major_stages(traced, receiver):
