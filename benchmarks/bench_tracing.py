@@ -4,7 +4,10 @@
    one request to a decode-step fan-out, and of the branch taken when tracing is off.
 2. Live: the bundled model at a given concurrency, tracing off vs levels 1, 2 and 3 (spans
    exported over OTLP gRPC to a real receiver in another process), in rounds that
-   alternate the configurations; medians of throughput and median latency, as ratios to off.
+   alternate the configurations; medians of throughput, median latency and CPU time per
+   output token (all the server's processes, the span exporter included), as ratios to off.
+   CPU time is the steadier measure on a shared machine: it counts the work tracing adds
+   even when a noisy neighbour moves the wall-clock figures by more than the overhead.
 
     .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--concurrency 32] [--num-requests 64]
 """
@@ -21,6 +24,7 @@ import sys
 import time
 
 import httpx
+import psutil
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -72,6 +76,12 @@ def start_server(port: int, level: int | None, otlp_port: int) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """CPU time used so far by a server: its main process and every child (exporter included)."""
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    return sum(sum(p.cpu_times()[:2]) for p in tree)
+
+
 def wait_ready(port: int, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -101,26 +111,31 @@ def live(rounds: int, concurrency: int, num_requests: int) -> None:
         for r in range(rounds):
             order = list(configs) if r % 2 == 0 else list(reversed(configs))  # alternate, to spread drift
             for name in order:
+                cpu_before = cpu_seconds(servers[name])
                 summary = asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct",
                                                concurrency, num_requests, r, None))
+                tokens = summary["output_tokens_per_s"] * summary["wall_s"]
+                summary["cpu_ms_per_token"] = (cpu_seconds(servers[name]) - cpu_before) * 1000 / tokens
                 assert summary["failed"] == 0, summary
                 results[name].append(summary)
                 print(f"round {r + 1} {name:>8}: {summary['output_tokens_per_s']:7.1f} tok/s, "
-                      f"e2e p50 {summary['e2e_p50_s']:.3f} s", file=sys.stderr)
+                      f"e2e p50 {summary['e2e_p50_s']:.3f} s, {summary['cpu_ms_per_token']:.2f} CPU ms/token",
+                      file=sys.stderr)
     finally:
         for proc in servers.values():
             proc.terminate()
         for proc in servers.values():
             proc.wait(30)
         receiver.kill()
-    base_tps = statistics.median(s["output_tokens_per_s"] for s in results["off"])
-    base_p50 = statistics.median(s["e2e_p50_s"] for s in results["off"])
+    def median(name: str, key: str) -> float:
+        return statistics.median(s[key] for s in results[name])
+
     print(f"\nlive: concurrency {concurrency}, {num_requests} requests per run, {rounds} rounds, medians")
-    print(f"{'config':>8} {'tok/s':>8} {'vs off':>8} {'e2e p50 s':>10} {'vs off':>8}")
+    print(f"{'config':>8} {'tok/s':>8} {'vs off':>8} {'e2e p50 s':>10} {'vs off':>8} {'CPU ms/tok':>11} {'vs off':>8}")
     for name in configs:
-        tps = statistics.median(s["output_tokens_per_s"] for s in results[name])
-        p50 = statistics.median(s["e2e_p50_s"] for s in results[name])
-        print(f"{name:>8} {tps:8.1f} {tps / base_tps:8.3f} {p50:10.3f} {p50 / base_p50:8.3f}")
+        tps, p50, cpu = (median(name, k) for k in ("output_tokens_per_s", "e2e_p50_s", "cpu_ms_per_token"))
+        print(f"{name:>8} {tps:8.1f} {tps / median('off', 'output_tokens_per_s'):8.3f} {p50:10.3f} "
+              f"{p50 / median('off', 'e2e_p50_s'):8.3f} {cpu:11.2f} {cpu / median('off', 'cpu_ms_per_token'):8.3f}")
 
 
 def main() -> None:
