@@ -21,7 +21,9 @@ class ServerArgs:
     device: str = _flag("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
     tp_size: int = _flag(1, "tensor parallel degree")
     pp_size: int = _flag(1, "pipeline parallel degree")
-    dp_size: int = _flag(1, "data parallel degree")
+    dp_size: int = _flag(1, "data parallel degree: independent replicas behind a DP controller")
+    load_balance_method: str = _flag("round_robin", "how the DP controller picks a replica",
+                                     choices=("round_robin", "least_loaded"))
     max_running_requests: int = _flag(64, "most requests decoding at once")
     max_total_tokens: int | None = _flag(None, "KV cache size in tokens (default: from free memory)")
     chunked_prefill_size: int = _flag(512, "most prompt tokens prefilled in one step")
@@ -52,6 +54,8 @@ class ServerArgs:
             if choices and value not in choices:
                 need(False, f.name, "one of " + ", ".join(map(str, choices)))
         need(0 < self.port < 65536, "port", "in 1..65535")
+        need(self.tp_size == 1, "tp_size", "1 (tensor parallelism is not available yet)")
+        need(self.pp_size == 1, "pp_size", "1 (pipeline parallelism is not available yet)")
         for name in ("tp_size", "pp_size", "dp_size", "max_running_requests", "chunked_prefill_size", "page_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
         need(self.max_total_tokens is None or self.max_total_tokens >= 2 * self.page_size,

@@ -4,6 +4,9 @@
     scheduler --TokenBatch--> detokenizer --TextBatch--> tokenizer manager
     scheduler --SchedulerStats--> tokenizer manager (same socket as the text)
 
+With --dp-size N a DP controller binds the scheduler's endpoint instead and forwards each
+request to one of N schedulers (scheduler-dp0 ... ), which also send it their stats.
+
 Messages are plain dataclasses of builtin types, pickled: nothing from torch, transformers
 or OpenTelemetry crosses a process boundary.
 """
@@ -88,6 +91,8 @@ class SchedulerStats:
     num_waiting: int
     kv_used_tokens: int
     kv_total_tokens: int
+    num_received: int = 0  # requests received, ever (the DP controller counts those in transit)
+    dp_rank: int = 0
 
 
 @dataclass

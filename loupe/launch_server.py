@@ -6,6 +6,9 @@ Process layout:
     ├── scheduler       batching, KV cache, model forward, sampling
     └── detokenizer     token ids -> incremental text
 
+With --dp-size N, a DP controller stands in front of N scheduler replicas. With
+--enable-tracing, a span exporter process starts first and stops last.
+
 The main process supervises the children: if one dies, the server says which and exits
 non-zero; on SIGINT/SIGTERM it stops them all. Children die with the main process.
 """
@@ -75,6 +78,7 @@ class Supervisor:
 
     def __init__(self, args: ServerArgs, ipc_dir: str, tracing: ExportSettings | None):
         from loupe.detokenizer import run_detokenizer_process
+        from loupe.distributed.dp_controller import run_dp_controller_process
         from loupe.scheduler.process import run_scheduler_process
         from loupe.tracing.exporter import run_exporter_process
 
@@ -82,7 +86,12 @@ class Supervisor:
         self.children: list[tuple[str, mp.Process, object]] = []
         if tracing is not None:  # first, so that the others' spans have somewhere to go
             self.start("exporter", run_exporter_process, (tracing, ipc_dir), args.log_level)
-        self.start("scheduler", run_scheduler_process, (args, ipc_dir))
+        if args.dp_size == 1:
+            self.start("scheduler", run_scheduler_process, (args, ipc_dir))
+        else:
+            self.start("DP controller", run_dp_controller_process, (args, ipc_dir))
+            for rank in range(args.dp_size):
+                self.start(f"scheduler [DP {rank}]", run_scheduler_process, (args, ipc_dir), rank)
         self.start("detokenizer", run_detokenizer_process, (args, ipc_dir))
         self.stopping = False
         self.exit_code = 0
@@ -165,7 +174,7 @@ def launch(args: ServerArgs) -> int:
             infos = supervisor.wait_ready()
         except (RuntimeError, ValueError) as e:
             return fail(f"loupe: cannot start: {e}")
-        info = infos["scheduler"]
+        info = next(v for k, v in infos.items() if k.startswith("scheduler"))
         model_info = {k: v for k, v in info.items() if k != "limits"}
         model_info["context_length"] = info["limits"].context_length
         manager.set_ready(tokenizer, info["limits"], model_info)

@@ -10,6 +10,7 @@ import zmq
 
 from loupe import ipc
 from loupe.config import ServerArgs
+from loupe.distributed.dp_controller import replica_inbox
 from loupe.process import setup_child
 from loupe.scheduler.request import FinishReason, Req, SamplingParams
 from loupe.scheduler.scheduler import Scheduler
@@ -20,16 +21,21 @@ logger = logging.getLogger(__name__)
 
 
 class SchedulerProcess:
-    def __init__(self, args: ServerArgs, ipc_dir: str):
+    def __init__(self, args: ServerArgs, ipc_dir: str, dp_rank: int = 0):
         self.scheduler = Scheduler(args)
+        self.dp_rank = dp_rank
         self.recorder = None
         if args.enable_tracing:
-            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", {"TP": 0})
+            ranks = {"TP": 0, "DP": dp_rank} if args.dp_size > 1 else {"TP": 0}
+            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", ranks)
             self.scheduler.tracer = SchedulerTracer(self.recorder)
         ctx = zmq.Context()
-        self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "scheduler"))
+        self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, replica_inbox(args.dp_size, dp_rank)))
         self.to_detokenizer = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "detokenizer"))
-        self.to_manager = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))
+        self.stats_to = [ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))]
+        if args.dp_size > 1:
+            self.stats_to.append(ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "dp-controller-stats")))
+        self.num_received = 0
         self.last_stats = None
 
     def run_forever(self) -> None:
@@ -59,6 +65,7 @@ class SchedulerProcess:
             except zmq.Again:
                 break
             if isinstance(message, ipc.TokenizedRequest):
+                self.num_received += 1
                 try:
                     sampling = SamplingParams.from_dict(message.sampling)
                     req = self.scheduler.make_request(message.rid, message.input_ids, sampling)
@@ -100,16 +107,18 @@ class SchedulerProcess:
 
     def send_stats(self) -> None:
         s = self.scheduler
-        stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv_used_tokens, s.max_total_tokens)
+        stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv_used_tokens, s.max_total_tokens,
+                                   self.num_received, self.dp_rank)
         if stats != self.last_stats:
-            ipc.send(self.to_manager, stats)
+            for sock in self.stats_to:
+                ipc.send(sock, stats)
             self.last_stats = stats
 
 
-def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection) -> None:
-    setup_child("scheduler", args.log_level)
+def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection, dp_rank: int = 0) -> None:
+    setup_child("scheduler" if args.dp_size == 1 else f"scheduler DP{dp_rank}", args.log_level)
     try:
-        proc = SchedulerProcess(args, ipc_dir)
+        proc = SchedulerProcess(args, ipc_dir, dp_rank)
     except Exception as e:  # a bad model path, out of memory...: tell the launcher in one line
         logger.debug("scheduler failed to start", exc_info=True)
         ready.send({"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})

@@ -26,13 +26,18 @@ class Metrics:
         self.spans_dropped = Counter("loupe_tracing_spans_dropped", "Spans dropped: the export queue was full", registry=r)
         self.spans_failed = Counter("loupe_tracing_spans_failed", "Spans lost to failed exports", registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
+        self._replicas: dict[int, SchedulerStats] = {}
         self.open_requests = Gauge("loupe_open_requests", "Requests the HTTP side holds state for", registry=r)
 
     def set_scheduler_stats(self, stats: SchedulerStats) -> None:
-        self.num_running.set(stats.num_running)
-        self.num_waiting.set(stats.num_waiting)
-        self.kv_used_tokens.set(stats.kv_used_tokens)
-        self.kv_usage.set(stats.kv_used_tokens / max(stats.kv_total_tokens, 1))
+        """The latest stats of one scheduler; the gauges show the sum over data-parallel replicas."""
+        self._replicas[stats.dp_rank] = stats
+        replicas = self._replicas.values()
+        self.num_running.set(sum(s.num_running for s in replicas))
+        self.num_waiting.set(sum(s.num_waiting for s in replicas))
+        used, total = sum(s.kv_used_tokens for s in replicas), sum(s.kv_total_tokens for s in replicas)
+        self.kv_used_tokens.set(used)
+        self.kv_usage.set(used / max(total, 1))
 
     def set_exporter_stats(self, stats: ExporterStats) -> None:
         """The exporter reports running totals; the counters advance by the difference."""

@@ -82,7 +82,7 @@ class TokenizerTracer:
         if out is None:
             self.finish(trace, None, "client_disconnected", "the client went away")
         elif out.error:
-            self.finish(trace, out, "invalid_request", out.error)
+            self.finish(trace, out, "invalid_request_error", out.error)
         else:
             self.finish(trace, out)
 

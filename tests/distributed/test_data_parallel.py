@@ -1,0 +1,101 @@
+"""--dp-size: a DP controller in front of scheduler replicas, on a tiny model, traced."""
+
+import os
+import re
+import signal
+import threading
+
+import httpx
+import pytest
+from otlp_receivers import GrpcReceiver
+from server_harness import LiveServer, read_metrics
+
+from loupe import Engine
+
+PROMPTS = [f"one two three {i} Hello, my name is" for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = GrpcReceiver()
+    yield r
+    r.stop()
+
+
+def start(tiny_model_dir, tmp_path_factory, receiver, method):
+    os.environ["LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS"] = "50"
+    try:
+        server = LiveServer("--model-path", tiny_model_dir("llama"), "--dp-size", 2, "--load-balance-method", method,
+                            "--enable-tracing", "--trace-level", 2, "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
+                            log_dir=str(tmp_path_factory.mktemp("dp-logs"))).start()
+    finally:
+        os.environ.pop("LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS")
+    return server.wait_ready()
+
+
+def generate(server, prompt, max_new_tokens=12):
+    r = httpx.post(server.url("/generate"), timeout=60, json={
+        "text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}})
+    assert r.status_code == 200, r.text
+    return r
+
+
+def replica_of(receiver, response) -> int:
+    """Which replica served a request, read from its trace."""
+    trace_id = response.headers["traceparent"].split("-")[1]
+    spans = receiver.wait_for(lambda s: sum(x["trace_id"] == trace_id and x["name"].startswith(("Scheduler", "DP"))
+                                            for x in s) >= 2)
+    mine = [s for s in spans if s["trace_id"] == trace_id]
+    scheduler = next(s for s in mine if s["name"].startswith("Scheduler"))
+    dispatch = next(s for s in mine if s["name"] == "dispatch" and "dp_rank" in s["attributes"])
+    controller = next(s for s in mine if s["name"].startswith("DP Controller"))
+    root = next(s for s in mine if s["name"].startswith("Req "))
+    assert controller["parent_id"] == scheduler["parent_id"] == root["span_id"]
+    assert dispatch["parent_id"] == controller["span_id"]
+    rank = dispatch["attributes"]["dp_rank"]
+    assert scheduler["name"].startswith(f"Scheduler [TP 0] [DP {rank}] (host:")
+    assert scheduler["attributes"]["dp_rank"] == rank
+    return rank
+
+
+def test_round_robin_spreads_requests_and_keeps_outputs(tiny_model_dir, tmp_path_factory, receiver):
+    server = start(tiny_model_dir, tmp_path_factory, receiver, "round_robin")
+    try:
+        expected = Engine(tiny_model_dir("llama"), dtype="float32").generate(
+            PROMPTS, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+        responses = [generate(server, p) for p in PROMPTS]
+        assert [r.json()["output_ids"] for r in responses] == [e["output_ids"] for e in expected]
+        assert [replica_of(receiver, r) for r in responses] == [0, 1, 0, 1]
+        metrics = read_metrics(server)
+        assert metrics["loupe_num_running_reqs"] == 0 and metrics["loupe_kv_used_tokens"] == 0
+        assert metrics['loupe_requests_total{status="length"}'] == 4
+    finally:
+        server.stop()
+
+
+def test_least_loaded_sends_concurrent_requests_to_the_idle_replica(tiny_model_dir, tmp_path_factory, receiver):
+    server = start(tiny_model_dir, tmp_path_factory, receiver, "least_loaded")
+    try:
+        responses = []
+        threads = [threading.Thread(target=lambda p=p: responses.append(generate(server, p, 200))) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        ranks = sorted(replica_of(receiver, r) for r in responses)
+        assert ranks == [0, 0, 1, 1]
+    finally:
+        server.stop()
+
+
+def test_a_dead_replica_takes_the_server_down_naming_it(tiny_model_dir, tmp_path_factory, receiver):
+    server = start(tiny_model_dir, tmp_path_factory, receiver, "round_robin")
+    try:
+        found = re.search(r"\[scheduler DP1 pid:(\d+)\]", server.log())
+        assert found, server.log()
+        os.kill(int(found.group(1)), signal.SIGKILL)
+        assert server.wait_exit(20) not in (None, 0)
+        assert f"the scheduler [DP 1] process (pid {found.group(1)}) died" in server.log()
+        assert server.wait_all_gone(10) == []
+    finally:
+        server.stop()
