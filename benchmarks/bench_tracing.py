@@ -59,6 +59,46 @@ def micro(n: int = 200_000) -> dict[str, float]:
             "tracing off (one branch)": off_ns}
 
 
+def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
+    """In-process: the engine decoding `concurrency` requests with a level-3 tracer, timing
+    every tracer call; what the hooks cost per forward step and as a share of the step."""
+    from loupe import Engine
+    from loupe.scheduler.request import SamplingParams
+    from loupe.tracing.context import TraceContext
+    from loupe.tracing.spans import SchedulerTracer
+
+    engine = Engine(max_running_requests=concurrency)
+    scheduler = engine.scheduler
+    tracer = SchedulerTracer(Recorder("ipc:///tmp/loupe-bench-hooks", "Scheduler", {"TP": 0}))
+    spent = [0]
+
+    def timed(method):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter_ns()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter_ns() - start
+        return wrapper
+
+    for name in ("on_arrival", "on_admit", "on_forward", "on_retract", "on_finish"):
+        setattr(tracer, name, timed(getattr(tracer, name)))
+    scheduler.tracer = tracer
+    for i in range(concurrency):
+        req = scheduler.make_request(f"r{i}", engine.tokenizer.encode(f"Request number {i} asks where time goes."),
+                                     SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True))
+        req.trace = TraceContext(i + 1, i + 1000, 3)
+        tracer.on_arrival(req, req.trace)
+        scheduler.add_request(req)
+    start = time.perf_counter_ns()
+    while scheduler.has_work:
+        scheduler.step()
+    total = time.perf_counter_ns() - start
+    n = scheduler.num_forward_steps
+    return {"steps": n, "step_ms": total / n / 1e6, "hooks_us_per_step": spent[0] / n / 1e3,
+            "hooks_share_pct": 100 * spent[0] / total}
+
+
 def receiver_process(port_out) -> None:
     from otlp_receivers import GrpcReceiver
 
@@ -76,10 +116,13 @@ def start_server(port: int, level: int | None, otlp_port: int) -> subprocess.Pop
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def cpu_seconds(proc: subprocess.Popen) -> float:
-    """CPU time used so far by a server: its main process and every child (exporter included)."""
+def cpu_seconds(proc: subprocess.Popen) -> tuple[float, float]:
+    """CPU time used so far by a server (its main process and every child) and, of that, by
+    its span exporter (the one child that runs at lower priority)."""
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    return sum(sum(p.cpu_times()[:2]) for p in tree)
+    total = sum(sum(p.cpu_times()[:2]) for p in tree)
+    exporter = sum(sum(p.cpu_times()[:2]) for p in tree if p.nice() > 0)
+    return total, exporter
 
 
 def wait_ready(port: int, timeout: float = 300) -> None:
@@ -111,11 +154,13 @@ def live(rounds: int, concurrency: int, num_requests: int) -> None:
         for r in range(rounds):
             order = list(configs) if r % 2 == 0 else list(reversed(configs))  # alternate, to spread drift
             for name in order:
-                cpu_before = cpu_seconds(servers[name])
+                cpu_before, exporter_before = cpu_seconds(servers[name])
                 summary = asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct",
                                                concurrency, num_requests, r, None))
                 tokens = summary["output_tokens_per_s"] * summary["wall_s"]
-                summary["cpu_ms_per_token"] = (cpu_seconds(servers[name]) - cpu_before) * 1000 / tokens
+                cpu_after, exporter_after = cpu_seconds(servers[name])
+                summary["cpu_ms_per_token"] = (cpu_after - cpu_before) * 1000 / tokens
+                summary["exporter_cpu_pct"] = 100 * (exporter_after - exporter_before) / (cpu_after - cpu_before)
                 assert summary["failed"] == 0, summary
                 results[name].append(summary)
                 print(f"round {r + 1} {name:>8}: {summary['output_tokens_per_s']:7.1f} tok/s, "
@@ -131,11 +176,14 @@ def live(rounds: int, concurrency: int, num_requests: int) -> None:
         return statistics.median(s[key] for s in results[name])
 
     print(f"\nlive: concurrency {concurrency}, {num_requests} requests per run, {rounds} rounds, medians")
-    print(f"{'config':>8} {'tok/s':>8} {'vs off':>8} {'e2e p50 s':>10} {'vs off':>8} {'CPU ms/tok':>11} {'vs off':>8}")
+    print(f"{'config':>8} {'tok/s':>8} {'vs off':>8} {'e2e p50 s':>10} {'vs off':>8} {'CPU ms/tok':>11} "
+          f"{'vs off':>8} {'exporter CPU %':>15}")
     for name in configs:
-        tps, p50, cpu = (median(name, k) for k in ("output_tokens_per_s", "e2e_p50_s", "cpu_ms_per_token"))
+        tps, p50, cpu, exp = (median(name, k) for k in ("output_tokens_per_s", "e2e_p50_s", "cpu_ms_per_token",
+                                                        "exporter_cpu_pct"))
         print(f"{name:>8} {tps:8.1f} {tps / median('off', 'output_tokens_per_s'):8.3f} {p50:10.3f} "
-              f"{p50 / median('off', 'e2e_p50_s'):8.3f} {cpu:11.2f} {cpu / median('off', 'cpu_ms_per_token'):8.3f}")
+              f"{p50 / median('off', 'e2e_p50_s'):8.3f} {cpu:11.2f} {cpu / median('off', 'cpu_ms_per_token'):8.3f} "
+              f"{exp:15.2f}")
 
 
 def main() -> None:
@@ -148,6 +196,9 @@ def main() -> None:
     print("micro (ns per operation on the serving path):")
     for name, ns in micro().items():
         print(f"  {name:<40} {ns:8.1f} ns")
+    hooks = hook_share(concurrency=args.concurrency)
+    print(f"scheduler hooks at level 3, {args.concurrency} requests decoding: {hooks['hooks_us_per_step']:.1f} us "
+          f"per forward step of {hooks['step_ms']:.1f} ms = {hooks['hooks_share_pct']:.3f}% ({hooks['steps']} steps)")
     if not args.micro_only:
         live(args.rounds, args.concurrency, args.num_requests)
 
