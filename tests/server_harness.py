@@ -48,12 +48,14 @@ def server_command(*args: object) -> list[str]:
     return [sys.executable, "-m", "loupe.launch_server", *map(str, args)]
 
 
-def server_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
 
 
 class LiveServer:
-    def __init__(self, *args: object, log_dir: str, port: int | None = None, api_key: str | None = None):
+    def __init__(self, *args: object, log_dir: str, port: int | None = None, api_key: str | None = None,
+                 env: dict[str, str] | None = None):
+        self.env = env
         self.port = port or free_port()
         self.api_key = api_key
         extra = ["--api-key", api_key] if api_key else []
@@ -85,7 +87,7 @@ class LiveServer:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=REPO, env=server_env(), start_new_session=True, preexec_fn=_die_with_parent,
+            cwd=REPO, env=server_env(self.env), start_new_session=True, preexec_fn=_die_with_parent,
         )
         self.known_pids.add(self.proc.pid)
         _live.add(self)

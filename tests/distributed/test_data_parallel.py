@@ -23,14 +23,10 @@ def receiver():
 
 
 def start(tiny_model_dir, tmp_path_factory, receiver, method):
-    os.environ["LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS"] = "50"
-    try:
-        server = LiveServer("--model-path", tiny_model_dir("llama"), "--dp-size", 2, "--load-balance-method", method,
-                            "--enable-tracing", "--trace-level", 2, "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
-                            log_dir=str(tmp_path_factory.mktemp("dp-logs"))).start()
-    finally:
-        os.environ.pop("LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS")
-    return server.wait_ready()
+    server = LiveServer("--model-path", tiny_model_dir("llama"), "--dp-size", 2, "--load-balance-method", method,
+                        "--enable-tracing", "--trace-level", 2, "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
+                        log_dir=str(tmp_path_factory.mktemp("dp-logs")), env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
+    return server.start().wait_ready()
 
 
 def generate(server, prompt, max_new_tokens=12):

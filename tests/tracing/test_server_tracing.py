@@ -31,14 +31,9 @@ def logs(tmp_path_factory):
 
 
 def start_server(model: str, logs: str, endpoint: str, *flags, env: dict | None = None) -> LiveServer:
-    os.environ.update(env or {})
-    try:
-        server = LiveServer("--model-path", model, "--enable-tracing", "--otlp-endpoint", endpoint,
-                            "--chunked-prefill-size", 8, *flags, log_dir=logs).start()
-    finally:
-        for key in env or {}:
-            os.environ.pop(key)
-    return server.wait_ready()
+    server = LiveServer("--model-path", model, "--enable-tracing", "--otlp-endpoint", endpoint,
+                        "--chunked-prefill-size", 8, *flags, log_dir=logs, env=env)
+    return server.start().wait_ready()
 
 
 @pytest.fixture(scope="module")
