@@ -164,13 +164,10 @@ class OpenAIRoutes:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         trace = self._start_trace(request, rid, "chat", body, messages)
         self._check_model_and_n(body)
-        started = now()
         try:
-            input_ids = self.manager.apply_chat_template(messages)
+            input_ids = self._tokenize(trace, self.manager.apply_chat_template, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
-        if trace:
-            trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
         return await self._openai(body, request, rid, input_ids, max_tokens, trace)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -182,11 +179,16 @@ class OpenAIRoutes:
             if len(prompt) != 1:
                 raise APIError(400, "only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
+        input_ids = self._tokenize(trace, self.manager.encode, prompt) if isinstance(prompt, str) else prompt
+        return await self._openai(body, request, rid, input_ids, body.max_tokens, trace)
+
+    @staticmethod
+    def _tokenize(trace: RequestTrace | None, tokenize, text) -> list[int]:
         started = now()
-        input_ids = self.manager.encode(prompt) if isinstance(prompt, str) else prompt
+        input_ids = tokenize(text)
         if trace:
             trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
-        return await self._openai(body, request, rid, input_ids, body.max_tokens, trace)
+        return input_ids
 
     def _start_trace(self, request: Request, rid: str, operation: str, body, prompt) -> RequestTrace | None:
         """Open the request's trace; kept on `request.state` so an error response can end it."""
@@ -243,10 +245,7 @@ class OpenAIRoutes:
             raise APIError(400, "give exactly one of text and input_ids", param="text")
         if rid in self.manager.states:
             raise APIError(400, f"request id {rid!r} is already in use", param="rid")
-        started = now()
-        input_ids = self.manager.encode(body.text) if body.text is not None else body.input_ids
-        if trace:
-            trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
+        input_ids = body.input_ids if body.text is None else self._tokenize(trace, self.manager.encode, body.text)
         sampling = self._sampling(body.sampling_params, input_ids)
         outputs = self.manager.generate(rid, input_ids, sampling, trace)
         if body.stream:
