@@ -44,6 +44,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def alive_pids(pids) -> list[int]:
+    """Those of `pids` that still run (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
 def server_command(*args: object) -> list[str]:
     return [sys.executable, "-m", "loupe.launch_server", *map(str, args)]
 
@@ -129,15 +141,8 @@ class LiveServer:
             return []
 
     def alive_pids(self) -> list[int]:
-        """Known pids (the main process and every child seen) that still run (zombies count as gone)."""
-        alive = []
-        for pid in self.known_pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return alive
+        """Known pids (the main process and every child seen) that still run."""
+        return alive_pids(self.known_pids)
 
     def wait_exit(self, timeout: float) -> int | None:
         try:

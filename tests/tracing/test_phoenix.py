@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import httpx
 import openai
 import psutil
 import pytest
+from server_harness import alive_pids, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOENIX_VENV = os.environ.get("LOUPE_PHOENIX_VENV", os.path.join(REPO, ".phoenix-venv"))
@@ -45,12 +45,6 @@ THREAD_SPAN = {
 STAGE_PARENT = {"tokenize": "Tokenizer", "dispatch": "Tokenizer", "queue": "Scheduler",
                 "prefill": "Scheduler", "decode": "Scheduler", "detokenize": "Detokenizer"}
 VARIANTS = {"grpc": "loupe-e2e-grpc", "http/protobuf": "loupe-e2e-http"}  # protocol -> project
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:
@@ -93,14 +87,7 @@ class Proc:
         return time.monotonic() - start
 
     def alive(self) -> list[int]:
-        out = []
-        for pid in self.pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    out.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        return out
+        return alive_pids(self.pids)
 
     def stop(self) -> list[int]:
         """SIGTERM (not SIGINT: a shell may have started us with SIGINT ignored, and children
