@@ -72,8 +72,8 @@ class TokenizerManager:
     async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams,
                        trace: RequestTrace | None = None) -> AsyncIterator[ipc.TextOutput]:
         """Yield the request's outputs until it finishes. Closing the iterator early aborts it
-        (and ends its trace, if it has one)."""
-        self.check(input_ids, sampling)
+        (and ends its trace, if it has one). Callers `check` the request first, so that a bad
+        one is a 400 rather than an error inside a stream; the scheduler refuses it otherwise."""
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
         state = self.states[rid] = RequestState()
