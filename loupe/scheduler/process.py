@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from multiprocessing.connection import Connection
 
+import torch
 import zmq
 
 from loupe import ipc
@@ -22,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 class SchedulerProcess:
     def __init__(self, args: ServerArgs, ipc_dir: str, dp_rank: int = 0):
+        if args.dp_size > 1:  # replicas on one machine share its cores instead of each taking all
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.dp_size))
         self.scheduler = Scheduler(args)
         self.dp_rank = dp_rank
         self.recorder = None
