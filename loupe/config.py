@@ -19,11 +19,15 @@ class ServerArgs:
     port: int = _flag(30000, "port the HTTP server listens on")
     dtype: str = _flag("auto", "weights and activations dtype", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _flag("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
-    tp_size: int = _flag(1, "tensor parallel degree")
-    pp_size: int = _flag(1, "pipeline parallel degree")
+    tp_size: int = _flag(1, "tensor parallel degree: each layer split over this many scheduler processes")
+    pp_size: int = _flag(1, "pipeline parallel degree: the layers split into this many stages")
     dp_size: int = _flag(1, "data parallel degree: independent replicas behind a DP controller")
     load_balance_method: str = _flag("round_robin", "how the DP controller picks a replica",
                                      choices=("round_robin", "least_loaded"))
+    nnodes: int = _flag(1, "machines that together run each replica's TP x PP ranks")
+    node_rank: int = _flag(0, "this machine's index among --nnodes (0 serves HTTP)")
+    dist_init_addr: str | None = _flag(None, "host:port where the ranks meet (needed with --nnodes > 1; "
+                                             "replica d uses port + d)")
     max_running_requests: int = _flag(64, "most requests decoding at once")
     max_total_tokens: int | None = _flag(None, "KV cache size in tokens (default: from free memory)")
     chunked_prefill_size: int = _flag(512, "most prompt tokens prefilled in one step")
@@ -54,10 +58,16 @@ class ServerArgs:
             if choices and value not in choices:
                 need(False, f.name, "one of " + ", ".join(map(str, choices)))
         need(0 < self.port < 65536, "port", "in 1..65535")
-        need(self.tp_size == 1, "tp_size", "1 (tensor parallelism is not available yet)")
-        need(self.pp_size == 1, "pp_size", "1 (pipeline parallelism is not available yet)")
-        for name in ("tp_size", "pp_size", "dp_size", "max_running_requests", "chunked_prefill_size", "page_size"):
+        for name in ("tp_size", "pp_size", "dp_size", "nnodes", "max_running_requests", "chunked_prefill_size",
+                     "page_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        need(0 <= self.node_rank < self.nnodes, "node_rank", f"in 0..{self.nnodes - 1} (--nnodes {self.nnodes})")
+        need(self.tp_size * self.pp_size % self.nnodes == 0, "nnodes",
+             f"a divisor of --tp-size x --pp-size ({self.tp_size * self.pp_size})")
+        need(self.nnodes == 1 or self.dist_init_addr is not None, "dist_init_addr", "host:port when --nnodes > 1")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            need(bool(host) and port.isdigit() and 0 < int(port) < 65536, "dist_init_addr", "host:port")
         need(self.max_total_tokens is None or self.max_total_tokens >= 2 * self.page_size,
              "max_total_tokens", f"at least two pages ({2 * self.page_size} tokens)")
         need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")

@@ -6,16 +6,19 @@ import itertools
 
 from loupe.config import ServerArgs
 from loupe.detokenizer import output_text
+from loupe.distributed.parallel import Comm
 from loupe.scheduler.request import Req, SamplingParams
 from loupe.scheduler.scheduler import Scheduler
 
 
 class Engine:
-    """`Engine(model_path=..., dtype=..., **server_args)`; see `ServerArgs` for the options."""
+    """`Engine(model_path=..., dtype=..., **server_args)`; see `ServerArgs` for the options.
+    With a `comm`, this is one rank of a tensor/pipeline-parallel group: every rank must
+    call `generate` with the same arguments."""
 
-    def __init__(self, model_path: str | None = None, **kwargs):
+    def __init__(self, model_path: str | None = None, comm: Comm | None = None, **kwargs):
         self.args = ServerArgs(model_path=model_path, **kwargs)
-        self.scheduler = Scheduler(self.args)
+        self.scheduler = Scheduler(self.args, comm=comm)
         self.tokenizer = self.scheduler.tokenizer
         self._ids = itertools.count()
 

@@ -6,8 +6,11 @@ Process layout:
     ├── scheduler       batching, KV cache, model forward, sampling
     └── detokenizer     token ids -> incremental text
 
-With --dp-size N, a DP controller stands in front of N scheduler replicas. With
---enable-tracing, a span exporter process starts first and stops last.
+With --tp-size/--pp-size there is one scheduler process per rank ("scheduler [TP 1]"),
+see distributed/parallel.py; with --dp-size N, a DP controller stands in front of N
+replicas. With --nnodes, node 0 runs all this but the other nodes' ranks; the other nodes
+run only their ranks. With --enable-tracing, a span exporter process starts first and
+stops last.
 
 The main process supervises the children: if one dies, the server says which and exits
 non-zero; on SIGINT/SIGTERM it stops them all. Children die with the main process.
@@ -29,7 +32,8 @@ import uvicorn
 
 from loupe import ipc
 from loupe.config import ServerArgs
-from loupe.process import configure_logging
+from loupe.distributed.parallel import Ranks, free_address
+from loupe.process import EXIT_LOST_PEER, configure_logging
 from loupe.tracing.settings import ExportSettings, missing_packages
 
 logger = logging.getLogger("loupe")
@@ -73,6 +77,24 @@ def tracing_settings(args: ServerArgs) -> ExportSettings | None:
         raise SystemExit(f"loupe: {e}") from None
 
 
+def replica_ranks(args: ServerArgs, dp_rank: int) -> list[Ranks]:
+    """The ranks of one replica that run on this machine (its TP x PP ranks split over nodes)."""
+    per_node = args.tp_size * args.pp_size // args.nnodes
+    first = args.node_rank * per_node
+    return [Ranks(w % args.tp_size, args.tp_size, w // args.tp_size, args.pp_size, dp_rank, args.dp_size)
+            for w in range(first, first + per_node)]
+
+
+def replica_address(args: ServerArgs, dp_rank: int) -> str | None:
+    """Where a replica's ranks meet: --dist-init-addr (port + replica), else a free local port."""
+    if args.tp_size * args.pp_size == 1:
+        return None
+    if args.dist_init_addr is None:
+        return free_address()
+    host, _, port = args.dist_init_addr.rpartition(":")
+    return f"{host}:{int(port) + dp_rank}"
+
+
 class Supervisor:
     """Starts the children, waits for them to be ready, and watches them while serving."""
 
@@ -84,15 +106,17 @@ class Supervisor:
 
         self.ctx = mp.get_context("spawn")
         self.children: list[tuple[str, mp.Process, object]] = []
+        serves_http = args.node_rank == 0
         if tracing is not None:  # first, so that the others' spans have somewhere to go
             self.start("exporter", run_exporter_process, (tracing, ipc_dir), args.log_level)
-        if args.dp_size == 1:
-            self.start("scheduler", run_scheduler_process, (args, ipc_dir))
-        else:
+        if args.dp_size > 1 and serves_http:
             self.start("DP controller", run_dp_controller_process, (args, ipc_dir))
-            for rank in range(args.dp_size):
-                self.start(f"scheduler [DP {rank}]", run_scheduler_process, (args, ipc_dir), rank)
-        self.start("detokenizer", run_detokenizer_process, (args, ipc_dir))
+        for dp_rank in range(args.dp_size):
+            address = replica_address(args, dp_rank)
+            for ranks in replica_ranks(args, dp_rank):
+                self.start(ranks.process_name(), run_scheduler_process, (args, ipc_dir), ranks, address)
+        if serves_http:
+            self.start("detokenizer", run_detokenizer_process, (args, ipc_dir))
         self.stopping = False
         self.exit_code = 0
 
@@ -104,17 +128,30 @@ class Supervisor:
         self.children.append((name, proc, reader))
 
     def wait_ready(self) -> dict:
-        """Each child's ready message; raises RuntimeError naming the child that failed."""
+        """Each child's ready message, in start order; raises RuntimeError naming the first
+        child that failed (ranks wait for one another, so all are watched at once)."""
         infos = {}
-        for name, proc, reader in self.children:  # the exporter answers first: it starts first
-            ready = wait([reader, proc.sentinel])
-            if reader not in ready or not reader.poll():
-                raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
-            info = reader.recv()
-            if "error" in info:
-                raise RuntimeError(info["error"])
-            infos[name] = info
-        return infos
+        pending = {reader: (name, proc) for name, proc, reader in self.children}
+        while pending:
+            wait([*pending, *(proc.sentinel for _, proc in pending.values())])
+            for reader, (name, proc) in list(pending.items()):
+                if reader.poll():
+                    try:
+                        info = reader.recv()
+                    except EOFError:
+                        info = None
+                elif proc.is_alive():
+                    continue
+                else:
+                    info = None
+                if info is None:
+                    proc.join()
+                    raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
+                if "error" in info:
+                    raise RuntimeError(info["error"])
+                infos[name] = info
+                del pending[reader]
+        return {name: infos[name] for name, _, _ in self.children}
 
     def watch(self, on_death) -> None:
         sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
@@ -123,7 +160,12 @@ class Supervisor:
             return
         name, proc = sentinels[ready[0]]
         proc.join()
-        on_death(f"loupe: the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}; shutting down")
+        if proc.exitcode == EXIT_LOST_PEER:
+            on_death(f"loupe: the {name} process (pid {proc.pid}) lost contact with another rank of its "
+                     "replica (on another node, or stopped); shutting down", proc.exitcode)
+        else:
+            on_death(f"loupe: the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}; "
+                     "shutting down", proc.exitcode)
 
     def stop(self, before_exporter=None) -> None:
         """Stop the serving children, run `before_exporter`, then stop the span exporter
@@ -148,6 +190,8 @@ def launch(args: ServerArgs) -> int:
     """Serve until a signal or a child's death; returns the process exit code."""
     configure_logging(args.log_level, "loupe")
     tracing = tracing_settings(args)
+    if args.node_rank > 0:
+        return run_other_node(args, tracing)
     sock = listen_socket(args.host, args.port)
     ipc_dir = ipc.ipc_dir()
     supervisor = Supervisor(args, ipc_dir, tracing)
@@ -163,7 +207,7 @@ def launch(args: ServerArgs) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
 
-    def fail(message: str) -> None:
+    def fail(message: str, exit_code: int = 1) -> None:
         logger.error(message)
         supervisor.exit_code = 1
         server.should_exit = True
@@ -190,6 +234,46 @@ def launch(args: ServerArgs) -> int:
         server.run(sockets=[sock])
     finally:
         supervisor.stop(before_exporter=manager.tracer.recorder.flush if manager.tracer else None)
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    return supervisor.exit_code
+
+
+def run_other_node(args: ServerArgs, tracing: ExportSettings | None) -> int:
+    """A machine other than node 0: only its scheduler ranks (and a span exporter) run here;
+    node 0 serves HTTP and drives them. Stops on a signal or when a rank stops."""
+    import zmq
+
+    ipc_dir = ipc.ipc_dir()
+    supervisor = Supervisor(args, ipc_dir, tracing)
+    done = threading.Event()
+
+    def finish(message: str, exit_code: int) -> None:
+        if exit_code == EXIT_LOST_PEER:  # node 0 stopped (or died, and says so itself)
+            logger.info("node %d: the ranks on node 0 are gone; stopping", args.node_rank)
+        else:
+            logger.error(message)
+            supervisor.exit_code = 1
+        done.set()
+
+    def bring_up() -> None:
+        try:
+            supervisor.wait_ready()
+        except RuntimeError as e:
+            return finish(f"loupe: cannot start: {e}", 1)
+        logger.info("node %d of %d: ranks ready, driven from %s", args.node_rank, args.nnodes, args.dist_init_addr)
+        supervisor.watch(finish)
+
+    threading.Thread(target=bring_up, name="supervisor", daemon=True).start()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    # The span exporter reports its counters to the HTTP process; here nobody shows them.
+    sink = ipc.bind(zmq.Context.instance(), zmq.PULL, ipc.endpoint(ipc_dir, "manager"))
+    try:
+        while not done.is_set():
+            while sink.poll(500):
+                sink.recv()
+    finally:
+        supervisor.stop()
         shutil.rmtree(ipc_dir, ignore_errors=True)
     return supervisor.exit_code
 

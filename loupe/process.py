@@ -9,6 +9,7 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+EXIT_LOST_PEER = 3  # a rank whose peers went away (another node stopped or died)
 
 
 def setup_child(name: str, log_level: str = "info") -> None:

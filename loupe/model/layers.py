@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loupe.distributed.parallel import Comm
 from loupe.model.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -93,11 +94,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def local_heads(config: ModelConfig, tp_size: int) -> tuple[int, int]:
+    """(query heads, KV heads) of one tensor-parallel rank. KV heads are split when tp_size
+    divides them and replicated when they divide tp_size; anything else is refused."""
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    if heads % tp_size:
+        raise ValueError(f"--tp-size {tp_size} must divide the model's {heads} attention heads")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"--tp-size {tp_size} and the model's {kv_heads} KV heads must divide one another")
+    if config.intermediate_size % tp_size:
+        raise ValueError(f"--tp-size {tp_size} must divide the model's MLP size {config.intermediate_size}")
+    return heads // tp_size, max(1, kv_heads // tp_size)
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, qk_norm: bool = False):
+    """Column-parallel q/k/v (this rank's heads), row-parallel output (summed over ranks)."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, comm: Comm, qk_norm: bool = False):
         super().__init__()
-        self.layer_id = layer_id
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.layer_id = layer_id  # index into this stage's KV cache
+        self.comm = comm
+        self.num_heads, self.num_kv_heads = local_heads(config, comm.ranks.tp_size)
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
@@ -115,28 +132,70 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return self.o_proj(batch.attention(self.layer_id, q, k, v))
+        return self.comm.all_reduce(self.o_proj(batch.attention(self.layer_id, q, k, v)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    """Column-parallel gate/up, row-parallel down (summed over ranks)."""
+
+    def __init__(self, config: ModelConfig, comm: Comm):
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.comm = comm
+        size = config.intermediate_size // comm.ranks.tp_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=False)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.comm.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, qk_norm: bool = False):
+    def __init__(self, config: ModelConfig, layer_id: int, comm: Comm, qk_norm: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_id, qk_norm)
+        self.self_attn = Attention(config, layer_id, comm, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, comm)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def vocab_shard_size(vocab_size: int, tp_size: int) -> int:
+    """Rows of the embedding and LM head per tensor-parallel rank (the last rank's are padded)."""
+    return -(-vocab_size // tp_size)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each tensor-parallel rank holds a contiguous slice of the vocabulary's rows; a token's
+    embedding comes from the rank that holds it (the others add zeros)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, comm: Comm):
+        super().__init__()
+        self.comm = comm
+        rows = vocab_shard_size(vocab_size, comm.ranks.tp_size)
+        self.start = comm.ranks.tp_rank * rows
+        self.weight = nn.Parameter(torch.empty(rows, hidden_size))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.ranks.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(local.clamp(0, self.weight.shape[0] - 1), self.weight) * mine.unsqueeze(-1)
+        return self.comm.all_reduce(x)
+
+
+class ParallelLMHead(nn.Module):
+    """Each tensor-parallel rank scores its slice of the vocabulary; the slices are gathered."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, comm: Comm):
+        super().__init__()
+        self.comm = comm
+        self.vocab_size = vocab_size
+        self.proj = nn.Linear(hidden_size, vocab_shard_size(vocab_size, comm.ranks.tp_size), bias=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather(self.proj(hidden))[..., : self.vocab_size]

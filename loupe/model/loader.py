@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file
 
+from loupe.distributed.parallel import Comm
 from loupe.model.config import ModelConfig
 from loupe.model.gguf_loader import bundled_model_path, load_gguf, load_gguf_tokenizer
 from loupe.model.layers import RotaryEmbedding, pack_linears
@@ -87,7 +88,9 @@ def load_model(
     dtype: str = "auto",
     device: str = "cpu",
     context_length: int | None = None,
+    comm: Comm | None = None,
 ) -> LoadedModel:
+    """The model (this rank's part of it, given a `comm` with several ranks), ready to run."""
     path = path or bundled_model_path()
     hf_config, state_dict, tokenizer = read_checkpoint(path)
     try:
@@ -97,7 +100,10 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device, hf_config)
     max_positions = context_length or config.max_position_embeddings
     with torch.device("meta"):  # no memory and no random init: every weight comes from the file
-        model = MODEL_CLASSES[config.family](config, max_positions)
+        try:
+            model = MODEL_CLASSES[config.family](config, max_positions, comm)
+        except ValueError as e:
+            raise ValueError(f"cannot serve {path!r}: {e}") from None
     try:
         model.load_weights(state_dict, torch_dtype, device)
     except ValueError as e:

@@ -12,8 +12,13 @@ from loupe.scheduler.request import Req
 
 
 class ModelRunner:
+    """Runs this rank's part of the model. With pipeline stages, each stage takes the hidden
+    states from the one before and hands its own to the next; the last samples."""
+
     def __init__(self, loaded: LoadedModel, kv: KVCache, slots: SlotTable, device: torch.device):
         self.model = loaded.model
+        self.comm = loaded.model.comm
+        self.hidden_size = loaded.config.hidden_size
         self.kv = kv
         self.slots = slots
         self.device = device
@@ -26,7 +31,13 @@ class ModelRunner:
         reqs = [reqs[i] for i in order]
         num_new = [num_new[i] for i in order]
         batch, input_ids, positions = self._prepare(reqs, num_new)
-        hidden = self.model(input_ids, positions, batch)
+        ranks = self.comm.ranks
+        previous = None
+        if not ranks.is_first_stage:
+            previous = self.comm.recv_from_previous_stage((len(input_ids), self.hidden_size), self.kv.k.dtype)
+        hidden = self.model(input_ids, positions, batch, previous)
+        if not ranks.is_last_stage:
+            self.comm.send_to_next_stage(hidden)
 
         ends, sampling = [], []
         offset = 0
@@ -37,9 +48,12 @@ class ModelRunner:
                 sampling.append(i)
         results: list[int | None] = [None] * len(reqs)
         if sampling:
-            logits = self.model.compute_logits(hidden[ends])
-            chosen = [reqs[i] for i in sampling]
-            tokens = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
+            tokens = None
+            if ranks.is_last_stage:
+                logits = self.model.compute_logits(hidden[ends])
+                chosen = [reqs[i] for i in sampling]
+                tokens = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
+            tokens = self.comm.share_tokens(tokens, len(sampling))
             for i, token in zip(sampling, tokens, strict=True):
                 results[i] = token
         unordered: list[int | None] = [None] * len(reqs)

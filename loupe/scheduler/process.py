@@ -13,9 +13,10 @@ import zmq
 from loupe import ipc
 from loupe.config import ServerArgs
 from loupe.distributed.dp_controller import replica_inbox
-from loupe.process import setup_child
+from loupe.distributed.parallel import Comm, Ranks
+from loupe.process import EXIT_LOST_PEER, setup_child
 from loupe.scheduler.request import FinishReason, Req, SamplingParams
-from loupe.scheduler.scheduler import Scheduler
+from loupe.scheduler.scheduler import Scheduler, resolve_device
 from loupe.tracing.recorder import Recorder
 from loupe.tracing.spans import SchedulerTracer
 
@@ -23,37 +24,47 @@ logger = logging.getLogger(__name__)
 
 
 class SchedulerProcess:
-    def __init__(self, args: ServerArgs, ipc_dir: str, dp_rank: int = 0):
-        if args.dp_size > 1:  # replicas on one machine share its cores instead of each taking all
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.dp_size))
-        self.scheduler = Scheduler(args)
-        self.dp_rank = dp_rank
+    """One rank's scheduler. The driver rank (TP 0, PP 0) takes requests from its inbox, shares
+    them with the other ranks of its replica and sends the outputs; every rank steps alike."""
+
+    def __init__(self, args: ServerArgs, ipc_dir: str, ranks: Ranks, init_address: str | None = None):
+        local_ranks = args.dp_size * ranks.world_size // args.nnodes
+        if local_ranks > 1:  # ranks on one machine share its cores instead of each taking all
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        device = resolve_device(args.device, ranks.dp_rank * ranks.world_size + ranks.world_rank)
+        self.comm = Comm(ranks, init_address, device)
+        self.ranks = ranks
+        self.scheduler = Scheduler(args, comm=self.comm)
         self.recorder = None
         if args.enable_tracing:
-            ranks = {"TP": 0, "DP": dp_rank} if args.dp_size > 1 else {"TP": 0}
-            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", ranks)
+            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", ranks.labels(),
+                                     {"tp_rank": ranks.tp_rank, "pp_rank": ranks.pp_rank, "dp_rank": ranks.dp_rank})
             self.scheduler.tracer = SchedulerTracer(self.recorder)
+        self.num_received = 0
+        self.last_stats = None
+        if not ranks.is_driver:
+            return
         ctx = zmq.Context()
-        self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, replica_inbox(args.dp_size, dp_rank)))
+        self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, replica_inbox(args.dp_size, ranks.dp_rank)))
         self.to_detokenizer = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "detokenizer"))
         self.stats_to = [ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))]
         if args.dp_size > 1:
             self.stats_to.append(ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "dp-controller-stats")))
-        self.num_received = 0
-        self.last_stats = None
 
     def run_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.requests, zmq.POLLIN)
+        driver = self.ranks.is_driver
         try:
             while True:
                 idle = not self.scheduler.has_work
-                if poller.poll(1000 if idle else 0):
-                    self.receive()
-                outputs = [self.output(req) for req in self.scheduler.step()]
-                if outputs:
-                    ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
-                self.send_stats()
+                # The driver waits at most a second, so the other ranks never wait longer.
+                messages = self.comm.share(self.receive(1000 if idle else 0) if driver else None)
+                outputs = self.handle(messages)
+                updated = self.scheduler.step()
+                if driver:
+                    outputs += [self.output(req) for req in updated]
+                    if outputs:
+                        ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
+                    self.send_stats()
                 if idle and self.recorder:
                     self.recorder.maybe_flush()
         finally:  # shutdown: close every request's spans and hand them over
@@ -61,13 +72,19 @@ class SchedulerProcess:
             if self.recorder:
                 self.recorder.flush()
 
-    def receive(self) -> None:
+    def receive(self, timeout_ms: int) -> list:
+        messages = []
+        if self.requests.poll(timeout_ms):
+            while True:
+                try:
+                    messages.append(ipc.recv(self.requests, zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+        return messages
+
+    def handle(self, messages: list) -> list[ipc.RequestOutput]:
         outputs = []
-        while True:
-            try:
-                message = ipc.recv(self.requests, zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for message in messages:
             if isinstance(message, ipc.TokenizedRequest):
                 self.num_received += 1
                 try:
@@ -85,8 +102,7 @@ class SchedulerProcess:
                 req = self.scheduler.abort(message.rid)
                 if req is not None:
                     outputs.append(self.output(req))
-        if outputs:
-            ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
+        return outputs
 
     @staticmethod
     def output(req: Req) -> ipc.RequestOutput:
@@ -112,17 +128,18 @@ class SchedulerProcess:
     def send_stats(self) -> None:
         s = self.scheduler
         stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv_used_tokens, s.max_total_tokens,
-                                   self.num_received, self.dp_rank)
+                                   self.num_received, self.ranks.dp_rank)
         if stats != self.last_stats:
             for sock in self.stats_to:
                 ipc.send(sock, stats)
             self.last_stats = stats
 
 
-def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection, dp_rank: int = 0) -> None:
-    setup_child("scheduler" if args.dp_size == 1 else f"scheduler DP{dp_rank}", args.log_level)
+def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection, ranks: Ranks,
+                          init_address: str | None = None) -> None:
+    setup_child(ranks.process_name(), args.log_level)
     try:
-        proc = SchedulerProcess(args, ipc_dir, dp_rank)
+        proc = SchedulerProcess(args, ipc_dir, ranks, init_address)
     except Exception as e:  # a bad model path, out of memory...: tell the launcher in one line
         logger.debug("scheduler failed to start", exc_info=True)
         ready.send({"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
@@ -140,5 +157,11 @@ def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection, dp_
     start = time.perf_counter()
     try:
         proc.run_forever()
+    except RuntimeError as e:
+        if proc.ranks.world_size == 1 or "gloo" not in str(e) and "NCCL" not in str(e):
+            raise
+        logger.warning("lost contact with another rank of this replica (%s); stopping", str(e).split("\n")[0])
+        logging.shutdown()
+        os._exit(EXIT_LOST_PEER)  # skip interpreter teardown: the broken process group can abort it
     finally:
         logger.info("stopping after %.0f s", time.perf_counter() - start)

@@ -18,6 +18,7 @@ from collections import deque
 import torch
 
 from loupe.config import ServerArgs
+from loupe.distributed.parallel import Comm, Ranks
 from loupe.model.loader import LoadedModel, load_model
 from loupe.runner.attention import KVCache
 from loupe.runner.model_runner import ModelRunner
@@ -27,20 +28,27 @@ from loupe.scheduler.request import FinishReason, Req, RequestLimits, SamplingPa
 CPU_KV_BUDGET_BYTES = 2 << 30
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, index: int = 0) -> torch.device:
+    """The device of a rank; `index` picks its GPU among this machine's."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    if device == "cuda":
+        return torch.device("cuda", index % torch.cuda.device_count())
     return torch.device(device)
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, loaded: LoadedModel | None = None):
+    """Every rank of a parallel replica runs one, on the same requests: they decide alike."""
+
+    def __init__(self, args: ServerArgs, loaded: LoadedModel | None = None, comm: Comm | None = None):
         self.args = args
-        self.device = resolve_device(args.device)
+        self.comm = comm or Comm(Ranks())
+        self.device = self.comm.device if comm else resolve_device(args.device)
         t0 = time.perf_counter()
-        self.model = loaded or load_model(args.model_path, args.dtype, self.device.type, args.context_length)
+        self.model = loaded or load_model(args.model_path, args.dtype, self.device.type, args.context_length,
+                                          self.comm)
         self.load_seconds = time.perf_counter() - t0
         config = self.model.config
         self.tokenizer = self.model.tokenizer
@@ -48,13 +56,16 @@ class Scheduler:
         self.context_length = args.context_length or config.max_position_embeddings
         self.page_size = args.page_size
         dtype = next(self.model.model.parameters()).dtype
-        per_token = KVCache.bytes_per_token(config.num_layers, config.num_kv_heads, config.head_dim, dtype)
-        max_tokens = args.max_total_tokens or self._default_kv_tokens(per_token)
+        attention = self.model.model.layers[0].self_attn
+        num_layers, num_kv_heads = len(self.model.model.layers), attention.num_kv_heads  # this rank's share
+        per_token = KVCache.bytes_per_token(num_layers, num_kv_heads, config.head_dim, dtype)
+        # Ranks measure their free memory apart, but must all hold the same number of pages.
+        max_tokens = self.comm.agree_min(args.max_total_tokens or self._default_kv_tokens(per_token))
         num_pages = max_tokens // self.page_size + 1  # page 0 is reserved
         self.pool = PagePool(num_pages, self.page_size)
         self.tree = RadixCache(self.pool, enabled=not args.disable_radix_cache)
         self.slots = SlotTable(args.max_running_requests, self.context_length, self.page_size, self.device)
-        kv = KVCache(config.num_layers, num_pages * self.page_size, config.num_kv_heads, config.head_dim, dtype, self.device)
+        kv = KVCache(num_layers, num_pages * self.page_size, num_kv_heads, config.head_dim, dtype, self.device)
         self.runner = ModelRunner(self.model, kv, self.slots, self.device)
         self.max_total_tokens = (num_pages - 1) * self.page_size
         self.limits = RequestLimits(config.vocab_size, self.context_length, self.max_total_tokens)

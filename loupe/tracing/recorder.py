@@ -40,12 +40,16 @@ def thread_span_name(label: str, ranks: dict[str, int] | None = None) -> str:
 
 
 class Recorder:
-    def __init__(self, address: str, label: str, ranks: dict[str, int] | None = None):
+    def __init__(self, address: str, label: str, ranks: dict[str, int] | None = None,
+                 rank_attributes: dict[str, int] | None = None):
+        """`ranks` name the thread span (`{"TP": 0}` -> "[TP 0]"); `rank_attributes` default to
+        them (`tp_rank`), and may list more (a scheduler has all three, named or not)."""
         self.label = label
         self.ranks = dict(ranks or {})
         self.thread_name = thread_span_name(label, ranks)
-        self.thread_attributes = {"thread_label": label, "host_id": host_id(), "pid": os.getpid(),
-                                  **{f"{k.lower()}_rank": v for k, v in self.ranks.items()}}
+        if rank_attributes is None:
+            rank_attributes = {f"{k.lower()}_rank": v for k, v in self.ranks.items()}
+        self.thread_attributes = {"thread_label": label, "host_id": host_id(), "pid": os.getpid(), **rank_attributes}
         self.offset_ns = time.time_ns() - time.perf_counter_ns()
         self.spans: list[tuple] = []
         self.fanouts: list[tuple] = []

@@ -87,7 +87,7 @@ def test_least_loaded_sends_concurrent_requests_to_the_idle_replica(tiny_model_d
 def test_a_dead_replica_takes_the_server_down_naming_it(tiny_model_dir, tmp_path_factory, receiver):
     server = start(tiny_model_dir, tmp_path_factory, receiver, "round_robin")
     try:
-        found = re.search(r"\[scheduler DP1 pid:(\d+)\]", server.log())
+        found = re.search(r"\[scheduler \[DP 1\] pid:(\d+)\]", server.log())
         assert found, server.log()
         os.kill(int(found.group(1)), signal.SIGKILL)
         assert server.wait_exit(20) not in (None, 0)
