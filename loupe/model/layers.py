@@ -98,12 +98,17 @@ def local_heads(config: ModelConfig, tp_size: int) -> tuple[int, int]:
     """(query heads, KV heads) of one tensor-parallel rank. KV heads are split when tp_size
     divides them and replicated when they divide tp_size; anything else is refused."""
     heads, kv_heads = config.num_heads, config.num_kv_heads
+    problem = None
     if heads % tp_size:
-        raise ValueError(f"--tp-size {tp_size} must divide the model's {heads} attention heads")
-    if kv_heads % tp_size and tp_size % kv_heads:
-        raise ValueError(f"--tp-size {tp_size} and the model's {kv_heads} KV heads must divide one another")
-    if config.intermediate_size % tp_size:
-        raise ValueError(f"--tp-size {tp_size} must divide the model's MLP size {config.intermediate_size}")
+        problem = f"must divide the model's {heads} attention heads"
+    elif kv_heads % tp_size and tp_size % kv_heads:
+        problem = f"and the model's {kv_heads} KV heads must divide one another"
+    elif config.intermediate_size % tp_size:
+        problem = f"must divide the model's MLP size {config.intermediate_size}"
+    if problem:
+        fits = [n for n in range(1, heads + 1) if not heads % n and not (kv_heads % n and n % kv_heads)
+                and not config.intermediate_size % n]
+        raise ValueError(f"--tp-size {tp_size} {problem} (sizes that fit: {', '.join(map(str, fits))})")
     return heads // tp_size, max(1, kv_heads // tp_size)
 
 

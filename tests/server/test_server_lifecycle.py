@@ -88,7 +88,9 @@ def test_bad_model_path_fails_naming_it(tmp_path, kind):
 
 
 @pytest.mark.parametrize("flag,value", [("--page-size", "0"), ("--dtype", "float8"), ("--port", "70000"),
-                                        ("--max-total-tokens", "1"), ("--trace-level", "7")])
+                                        ("--max-total-tokens", "1"), ("--trace-level", "7"), ("--tp-size", "0"),
+                                        ("--pp-size", "-1"), ("--node-rank", "2"), ("--nnodes", "2"),
+                                        ("--dist-init-addr", "no-port")])
 def test_bad_flag_value_fails_with_one_line_naming_it(flag, value):
     result, seconds = run_server_expecting_failure("--port", 12345, flag, value, timeout=60)
     assert result.returncode != 0
