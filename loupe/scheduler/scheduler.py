@@ -79,9 +79,10 @@ class Scheduler:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * 0.8)
-        else:
+        else:  # the machine's share, split between the ranks and replicas that run on it
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            budget = min(available // 10, CPU_KV_BUDGET_BYTES)
+            local = self.args.dp_size * self.args.tp_size * self.args.pp_size // self.args.nnodes
+            budget = min(available // 10, CPU_KV_BUDGET_BYTES) // local
         return max(budget // per_token, 4 * self.page_size)
 
     # ---- requests in and out -------------------------------------------------------------
