@@ -122,7 +122,9 @@ class LlamaForCausalLM(nn.Module):
         tp, rank = self.comm.ranks.tp_size, self.comm.ranks.tp_rank
         if tp == 1:
             return tensor
-        part = name.split(".")[-2]
+        return self._tp_piece(name.split(".")[-2], tensor, tp, rank).clone()  # not a view that keeps all alive
+
+    def _tp_piece(self, part: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
         if part in ("embed_tokens", "proj"):  # vocabulary rows, the last slice padded with zeros
             rows = vocab_shard_size(self.config.vocab_size, tp)
             piece = tensor[rank * rows : (rank + 1) * rows]
