@@ -87,6 +87,8 @@ class Comm:
         if ranks.world_size == 1:
             return
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend, init_method=f"tcp://{init_address}", rank=ranks.world_rank,
                                 world_size=ranks.world_size, timeout=timeout)

@@ -32,6 +32,8 @@ class SchedulerProcess:
         if local_ranks > 1:  # ranks on one machine share its cores instead of each taking all
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
         device = resolve_device(args.device, ranks.dp_rank * ranks.world_size + ranks.world_rank)
+        if ranks.world_size > 1:
+            logger.info("rank %d of %d: meeting the others at %s", ranks.world_rank, ranks.world_size, init_address)
         self.comm = Comm(ranks, init_address, device)
         self.ranks = ranks
         self.scheduler = Scheduler(args, comm=self.comm)

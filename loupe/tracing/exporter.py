@@ -1,9 +1,9 @@
 """The span exporter process: span tuples in, OTLP out.
 
-Serving processes send `SpanBatch`es here. This process turns them into OpenTelemetry
-`ReadableSpan`s, holds at most `OTEL_BSP_MAX_QUEUE_SIZE` of them (dropping and counting
-the rest), and a worker thread exports batches over OTLP gRPC or HTTP every
-`schedule_delay` or whenever a full batch is waiting. On SIGTERM it exports what is
+Serving processes send `SpanBatch`es here. This process queues their spans, still as
+tuples, holding at most `OTEL_BSP_MAX_QUEUE_SIZE` of them (dropping and counting the rest),
+and a worker thread encodes batches of them to OTLP protobuf (tracing/otlp.py) and exports
+them over gRPC or HTTP every `schedule_delay` or whenever a full batch is waiting. On SIGTERM it exports what is
 queued, then exits. It runs at low CPU priority: serving comes first.
 """
 
@@ -21,8 +21,6 @@ import zmq
 
 from loupe import ipc
 from loupe.process import setup_child
-from loupe.tracing.ids import new_span_id
-from loupe.tracing.recorder import SERVER
 from loupe.tracing.settings import ExportSettings
 
 logger = logging.getLogger(__name__)
@@ -32,15 +30,13 @@ SHUTDOWN_EXPORT_S = 5.0
 
 
 def make_exporter(settings: ExportSettings):
-    """The SDK's OTLP exporter; headers, timeout and compression come from its own env vars."""
+    """An OTLP exporter of built requests; headers, timeout and compression come from the
+    SDK's own env vars, and an https:// gRPC endpoint gets TLS."""
+    from loupe.tracing.otlp import GrpcExporter, HttpExporter
+
     if settings.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        insecure = not settings.endpoint.startswith("https://")
-        return OTLPSpanExporter(endpoint=settings.endpoint, insecure=insecure)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-    return OTLPSpanExporter(endpoint=settings.endpoint)
+        return GrpcExporter(endpoint=settings.endpoint, insecure=not settings.endpoint.startswith("https://"))
+    return HttpExporter(endpoint=settings.endpoint)
 
 
 def make_resource():
@@ -50,45 +46,20 @@ def make_resource():
     return Resource.create({} if named else {SERVICE_NAME: "loupe"})
 
 
-class SpanBuilder:
-    """Span tuples -> ReadableSpans."""
-
-    def __init__(self) -> None:
-        from opentelemetry import trace
-        from opentelemetry.sdk.trace import Event, ReadableSpan
-        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-
-        self.trace, self.Event, self.ReadableSpan = trace, Event, ReadableSpan
-        self.resource = make_resource()
-        self.scope = InstrumentationScope("loupe")
-        self.sampled = trace.TraceFlags(trace.TraceFlags.SAMPLED)
-        self.ok, self.error = trace.Status(trace.StatusCode.UNSET), trace.StatusCode.ERROR
-
-    def build(self, record: tuple, offset: int):
-        (trace_id, span_id, parent_id, name, start, end, attributes, events, error, kind,
-         tracestate, remote_parent) = record
-        t = self.trace
-        state = t.TraceState.from_header([tracestate]) if tracestate else None
-        context = t.SpanContext(trace_id, span_id, False, self.sampled, state)
-        parent = t.SpanContext(trace_id, parent_id, remote_parent, self.sampled, state) if parent_id else None
-        return self.ReadableSpan(
-            name=name, context=context, parent=parent, resource=self.resource, attributes=attributes,
-            events=[self.Event(n, a, ts + offset) for n, ts, a in events or ()],
-            kind=t.SpanKind.SERVER if kind == SERVER else t.SpanKind.INTERNAL,
-            status=t.Status(self.error, error) if error else self.ok,
-            start_time=start + offset, end_time=end + offset, instrumentation_scope=self.scope,
-        )
-
-
 class ExporterProcess:
     def __init__(self, settings: ExportSettings, ipc_dir: str):
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        from loupe.tracing.otlp import SpanEncoder
+
         self.settings = settings
+        self.success = SpanExportResult.SUCCESS
         self.exporter = make_exporter(settings)
-        self.builder = SpanBuilder()
+        self.encoder = SpanEncoder(make_resource().attributes)
         ctx = zmq.Context()
         self.inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "tracing"))
         self.to_manager = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))
-        self.queue: deque = deque()
+        self.queue: deque = deque()  # spans as SpanEncoder takes them
         self.wakeup = threading.Event()
         self.stopping = False
         self.exported = self.dropped = self.failed = 0
@@ -124,46 +95,44 @@ class ExporterProcess:
             self.add(batch)
 
     def add(self, batch: ipc.SpanBatch) -> None:
+        """Queue the batch's spans (a fan-out counts one per request), as many as fit."""
         self.dropped += batch.dropped
-        build, offset = self.builder.build, batch.offset_ns
-        for record in batch.spans:
-            self.enqueue(build(record, offset))
-        for name, start, end, attributes, parents in batch.fanouts:
-            for trace_id, parent_id in parents:
-                record = (trace_id, new_span_id(), parent_id, name, start, end, attributes, None, None, 0, None, False)
-                self.enqueue(build(record, offset))
-
-    def enqueue(self, span) -> None:
-        if len(self.queue) >= self.settings.max_queue_size:
-            self.dropped += 1
-            return
-        self.queue.append(span)
+        offset = batch.offset_ns
+        spans = [(record, offset) for record in batch.spans]
+        for fanout in batch.fanouts:
+            spans.extend((fanout, offset, parent) for parent in fanout[4])
+        room = max(0, self.settings.max_queue_size - len(self.queue))
+        if len(spans) > room:
+            self.dropped += len(spans) - room
+            del spans[room:]
+        self.queue.extend(spans)
         if len(self.queue) >= self.settings.max_export_batch_size:
             self.wakeup.set()
 
     def export_loop(self) -> None:
-        from opentelemetry.sdk.trace.export import SpanExportResult
-
         delay = self.settings.schedule_delay_ms / 1000
         size = self.settings.max_export_batch_size
         while True:
             self.wakeup.wait(delay)
             self.wakeup.clear()
             while self.queue:
-                batch = [self.queue.popleft() for _ in range(min(size, len(self.queue)))]
-                try:
-                    ok = self.exporter.export(batch) == SpanExportResult.SUCCESS
-                except Exception:  # an exporter bug must not stop the exporting
-                    logger.exception("exporting spans failed")
-                    ok = False
-                if ok:
-                    self.exported += len(batch)
-                else:
-                    self.failed += len(batch)
+                self.export([self.queue.popleft() for _ in range(min(size, len(self.queue)))])
                 if len(self.queue) < size and not self.stopping:
                     break  # wait for a full batch or the delay
             if self.stopping and not self.queue:
                 return
+
+    def export(self, batch: list) -> None:
+        """Encode and send one batch of queued spans, counting them exported or failed."""
+        try:
+            ok = self.exporter.export(self.encoder.encode(batch)) == self.success
+        except Exception:  # an encoding or exporter bug must not stop the exporting
+            logger.exception("exporting spans failed")
+            ok = False
+        if ok:
+            self.exported += len(batch)
+        else:
+            self.failed += len(batch)
 
     def warn_about_drops(self, now: float) -> None:
         if self.dropped > self.warned_dropped and now - self.last_warning >= WARN_EVERY_S:
