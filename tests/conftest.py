@@ -28,3 +28,13 @@ def unused_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A real OTLP gRPC receiver on loopback, shared by a module's traced servers."""
+    from otlp_receivers import GrpcReceiver
+
+    r = GrpcReceiver()
+    yield r
+    r.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -240,3 +241,14 @@ def sse_events(response: httpx.Response) -> list:
         events.append(json.loads(data))
     assert done, "the stream did not end with data: [DONE]"
     return events
+
+
+def kill_child_and_expect_shutdown(server: LiveServer, process_name: str) -> None:
+    """SIGKILL the server's child `process_name` (as its log lines name it): the server must
+    exit non-zero with a message naming it, leaving no process behind."""
+    found = re.search(rf"\[{re.escape(process_name)} pid:(\d+)\]", server.log())
+    assert found, server.log()
+    os.kill(int(found.group(1)), signal.SIGKILL)
+    assert server.wait_exit(30) not in (None, 0)
+    assert f"the {process_name} process (pid {found.group(1)}) died" in server.log()
+    assert server.wait_all_gone(15) == []

@@ -1,25 +1,13 @@
 """--dp-size: a DP controller in front of scheduler replicas, on a tiny model, traced."""
 
-import os
-import re
-import signal
 import threading
 
 import httpx
-import pytest
-from otlp_receivers import GrpcReceiver
-from server_harness import LiveServer, read_metrics
+from server_harness import LiveServer, kill_child_and_expect_shutdown, read_metrics
 
 from loupe import Engine
 
 PROMPTS = [f"one two three {i} Hello, my name is" for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = GrpcReceiver()
-    yield r
-    r.stop()
 
 
 def start(tiny_model_dir, tmp_path_factory, receiver, method):
@@ -87,11 +75,6 @@ def test_least_loaded_sends_concurrent_requests_to_the_idle_replica(tiny_model_d
 def test_a_dead_replica_takes_the_server_down_naming_it(tiny_model_dir, tmp_path_factory, receiver):
     server = start(tiny_model_dir, tmp_path_factory, receiver, "round_robin")
     try:
-        found = re.search(r"\[scheduler \[DP 1\] pid:(\d+)\]", server.log())
-        assert found, server.log()
-        os.kill(int(found.group(1)), signal.SIGKILL)
-        assert server.wait_exit(20) not in (None, 0)
-        assert f"the scheduler [DP 1] process (pid {found.group(1)}) died" in server.log()
-        assert server.wait_all_gone(10) == []
+        kill_child_and_expect_shutdown(server, "scheduler [DP 1]")
     finally:
         server.stop()

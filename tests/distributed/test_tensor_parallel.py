@@ -2,26 +2,16 @@
 one process, one traced thread span per rank under each request's root, a dead rank named,
 and two launches forming one TP-2 server (--nnodes)."""
 
-import os
 import re
-import signal
 
 import httpx
 import pytest
-from otlp_receivers import GrpcReceiver
-from server_harness import LiveServer, free_port, read_metrics
+from server_harness import LiveServer, free_port, kill_child_and_expect_shutdown, read_metrics
 
 from loupe import Engine
 
 PROMPTS = [f"one two three {i} Hello, my name is" for i in range(3)]
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    r = GrpcReceiver()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +72,7 @@ def test_tp2_serves_like_one_process_with_a_span_per_rank(tiny_model_dir, tmp_pa
         metrics = read_metrics(server)
         assert metrics["loupe_num_running_reqs"] == 0 and metrics["loupe_kv_used_tokens"] == 0
 
-        found = re.search(r"\[scheduler \[TP 1\] pid:(\d+)\]", server.log())  # now a rank dies
-        assert found, server.log()
-        os.kill(int(found.group(1)), signal.SIGKILL)
-        assert server.wait_exit(30) not in (None, 0)
-        assert f"the scheduler [TP 1] process (pid {found.group(1)}) died" in server.log()
-        assert server.wait_all_gone(15) == []
+        kill_child_and_expect_shutdown(server, "scheduler [TP 1]")  # now a rank dies
     finally:
         server.stop()
 

@@ -19,13 +19,6 @@ MAJOR = {"tokenize", "dispatch", "queue", "prefill", "decode", "detokenize"}
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    r = GrpcReceiver()
-    yield r
-    r.stop()
-
-
-@pytest.fixture(scope="module")
 def logs(tmp_path_factory):
     return str(tmp_path_factory.mktemp("traced-server-logs"))
 
