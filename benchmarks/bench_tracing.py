@@ -1,7 +1,10 @@
 """What tracing costs.
 
 1. Micro: the serving-path cost of recording one slice (a `Recorder.span` call), of adding
-   one request to a decode-step fan-out, and of the branch taken when tracing is off.
+   one request to a decode-step fan-out, and of the branch taken when tracing is off; and
+   the span exporter's CPU time per span (unpickling, queueing, encoding, sending over
+   OTLP gRPC to a receiver in another process) for level-3 batches, against the former
+   path of an SDK ReadableSpan per span encoded by the SDK's exporter.
 2. Live: the bundled model at a given concurrency, tracing off vs levels 1, 2 and 3 (spans
    exported over OTLP gRPC to a real receiver in another process), in rounds that
    alternate the configurations; medians of throughput, median latency and CPU time per
@@ -10,14 +13,18 @@
    even when a noisy neighbour moves the wall-clock figures by more than the overhead.
 
     .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--concurrency 32] [--num-requests 64]
+    .venv/bin/python benchmarks/bench_tracing.py --exporter-only [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import multiprocessing as mp
 import os
+import pstats
+import random
 import statistics
 import subprocess
 import sys
@@ -29,8 +36,10 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from loupe import ipc  # noqa: E402
 from loupe.bench import run as run_load  # noqa: E402
-from loupe.tracing.recorder import Recorder  # noqa: E402
+from loupe.tracing.recorder import INTERNAL, SERVER, Recorder  # noqa: E402
+from loupe.tracing.settings import ExportSettings  # noqa: E402
 
 
 def micro(n: int = 200_000) -> dict[str, float]:
@@ -57,6 +66,137 @@ def micro(n: int = 200_000) -> dict[str, float]:
     off_ns = (time.perf_counter_ns() - start) / n
     return {"slice (Recorder.span + clock read)": span_ns, "decode step, per request (fan-out)": fanout_ns,
             "tracing off (one branch)": off_ns}
+
+
+def level3_batch(rng: random.Random, t0: int, fanouts: int = 4, concurrency: int = 32) -> ipc.SpanBatch:
+    """What a level-3 server sends in ~50 ms: one finished request's spans (root with
+    attributes and events, thread spans, stages, slices) and `fanouts` decode steps of
+    `concurrency` requests each, pickled as the recorder sends them."""
+    trace_id, root, thread = rng.getrandbits(128), rng.getrandbits(64), rng.getrandbits(64)
+    root_attrs = {"rid": "r1", "gen_ai.request.id": "r1", "gen_ai.request.max_tokens": 128, "stream": True,
+                  "gen_ai.usage.prompt_tokens": 40, "gen_ai.usage.completion_tokens": 128,
+                  "gen_ai.response.finish_reasons": ["length"], "gen_ai.latency.e2e": 1.25,
+                  "gen_ai.latency.time_to_first_token": 0.05}
+    events = [("first_token", t0 + 50, {"completion_tokens": 1}), ("token_milestone", t0 + 90, {"completion_tokens": 10}),
+              ("token_milestone", t0 + 400, {"completion_tokens": 100})]
+    thread_attrs = {"thread_label": "Scheduler", "host_id": "0a1b2c3d", "pid": 4242, "tp_rank": 0}
+    spans = [(trace_id, root, None, "Req r1", t0, t0 + 500, root_attrs, events, None, SERVER, "vendor=1", False),
+             (trace_id, thread, root, "Scheduler [TP 0] (host:0a1b2c3d | pid:4242)", t0, t0 + 480, thread_attrs,
+              None, None, INTERNAL, None, False)]
+    for name, attrs in (("queue", None), ("prefill", {"num_tokens": 40, "cached_tokens": 0}),
+                        ("prefill_chunk", {"num_tokens": 40, "start_position": 0, "batch_size": 32}),
+                        ("decode", {"completion_tokens": 128}), ("tokenize", {"num_tokens": 40}),
+                        ("detokenize", {"num_tokens": 128, "busy_seconds": 0.002})):
+        spans.append((trace_id, rng.getrandbits(64), thread, name, t0 + 1, t0 + 9, attrs, None, None, INTERNAL,
+                      None, False))
+    steps = [("decode_step", t0 + 10 * i, t0 + 10 * i + 9, {"batch_size": concurrency},
+              [(rng.getrandbits(128), rng.getrandbits(64)) for _ in range(concurrency)]) for i in range(fanouts)]
+    return ipc.SpanBatch(time.time_ns() - t0, spans, steps, 0)
+
+
+class SdkPath:
+    """The exporter's former path, for comparison: an SDK ReadableSpan per span (built on
+    receipt), encoded and sent by the SDK's own OTLP/gRPC exporter."""
+
+    def __init__(self, endpoint: str) -> None:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace import Event, ReadableSpan
+        from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+        from loupe.tracing.exporter import make_resource
+
+        self.trace, self.Event, self.ReadableSpan = trace, Event, ReadableSpan
+        self.exporter = OTLPSpanExporter(endpoint=endpoint, insecure=True)
+        self.resource, self.scope = make_resource(), InstrumentationScope("loupe")
+        self.flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
+        self.queue: list = []
+
+    def span(self, record: tuple, offset: int):
+        (trace_id, span_id, parent_id, name, start, end, attributes, events, error, kind, tracestate,
+         remote_parent) = record
+        t = self.trace
+        state = t.TraceState.from_header([tracestate]) if tracestate else None
+        parent = t.SpanContext(trace_id, parent_id, remote_parent, self.flags, state) if parent_id else None
+        return self.ReadableSpan(
+            name=name, context=t.SpanContext(trace_id, span_id, False, self.flags, state), parent=parent,
+            resource=self.resource, attributes=attributes, instrumentation_scope=self.scope,
+            events=[self.Event(n, a, ts + offset) for n, ts, a in events or ()],
+            kind=t.SpanKind.SERVER if kind == SERVER else t.SpanKind.INTERNAL,
+            status=t.Status(t.StatusCode.ERROR, error) if error else t.Status(t.StatusCode.UNSET),
+            start_time=start + offset, end_time=end + offset)
+
+    def add(self, batch: ipc.SpanBatch) -> None:
+        from loupe.tracing.ids import new_span_id
+
+        self.queue.extend(self.span(r, batch.offset_ns) for r in batch.spans)
+        for name, start, end, attributes, parents in batch.fanouts:
+            self.queue.extend(self.span((trace_id, new_span_id(), parent_id, name, start, end, attributes, None, None,
+                                         INTERNAL, None, False), batch.offset_ns) for trace_id, parent_id in parents)
+
+    def export_full(self, size: int, everything: bool = False) -> None:
+        while len(self.queue) >= size or (everything and self.queue):
+            batch, self.queue = self.queue[:size], self.queue[size:]
+            self.exporter.export(batch)
+
+
+class LoupePath:
+    """The span exporter process's own receive, queue and export code, run in this process."""
+
+    def __init__(self, endpoint: str, size: int) -> None:
+        from loupe.tracing.exporter import ExporterProcess
+
+        self.proc = ExporterProcess(ExportSettings(endpoint, "grpc", 500, size, 1 << 30), ipc.ipc_dir())
+        self.add = self.proc.add
+
+    def export_full(self, size: int, everything: bool = False) -> None:
+        queue = self.proc.queue
+        while len(queue) >= size or (everything and queue):
+            self.proc.export([queue.popleft() for _ in range(min(size, len(queue)))])
+
+
+def exporter_cpu(repeats: int = 5, num_batches: int = 150, size: int = 64,
+                 profile: bool = False) -> tuple[dict[str, list[float]], dict[str, pstats.Stats]]:
+    """CPU µs of this process per span: pickled level-3 `SpanBatch`es unpickled, queued,
+    encoded and exported in batches of `size` over gRPC to a receiver in another process
+    (gRPC's own threads count; the receiver does not). Alternates the paths per repeat.
+    With `profile`, also a cProfile (of process CPU time) of one more run of each path."""
+    ctx = mp.get_context("spawn")
+    read, write = ctx.Pipe(duplex=False)
+    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
+    receiver.start()
+    endpoint = f"http://127.0.0.1:{read.recv()}"
+    rng = random.Random(0)
+    frames = [ipc.encode(level3_batch(rng, 1_000_000_000 + i * 50_000_000)) for i in range(num_batches)]
+    first = ipc.decode(frames[0])
+    num_spans = num_batches * (len(first.spans) + sum(len(f[4]) for f in first.fanouts))
+    paths = {"SDK ReadableSpan + SDK encoding (former)": SdkPath(endpoint),
+             "direct protobuf (loupe)": LoupePath(endpoint, size)}
+
+    def run(path) -> None:
+        for frame in frames:
+            path.add(ipc.decode(frame))
+            path.export_full(size)
+        path.export_full(size, everything=True)
+
+    results: dict[str, list[float]] = {name: [] for name in paths}
+    profiles: dict[str, pstats.Stats] = {}
+    try:
+        for path in paths.values():
+            run(path)  # warm: connect, first calls
+        for _ in range(repeats):
+            for name, path in paths.items():
+                start = time.process_time()
+                run(path)
+                results[name].append((time.process_time() - start) * 1e6 / num_spans)
+        if profile:
+            for name, path in paths.items():
+                profiler = cProfile.Profile(time.process_time)
+                profiler.runcall(run, path)
+                profiles[name] = pstats.Stats(profiler)
+    finally:
+        receiver.kill()
+    return results, profiles
 
 
 def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
@@ -192,7 +332,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--micro-only", action="store_true")
+    parser.add_argument("--exporter-only", action="store_true", help="only the span exporter's CPU per span")
+    parser.add_argument("--profile", action="store_true", help="with the exporter figures, a cProfile of each path")
     args = parser.parse_args()
+    print("exporter CPU per span (µs, median of 5; level-3 batches, OTLP gRPC in batches of 64):")
+    results, profiles = exporter_cpu(profile=args.profile)
+    for name, values in results.items():
+        print(f"  {name:<40} {statistics.median(values):8.2f} µs   ({', '.join(f'{v:.2f}' for v in values)})")
+    for name, stats in profiles.items():
+        print(f"\nprofile of the exporter, {name} (process CPU time):")
+        stats.sort_stats("tottime").print_stats(14)
+    if args.exporter_only:
+        return
     print("micro (ns per operation on the serving path):")
     for name, ns in micro().items():
         print(f"  {name:<40} {ns:8.1f} ns")

@@ -8,9 +8,9 @@ import zmq
 from otlp_receivers import GrpcReceiver, HttpReceiver
 
 from loupe import ipc
-from loupe.tracing.exporter import run_exporter_process
-from loupe.tracing.recorder import SERVER, Recorder
-from loupe.tracing.settings import ExportSettings
+from loupe.tracing.exporter import ExporterProcess, run_exporter_process
+from loupe.tracing.recorder import INTERNAL, SERVER, Recorder
+from loupe.tracing.settings import ExportSettings, normalize_endpoint
 
 
 class Exporter:
@@ -21,8 +21,6 @@ class Exporter:
         self.stats_sock = ipc.bind(zmq.Context.instance(), zmq.PULL, ipc.endpoint(self.dir, "manager"))
         settings = ExportSettings(endpoint, protocol, delay_ms, batch, queue)
         if protocol == "http/protobuf":
-            from loupe.tracing.settings import normalize_endpoint
-
             settings = ExportSettings(normalize_endpoint(endpoint, protocol), protocol, delay_ms, batch, queue)
         ctx = mp.get_context("spawn")
         read, write = ctx.Pipe(duplex=False)
@@ -157,3 +155,156 @@ def test_shutdown_flushes_what_is_queued():
         assert len(receiver.spans()) == 7
     finally:
         receiver.stop()
+
+
+# ---- encoding: the exporter's own code in this process, against real receivers -------------
+
+OFFSET = 1_700_000_000_000_000_000
+
+
+@pytest.fixture
+def in_process():
+    """Factory: (ExporterProcess, receiver) for a protocol, without the process around them."""
+    made = []
+
+    def make(protocol: str = "grpc", queue: int = 2048, receiver=None, scheme: str = "http"):
+        receiver = receiver or (GrpcReceiver() if protocol == "grpc" else HttpReceiver())
+        endpoint = normalize_endpoint(f"{scheme}://127.0.0.1:{receiver.port}", protocol)
+        proc = ExporterProcess(ExportSettings(endpoint, protocol, 50, 64, queue), ipc.ipc_dir())
+        made.append((proc, receiver))
+        return proc, receiver
+
+    yield make
+    for proc, receiver in made:
+        proc.exporter.shutdown()
+        proc.inbox.close()
+        proc.to_manager.close()
+        receiver.stop()
+
+
+def export_now(proc: ExporterProcess, *spans: tuple, fanouts: tuple = ()) -> None:
+    proc.add(ipc.SpanBatch(OFFSET, list(spans), list(fanouts), 0))
+    proc.export([proc.queue.popleft() for _ in range(len(proc.queue))])
+    assert proc.failed == 0
+
+
+def span(span_id: int, parent_id: int | None = None, name: str = "s", **fields) -> tuple:
+    """A Recorder.span tuple of trace 0xABC, from 100 to 200 ns."""
+    defaults = {"attributes": None, "events": None, "error": None, "kind": INTERNAL, "tracestate": None,
+                "remote_parent": False}
+    defaults.update(fields)
+    return (0xABC, span_id, parent_id, name, 100, 200, *defaults.values())
+
+
+def value_kinds(receiver) -> dict[str, str]:
+    """Attribute key -> the AnyValue field it arrived in (the receiver's dicts lose that)."""
+    (request,) = receiver.requests
+    return {a.key: a.value.WhichOneof("value") for a in request.resource_spans[0].scope_spans[0].spans[0].attributes}
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_attribute_values_arrive_typed(in_process, protocol):
+    proc, receiver = in_process(protocol)
+    attributes = {"text": "hi", "flag": True, "count": 7, "ratio": 0.25, "reasons": ["stop", "length"],
+                  "sizes": (1, 2), "mixed": [True, 1.5], "empty": [], "huge": 2**70}
+    export_now(proc, span(1, attributes=attributes))
+    (got,) = receiver.wait_for(lambda s: len(s) == 1)
+    assert got["attributes"] == {**attributes, "sizes": [1, 2], "huge": str(2**70)}
+    assert value_kinds(receiver) == {
+        "text": "string_value", "flag": "bool_value", "count": "int_value", "ratio": "double_value",
+        "reasons": "array_value", "sizes": "array_value", "mixed": "array_value", "empty": "array_value",
+        "huge": "string_value"}
+    assert type(got["attributes"]["flag"]) is bool and type(got["attributes"]["mixed"][0]) is bool
+
+
+def test_events_status_kind_parent_tracestate_and_flags(in_process):
+    proc, receiver = in_process()
+    events = [("first_token", 150, {"completion_tokens": 1}), ("done", 190, None)]
+    export_now(proc,
+               span(1, 0x99, "Req r1", kind=SERVER, events=events, tracestate="vendor=1,other=x", remote_parent=True),
+               span(2, 1, "decode", error="boom"),
+               span(3, 2, "odd state", tracestate="Not Valid"))
+    spans = {s["name"]: s for s in receiver.wait_for(lambda s: len(s) == 3)}
+    root, decode, odd = spans["Req r1"], spans["decode"], spans["odd state"]
+    assert root["trace_id"] == f"{0xABC:032x}" and root["span_id"] == f"{1:016x}" and root["parent_id"] == f"{0x99:016x}"
+    assert (root["start"], root["end"]) == (OFFSET + 100, OFFSET + 200)
+    assert root["kind"] == 2 and decode["kind"] == 1  # SERVER, INTERNAL
+    assert root["events"] == [{"name": "first_token", "time": OFFSET + 150, "attributes": {"completion_tokens": 1}},
+                              {"name": "done", "time": OFFSET + 190, "attributes": {}}]
+    assert root["status"] == 0 and (decode["status"], decode["status_message"]) == (2, "boom")
+    assert root["trace_state"] == "vendor=1,other=x" and decode["trace_state"] == "" and odd["trace_state"] == ""
+    assert decode["parent_id"] == f"{1:016x}"
+    flags = {s.name: s.flags for s in receiver.requests[0].resource_spans[0].scope_spans[0].spans}
+    assert flags == {"Req r1": 0x301, "decode": 0x101, "odd state": 0x101}  # sampled; parent remote or not
+    scope = receiver.requests[0].resource_spans[0].scope_spans[0].scope
+    assert scope.name == "loupe"
+
+
+def test_fanout_gives_each_request_its_own_span(in_process):
+    proc, receiver = in_process()
+    parents = [(0x100 + i, 0x200 + i) for i in range(5)]
+    export_now(proc, span(1), fanouts=[("decode_step", 300, 310, {"batch_size": 5}, parents),
+                                       ("decode_step", 320, 330, {"batch_size": 5}, parents[:2])])
+    steps = [s for s in receiver.wait_for(lambda s: len(s) == 8) if s["name"] == "decode_step"]
+    assert [(s["trace_id"], s["parent_id"]) for s in steps] == [
+        (f"{t:032x}", f"{p:016x}") for t, p in parents + parents[:2]]
+    assert [(s["start"], s["end"]) for s in steps] == [(OFFSET + 300, OFFSET + 310)] * 5 + [(OFFSET + 320, OFFSET + 330)] * 2
+    assert all(s["attributes"] == {"batch_size": 5} and s["kind"] == 1 and s["events"] == [] for s in steps)
+    assert len({s["span_id"] for s in steps}) == 7 and f"{0:016x}" not in {s["span_id"] for s in steps}
+
+
+def test_resource_names_the_service(in_process, monkeypatch):
+    proc, receiver = in_process()
+    export_now(proc, span(1))
+    (got,) = receiver.wait_for(lambda s: len(s) == 1)
+    assert got["resource"]["service.name"] == "loupe" and got["resource"]["telemetry.sdk.language"] == "python"
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "my-llm")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test")
+    proc, receiver = in_process()
+    export_now(proc, span(1))
+    (got,) = receiver.wait_for(lambda s: len(s) == 1)
+    assert got["resource"]["service.name"] == "my-llm" and got["resource"]["deployment.environment"] == "test"
+    monkeypatch.delenv("OTEL_SERVICE_NAME")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=from-attributes")
+    proc, receiver = in_process()
+    export_now(proc, span(1))
+    (got,) = receiver.wait_for(lambda s: len(s) == 1)
+    assert got["resource"]["service.name"] == "from-attributes"
+
+
+def test_queue_bound_counts_spans_of_fanouts_too(in_process):
+    proc, _ = in_process(queue=5)
+    proc.add(ipc.SpanBatch(OFFSET, [span(1), span(2)], [("decode_step", 1, 2, {}, [(1, 2)] * 4)], 3))
+    assert len(proc.queue) == 5 and proc.dropped == 3 + 1
+    proc.add(ipc.SpanBatch(OFFSET, [span(3)], [], 0))
+    assert len(proc.queue) == 5 and proc.dropped == 5
+
+
+class MetadataReceiver(GrpcReceiver):
+    """A gRPC receiver that also keeps the metadata (headers) of each export."""
+
+    def __init__(self):
+        super().__init__()
+        self.metadata: list[dict] = []
+
+    def Export(self, request, context):  # noqa: N802 (the gRPC method name)
+        self.metadata.append(dict(context.invocation_metadata()))
+        return super().Export(request, context)
+
+
+def test_sdk_transport_settings_still_apply(in_process, monkeypatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "x-api-key=s3cret,x-team=infra")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
+    proc, receiver = in_process(receiver=MetadataReceiver())
+    export_now(proc, span(1))
+    receiver.wait_for(lambda s: len(s) == 1)
+    assert {"x-api-key": "s3cret", "x-team": "infra"}.items() <= receiver.metadata[0].items()
+
+
+def test_https_endpoint_means_tls(in_process, monkeypatch):
+    """A plaintext receiver behind an https:// endpoint gets nothing: the exporter spoke TLS."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "1")
+    proc, receiver = in_process(scheme="https")
+    proc.add(ipc.SpanBatch(OFFSET, [span(1)], [], 0))
+    proc.export(list(proc.queue))
+    assert (proc.exported, proc.failed) == (0, 1) and receiver.spans() == []
