@@ -29,3 +29,15 @@ def configure_logging(level: str, name: str) -> None:
         format=f"%(asctime)s [{name} pid:{os.getpid()}] %(levelname)s %(message)s",
         force=True,
     )
+
+
+def yield_to_serving() -> None:
+    """Run this process only on CPU time that serving leaves idle (Linux SCHED_IDLE; else the
+    lowest nice). Its threads, created after this, inherit it. On a machine whose cores the
+    model's threads fill, a normal-priority helper would preempt them mid-step, and a
+    matmul thread team waits for its slowest member: the helper's CPU would cost the model
+    about twice as much time."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)

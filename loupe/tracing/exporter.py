@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 import zmq
 
 from loupe import ipc
-from loupe.process import setup_child
+from loupe.process import setup_child, yield_to_serving
 from loupe.tracing.settings import ExportSettings
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class ExporterProcess:
 
 def run_exporter_process(settings: ExportSettings, ipc_dir: str, ready: Connection, log_level: str = "info") -> None:
     setup_child("exporter", log_level)
-    os.nice(10)
+    yield_to_serving()
     try:
         proc = ExporterProcess(settings, ipc_dir)
     except Exception as e:
