@@ -207,7 +207,7 @@ def launch(args: ServerArgs) -> int:
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
 
-    def fail(message: str, exit_code: int = 1) -> None:
+    def fail(message: str, *_child_exit_code) -> None:  # node 0 exits 1 whatever the child's code
         logger.error(message)
         supervisor.exit_code = 1
         server.should_exit = True
