@@ -73,6 +73,11 @@ class ServerArgs:
         need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")
         need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Scheduler processes on one machine: every replica's TP x PP ranks, split over nodes."""
+        return self.dp_size * self.tp_size * self.pp_size // self.nnodes
+
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(cls):

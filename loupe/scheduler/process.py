@@ -28,9 +28,8 @@ class SchedulerProcess:
     them with the other ranks of its replica and sends the outputs; every rank steps alike."""
 
     def __init__(self, args: ServerArgs, ipc_dir: str, ranks: Ranks, init_address: str | None = None):
-        local_ranks = args.dp_size * ranks.world_size // args.nnodes
-        if local_ranks > 1:  # ranks on one machine share its cores instead of each taking all
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+        if args.ranks_per_node > 1:  # ranks on one machine share its cores instead of each taking all
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks_per_node))
         device = resolve_device(args.device, ranks.dp_rank * ranks.world_size + ranks.world_rank)
         if ranks.world_size > 1:
             logger.info("rank %d of %d: meeting the others at %s", ranks.world_rank, ranks.world_size, init_address)

@@ -81,8 +81,7 @@ class Scheduler:
             budget = int(free * 0.8)
         else:  # the machine's share, split between the ranks and replicas that run on it
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            local = self.args.dp_size * self.args.tp_size * self.args.pp_size // self.args.nnodes
-            budget = min(available // 10, CPU_KV_BUDGET_BYTES) // local
+            budget = min(available // 10, CPU_KV_BUDGET_BYTES) // self.args.ranks_per_node
         return max(budget // per_token, 4 * self.page_size)
 
     # ---- requests in and out -------------------------------------------------------------
