@@ -57,6 +57,10 @@ class Ranks:
             labels["DP"] = self.dp_rank
         return labels
 
+    def attributes(self) -> dict[str, int]:
+        """All three ranks, for a thread span's attributes (whether or not its name shows them)."""
+        return {"tp_rank": self.tp_rank, "pp_rank": self.pp_rank, "dp_rank": self.dp_rank}
+
     def process_name(self) -> str:
         """`scheduler`, or with the ranks that exist: `scheduler [TP 1] [DP 0]`."""
         sizes = {"TP": self.tp_size, "PP": self.pp_size, "DP": self.dp_size}

@@ -38,8 +38,7 @@ class SchedulerProcess:
         self.scheduler = Scheduler(args, comm=self.comm)
         self.recorder = None
         if args.enable_tracing:
-            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", ranks.labels(),
-                                     {"tp_rank": ranks.tp_rank, "pp_rank": ranks.pp_rank, "dp_rank": ranks.dp_rank})
+            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", ranks.labels(), ranks.attributes())
             self.scheduler.tracer = SchedulerTracer(self.recorder)
         self.num_received = 0
         self.last_stats = None
