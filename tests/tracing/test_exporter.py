@@ -35,6 +35,15 @@ class Exporter:
             last = ipc.recv(self.stats_sock)
         return last
 
+    def wait_stats(self, done, timeout: float) -> ipc.ExporterStats | None:
+        """The latest stats once `done(stats)` holds, or the last seen when `timeout` runs out."""
+        deadline = time.monotonic() + timeout
+        stats = None
+        while time.monotonic() < deadline and (stats is None or not done(stats)):
+            stats = self.stats() or stats
+            time.sleep(0.2)
+        return stats
+
     def stop(self) -> None:
         if self.proc.is_alive():
             self.proc.terminate()
@@ -114,11 +123,7 @@ def test_hanging_backend_drops_and_counts_without_blocking():
             worst = max(worst, time.perf_counter() - start)
             time.sleep(0.01)
         assert worst < 0.05  # recording never waits for the backend
-        deadline = time.monotonic() + 10
-        stats = None
-        while time.monotonic() < deadline and (stats is None or stats.dropped == 0):
-            stats = exporter.stats() or stats
-            time.sleep(0.2)
+        stats = exporter.wait_stats(lambda s: s.dropped > 0, timeout=10)
         assert stats is not None and stats.dropped > 0
     finally:
         exporter.stop()
@@ -131,11 +136,7 @@ def test_absent_backend_counts_failures(unused_port):
         t0 = time.perf_counter_ns()
         exporter.recorder.span(1, 2, None, "s", t0, t0 + 1)
         exporter.recorder.flush()
-        deadline = time.monotonic() + 30
-        stats = None
-        while time.monotonic() < deadline and (stats is None or stats.failed == 0):
-            stats = exporter.stats() or stats
-            time.sleep(0.2)
+        stats = exporter.wait_stats(lambda s: s.failed > 0, timeout=30)
         assert stats is not None and stats.failed == 1 and stats.exported == 0
     finally:
         exporter.stop()
