@@ -16,9 +16,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
-import httpx
+from bench_tracing import wait_ready
 
 from loupe.bench import run as run_load
 
@@ -48,19 +47,6 @@ def write_random_model(folder: str) -> str:
     transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
     load_gguf_tokenizer(bundled_model_path()).save_pretrained(folder)
     return folder
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            if models.status_code == 200:
-                return models.json()["data"][0]["id"]
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"server on port {port} did not start")
 
 
 def main() -> None:

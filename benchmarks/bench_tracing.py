@@ -276,12 +276,14 @@ def span_counts(port: int) -> tuple[int, int, int]:
     return tuple(int(values[f"loupe_tracing_spans_{kind}_total"]) for kind in ("exported", "dropped", "failed"))
 
 
-def wait_ready(port: int, timeout: float = 300) -> None:
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> str:
+    """The name of the model a server on `port` serves, once it is ready."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+            if models.status_code == 200:
+                return models.json()["data"][0]["id"]
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
@@ -300,7 +302,7 @@ def live(rounds: int, concurrency: int, num_requests: int) -> None:
     results: dict[str, list[dict]] = {name: [] for name in configs}
     try:
         for name in configs:
-            wait_ready(ports[name])
+            wait_ready(ports[name], servers[name])
             asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct", 4, 4, 99, None))  # warm
         for r in range(rounds):
             order = list(configs) if r % 2 == 0 else list(reversed(configs))  # alternate, to spread drift
