@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import os
@@ -19,8 +20,16 @@ def setup_child(name: str, log_level: str = "info") -> None:
     except OSError:  # not Linux: the child still exits when its parent's pipes close
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, exit_quietly)
+    # Once exiting (the supervisor's SIGTERM can land in another library's exit handler),
+    # a SIGTERM must not raise into that handler: we are on the way out already.
+    atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level, name)
+
+
+def exit_quietly(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(0)
 
 
 def configure_logging(level: str, name: str) -> None:
