@@ -16,7 +16,7 @@ from loupe import ipc
 from loupe.config import ServerArgs
 from loupe.scheduler.request import RequestLimits, SamplingParams
 from loupe.server.metrics import Metrics
-from loupe.tracing.recorder import Recorder
+from loupe.tracing.recorder import FLUSH_EVERY_NS, Recorder
 from loupe.tracing.spans import RequestTrace, TokenizerTracer, now
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class TokenizerManager:
 
     async def flush_spans_periodically(self) -> None:
         while self.tracer is not None:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(FLUSH_EVERY_NS / 1e9)
             self.tracer.recorder.maybe_flush()
 
     async def run_inbox(self) -> None:

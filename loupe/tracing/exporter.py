@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -65,12 +66,20 @@ class ExporterProcess:
         self.exported = self.dropped = self.failed = 0
         self.warned_dropped, self.last_warning = 0, 0.0
 
-    def run_forever(self) -> None:
+    def run_forever(self, signals: socket.socket) -> None:
+        """Receive and report until `stopping`. `signals` (the read end of the signal wake-up
+        fd) ends a wait at once, so the loop wakes only for spans and the stats."""
         worker = threading.Thread(target=self.export_loop, name="otlp-export", daemon=True)
         worker.start()
+        poller = zmq.Poller()
+        poller.register(self.inbox, zmq.POLLIN)
+        poller.register(signals, zmq.POLLIN)
         last_stats, reported = 0.0, None
         while not self.stopping:
-            if self.inbox.poll(100):
+            ready = dict(poller.poll(max(0.0, last_stats + STATS_EVERY_S - time.monotonic()) * 1000))
+            if signals in ready:
+                signals.recv(64)
+            if self.inbox in ready:
                 self.receive_all()
             now = time.monotonic()
             if now - last_stats >= STATS_EVERY_S:
@@ -154,5 +163,8 @@ def run_exporter_process(settings: ExportSettings, ipc_dir: str, ready: Connecti
         proc.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    signals, wake = socket.socketpair()
+    wake.setblocking(False)
+    signal.set_wakeup_fd(wake.fileno())
     ready.send({})
-    proc.run_forever()
+    proc.run_forever(signals)

@@ -17,8 +17,10 @@ import zmq
 from loupe import ipc
 
 SERVER, INTERNAL = 2, 1  # OpenTelemetry SpanKind values
-FLUSH_EVERY_NS = 50_000_000
-FLUSH_AT_SPANS = 512
+# Few, larger messages: each one wakes threads in the sender and in the exporter, and on
+# a busy machine every wake-up is taken from the model's threads.
+FLUSH_EVERY_NS = 250_000_000
+FLUSH_AT_SPANS = 512  # a fan-out counts one per request
 SEND_HIGH_WATER_MARK = 256  # batches queued towards the exporter before new ones are dropped
 
 
@@ -53,6 +55,7 @@ class Recorder:
         self.offset_ns = time.time_ns() - time.perf_counter_ns()
         self.spans: list[tuple] = []
         self.fanouts: list[tuple] = []
+        self.fanout_spans = 0
         self.dropped = 0
         self.last_flush = time.perf_counter_ns()
         self.sock = zmq.Context.instance().socket(zmq.PUSH)
@@ -71,9 +74,10 @@ class Recorder:
         """The same slice (say, one decode step) under each (trace_id, parent span id) of a
         batch: recorded once here, turned into one span per request by the exporter."""
         self.fanouts.append((name, start, end, attributes, parents))
+        self.fanout_spans += len(parents)
 
     def maybe_flush(self) -> None:
-        if len(self.spans) + len(self.fanouts) >= FLUSH_AT_SPANS or (
+        if len(self.spans) + self.fanout_spans >= FLUSH_AT_SPANS or (
             (self.spans or self.fanouts) and time.perf_counter_ns() - self.last_flush >= FLUSH_EVERY_NS
         ):
             self.flush()
@@ -87,5 +91,5 @@ class Recorder:
             self.sock.send(ipc.encode(batch), zmq.NOBLOCK)
             self.dropped = 0
         except zmq.Again:  # the exporter is behind: drop, count, carry on serving
-            self.dropped += len(self.spans) + sum(len(f[4]) for f in self.fanouts)
-        self.spans, self.fanouts = [], []
+            self.dropped += len(self.spans) + self.fanout_spans
+        self.spans, self.fanouts, self.fanout_spans = [], [], 0
