@@ -13,6 +13,7 @@
    even when a noisy neighbour moves the wall-clock figures by more than the overhead.
 
     .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--concurrency 32] [--num-requests 64]
+    .venv/bin/python benchmarks/bench_tracing.py --live-only --levels 3 --rounds 24
     .venv/bin/python benchmarks/bench_tracing.py --exporter-only [--profile]
 """
 
@@ -240,24 +241,37 @@ def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
 
 
 def receiver_process(port_out) -> None:
-    """The OTLP backend. It stands in for one on another machine, so it runs at the lowest
-    priority: its own work is not loupe's overhead."""
-    from otlp_receivers import GrpcReceiver
+    """The OTLP backend. It stands in for one on another machine, so it does as little as a
+    gRPC server can (the request bytes are counted, not parsed) and runs at the lowest
+    priority: a backend's own work is not loupe's overhead."""
+    from concurrent import futures
+
+    import grpc
 
     from loupe.process import yield_to_serving
 
     yield_to_serving()
-    receiver = GrpcReceiver()
-    port_out.send(receiver.port)
-    while True:
-        time.sleep(3600)
+    received = [0, 0]  # export calls, bytes
+
+    def export(request: bytes, context) -> bytes:
+        received[0] += 1
+        received[1] += len(request)
+        return b""  # an empty ExportTraceServiceResponse
+
+    handler = grpc.method_handlers_generic_handler("opentelemetry.proto.collector.trace.v1.TraceService", {
+        "Export": grpc.unary_unary_rpc_method_handler(export)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), handlers=[handler])
+    port_out.send(server.add_insecure_port("127.0.0.1:0"))
+    server.start()
+    server.wait_for_termination()
 
 
-def start_server(port: int, level: int | None, otlp_port: int) -> subprocess.Popen:
+def start_server(port: int, level: int | None, otlp_port: int, model_threads: int | None = None) -> subprocess.Popen:
     flags = ["--port", str(port)]
     if level is not None:
         flags += ["--enable-tracing", "--trace-level", str(level), "--otlp-endpoint", f"127.0.0.1:{otlp_port}"]
-    return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO,
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {}))
+    return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
@@ -290,15 +304,24 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> str:
     raise RuntimeError(f"server on port {port} did not start")
 
 
-def live(rounds: int, concurrency: int, num_requests: int) -> None:
+def median_interval(ratios: list[float], confidence: float = 0.95, resamples: int = 10_000) -> tuple[float, float]:
+    """A bootstrap interval for the median of per-round ratios (fixed seed: the same data
+    give the same interval)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    tail = (1 - confidence) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
+def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], model_threads: int | None) -> None:
     ctx = mp.get_context("spawn")
     read, write = ctx.Pipe(duplex=False)
     receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
     receiver.start()
     otlp_port = read.recv()
-    configs = {"off": None, "level 1": 1, "level 2": 2, "level 3": 3}
+    configs = {"off": None, **{f"level {level}": level for level in levels}}
     ports = {name: 31100 + i for i, name in enumerate(configs)}
-    servers = {name: start_server(ports[name], level, otlp_port) for name, level in configs.items()}
+    servers = {name: start_server(ports[name], level, otlp_port, model_threads) for name, level in configs.items()}
     results: dict[str, list[dict]] = {name: [] for name in configs}
     try:
         for name in configs:
@@ -334,7 +357,8 @@ def live(rounds: int, concurrency: int, num_requests: int) -> None:
         """Per round, this config's figure over off's: neighbours in time share the noise."""
         return sorted(a[key] / b[key] for a, b in zip(results[name], results["off"], strict=True))
 
-    print(f"\nlive: concurrency {concurrency}, {num_requests} requests per run, {rounds} rounds, medians; "
+    print(f"\nlive: concurrency {concurrency}, {num_requests} requests per run, {rounds} rounds, "
+          f"{model_threads or os.cpu_count()} matmul threads on {os.cpu_count()} cores, medians; "
           f"load average now {os.getloadavg()[0]:.1f}")
     print(f"{'config':>8} {'tok/s':>8} {'vs off':>8} {'e2e p50 s':>10} {'vs off':>8} {'CPU ms/tok':>11} "
           f"{'vs off':>8} {'exporter CPU %':>15}")
@@ -346,12 +370,13 @@ def live(rounds: int, concurrency: int, num_requests: int) -> None:
               f"{exp:15.2f}")
     print("spans exported / dropped / failed: " + ", ".join(f"{name} {'/'.join(map(str, counts))}"
                                                            for name, counts in spans.items()))
-    print("\nper-round ratios to off (median [lowest, highest] of the rounds):")
+    print("\nper-round ratios to off: median (95% bootstrap interval of the median) [lowest, highest]:")
     for name in list(configs)[1:]:
         parts = []
         for key, label in (("output_tokens_per_s", "tok/s"), ("e2e_p50_s", "e2e p50"), ("cpu_ms_per_token", "CPU/tok")):
             r = paired(name, key)
-            parts.append(f"{label} {statistics.median(r):.3f} [{r[0]:.3f}, {r[-1]:.3f}]")
+            low, high = median_interval(r)
+            parts.append(f"{label} {statistics.median(r):.3f} ({low:.3f}-{high:.3f}) [{r[0]:.3f}, {r[-1]:.3f}]")
         print(f"{name:>8}: " + ",  ".join(parts))
 
 
@@ -360,10 +385,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--levels", default="1,2,3", help="the tracing levels to compare with off, e.g. 3")
+    parser.add_argument("--model-threads", type=int, help="the servers' matmul threads (OMP_NUM_THREADS); "
+                        "default: one per core")
     parser.add_argument("--micro-only", action="store_true")
+    parser.add_argument("--live-only", action="store_true", help="only the live servers")
     parser.add_argument("--exporter-only", action="store_true", help="only the span exporter's CPU per span")
     parser.add_argument("--profile", action="store_true", help="with the exporter figures, a cProfile of each path")
     args = parser.parse_args()
+    levels = [int(level) for level in args.levels.split(",")]
+    if args.live_only:
+        return live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads)
     print("exporter CPU per span (µs, median of 5; level-3 batches, OTLP gRPC in batches of 64):")
     results, profiles = exporter_cpu(profile=args.profile)
     for name, values in results.items():
@@ -380,7 +412,7 @@ def main() -> None:
     print(f"scheduler hooks at level 3, {args.concurrency} requests decoding: {hooks['hooks_us_per_step']:.1f} us "
           f"per forward step of {hooks['step_ms']:.1f} ms = {hooks['hooks_share_pct']:.3f}% ({hooks['steps']} steps)")
     if not args.micro_only:
-        live(args.rounds, args.concurrency, args.num_requests)
+        live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads)
 
 
 if __name__ == "__main__":
