@@ -17,9 +17,13 @@ def start(tiny_model_dir, tmp_path_factory, receiver, method):
     return server.start().wait_ready()
 
 
-def generate(server, prompt, max_new_tokens=12):
-    r = httpx.post(server.url("/generate"), timeout=60, json={
-        "text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}})
+def generate(server, prompt, max_new_tokens=12, start: threading.Barrier | None = None):
+    """One /generate call; with `start`, sent once every thread holding the barrier is ready."""
+    with httpx.Client(timeout=60) as client:
+        if start is not None:
+            start.wait()
+        r = client.post(server.url("/generate"), json={
+            "text": prompt, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}})
     assert r.status_code == 200, r.text
     return r
 
@@ -60,8 +64,10 @@ def test_round_robin_spreads_requests_and_keeps_outputs(tiny_model_dir, tmp_path
 def test_least_loaded_sends_concurrent_requests_to_the_idle_replica(tiny_model_dir, tmp_path_factory, receiver):
     server = start(tiny_model_dir, tmp_path_factory, receiver, "least_loaded")
     try:
-        responses = []
-        threads = [threading.Thread(target=lambda p=p: responses.append(generate(server, p, 200))) for p in PROMPTS]
+        # Long enough that all four overlap even on a busy machine, and sent at one moment.
+        responses, at_once = [], threading.Barrier(len(PROMPTS))
+        threads = [threading.Thread(target=lambda p=p: responses.append(generate(server, p, 600, at_once)))
+                   for p in PROMPTS]
         for t in threads:
             t.start()
         for t in threads:
