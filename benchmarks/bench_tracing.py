@@ -248,8 +248,9 @@ def receiver_process(port_out) -> None:
 
     import grpc
 
-    from loupe.process import yield_to_serving
+    from loupe.process import setup_child, yield_to_serving
 
+    setup_child("otlp receiver")  # dies with the benchmark, however that ends
     yield_to_serving()
     received = [0, 0]  # export calls, bytes
 
