@@ -1,25 +1,33 @@
 """The serving processes' span recorder: when it sends, and what a batch holds."""
 
+import pytest
 import zmq
 
 from loupe import ipc
+from loupe.tracing import recorder as recorder_module
 from loupe.tracing.recorder import FLUSH_AT_SPANS, Recorder
 
 
-def recorder_and_inbox() -> tuple[Recorder, zmq.Socket]:
-    endpoint = ipc.endpoint(ipc.ipc_dir(), "tracing")
+@pytest.fixture
+def recorder_and_inbox(monkeypatch, tmp_path):
+    """A recorder whose flush interval never runs out by itself, and the socket it sends to."""
+    monkeypatch.setattr(recorder_module, "FLUSH_EVERY_NS", 10**12)
+    endpoint = ipc.endpoint(str(tmp_path), "tracing")
     inbox = ipc.bind(zmq.Context.instance(), zmq.PULL, endpoint)
-    return Recorder(endpoint, "Test"), inbox
+    recorder = Recorder(endpoint, "Test")
+    yield recorder, inbox
+    recorder.sock.close(0)
+    inbox.close(0)
 
 
-def test_fanouts_count_one_span_per_request_towards_a_send():
-    recorder, inbox = recorder_and_inbox()
+def test_fanouts_count_one_span_per_request_towards_a_send(recorder_and_inbox):
+    recorder, inbox = recorder_and_inbox
     parents = [(1, p) for p in range(64)]
     steps = FLUSH_AT_SPANS // len(parents)
     for step in range(steps - 1):
         recorder.fanout("decode_step", step, step + 1, {"batch_size": 64}, parents)
         recorder.maybe_flush()
-    assert not inbox.poll(200)  # fewer spans than a send's worth, and not yet time to send
+    assert not inbox.poll(200)  # fewer spans than a send's worth
     recorder.fanout("decode_step", steps, steps + 1, {"batch_size": 64}, parents)
     recorder.maybe_flush()
     assert inbox.poll(2000)
@@ -28,14 +36,14 @@ def test_fanouts_count_one_span_per_request_towards_a_send():
     assert recorder.fanouts == [] and recorder.fanout_spans == 0
 
 
-def test_spans_wait_for_the_flush_interval_then_go_together():
-    recorder, inbox = recorder_and_inbox()
+def test_spans_wait_for_the_flush_interval_then_go_together(recorder_and_inbox):
+    recorder, inbox = recorder_and_inbox
     recorder.span(1, 2, None, "a", 0, 1)
     recorder.maybe_flush()
     recorder.span(1, 3, 2, "b", 0, 1)
     recorder.maybe_flush()
     assert not inbox.poll(100)
-    recorder.last_flush -= 10**9  # as if the interval had passed
+    recorder.last_flush -= 10**12  # as if the interval had passed
     recorder.maybe_flush()
     assert inbox.poll(2000)
     assert [s[3] for s in ipc.recv(inbox).spans] == ["a", "b"]
