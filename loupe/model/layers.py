@@ -94,22 +94,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def tp_size_problem(config: ModelConfig, tp_size: int) -> str | None:
+    """Why the model cannot be split over `tp_size` ranks, or None when it can."""
+    heads, kv_heads = config.num_heads, config.num_kv_heads
+    if heads % tp_size:
+        return f"must divide the model's {heads} attention heads"
+    if kv_heads % tp_size and tp_size % kv_heads:
+        return f"and the model's {kv_heads} KV heads must divide one another"
+    if config.intermediate_size % tp_size:
+        return f"must divide the model's MLP size {config.intermediate_size}"
+    return None
+
+
 def local_heads(config: ModelConfig, tp_size: int) -> tuple[int, int]:
     """(query heads, KV heads) of one tensor-parallel rank. KV heads are split when tp_size
     divides them and replicated when they divide tp_size; anything else is refused."""
-    heads, kv_heads = config.num_heads, config.num_kv_heads
-    problem = None
-    if heads % tp_size:
-        problem = f"must divide the model's {heads} attention heads"
-    elif kv_heads % tp_size and tp_size % kv_heads:
-        problem = f"and the model's {kv_heads} KV heads must divide one another"
-    elif config.intermediate_size % tp_size:
-        problem = f"must divide the model's MLP size {config.intermediate_size}"
+    problem = tp_size_problem(config, tp_size)
     if problem:
-        fits = [n for n in range(1, heads + 1) if not heads % n and not (kv_heads % n and n % kv_heads)
-                and not config.intermediate_size % n]
+        fits = [n for n in range(1, config.num_heads + 1) if tp_size_problem(config, n) is None]
         raise ValueError(f"--tp-size {tp_size} {problem} (sizes that fit: {', '.join(map(str, fits))})")
-    return heads // tp_size, max(1, kv_heads // tp_size)
+    return config.num_heads // tp_size, max(1, config.num_kv_heads // tp_size)
 
 
 class Attention(nn.Module):
