@@ -3,8 +3,9 @@
 Serving processes send `SpanBatch`es here. This process queues their spans, still as
 tuples, holding at most `OTEL_BSP_MAX_QUEUE_SIZE` of them (dropping and counting the rest),
 and a worker thread encodes batches of them to OTLP protobuf (tracing/otlp.py) and exports
-them over gRPC or HTTP every `schedule_delay` or whenever a full batch is waiting. On SIGTERM it exports what is
-queued, then exits. It runs at low CPU priority: serving comes first.
+them over gRPC or HTTP every `schedule_delay` or whenever a full batch is waiting. On
+SIGTERM it exports what is queued, then exits. It runs at low CPU priority: serving comes
+first.
 """
 
 from __future__ import annotations
