@@ -81,7 +81,7 @@ def replica_ranks(args: ServerArgs, dp_rank: int) -> list[Ranks]:
     """The ranks of one replica that run on this machine (its TP x PP ranks split over nodes)."""
     per_node = args.tp_size * args.pp_size // args.nnodes
     first = args.node_rank * per_node
-    return [Ranks(w % args.tp_size, args.tp_size, w // args.tp_size, args.pp_size, dp_rank, args.dp_size)
+    return [Ranks.of_world_rank(w, args.tp_size, args.pp_size, dp_rank, args.dp_size)
             for w in range(first, first + per_node)]
 
 

@@ -32,8 +32,8 @@ def generate_on_ranks(model_dir: str, tp_size: int, pp_size: int, prompts: list[
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     address = free_address()
-    procs = [ctx.Process(target=_run_rank, args=(Ranks(w % tp_size, tp_size, w // tp_size, pp_size), address,
-                                                 model_dir, prompts, params, results))
+    procs = [ctx.Process(target=_run_rank, args=(Ranks.of_world_rank(w, tp_size, pp_size), address, model_dir,
+                                                 prompts, params, results))
              for w in range(tp_size * pp_size)]
     for p in procs:
         p.start()

@@ -28,6 +28,12 @@ class Ranks:
     dp_rank: int = 0
     dp_size: int = 1
 
+    @classmethod
+    def of_world_rank(cls, world_rank: int, tp_size: int, pp_size: int, dp_rank: int = 0,
+                      dp_size: int = 1) -> Ranks:
+        """The ranks of the process numbered `world_rank` in its replica."""
+        return cls(world_rank % tp_size, tp_size, world_rank // tp_size, pp_size, dp_rank, dp_size)
+
     @property
     def world_size(self) -> int:
         return self.tp_size * self.pp_size

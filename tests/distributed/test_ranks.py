@@ -18,6 +18,8 @@ def test_names_and_labels_show_the_ranks_that_exist():
     assert ranks.labels() == {"TP": 1, "PP": 1, "DP": 0}
     assert ranks.world_rank == 3 and not ranks.is_driver and ranks.is_last_stage
     assert Ranks(dp_rank=1, dp_size=2).process_name() == "scheduler [DP 1]"
+    assert [Ranks.of_world_rank(w, 2, 3).world_rank for w in range(6)] == list(range(6))
+    assert Ranks.of_world_rank(3, 2, 2, dp_rank=0, dp_size=2) == ranks
 
 
 def test_each_node_runs_its_share_of_every_replicas_ranks():
