@@ -68,11 +68,15 @@ class Receiver:
 
 
 class GrpcReceiver(Receiver, trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, hang_seconds: float = 0.0):
+    """On `port` (0: any free one), plaintext or with TLS server `credentials`."""
+
+    def __init__(self, hang_seconds: float = 0.0, port: int = 0, credentials=None):
         super().__init__(hang_seconds)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        address = f"127.0.0.1:{port}"
+        self.port = (self.server.add_secure_port(address, credentials) if credentials
+                     else self.server.add_insecure_port(address))
         self.server.start()
 
     def Export(self, request, context):  # noqa: N802 (the gRPC method name)

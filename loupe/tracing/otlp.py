@@ -5,11 +5,11 @@ it: most of its CPU time per span went there. Here the queued tuples become one
 `ExportTraceServiceRequest` directly. A decode-step fan-out (one slice, one span per request
 in the batch) is encoded once and copied per request, with its own span id.
 
-Sending still goes through the SDK's OTLP exporters, so their environment variables
-(headers, timeout, compression, certificates), TLS and retries keep applying: two small
-subclasses hand them the built request through a private hook each. The packages are
-pinned below 2 in pyproject.toml; the gRPC hook has been there since long before 1.30, the
-HTTP one since 1.45, and `check_http_hook` refuses to start, saying so, where it is missing.
+gRPC requests go out through loupe's own sender (tracing/grpc_export.py). HTTP ones go
+through the SDK's OTLP/HTTP exporter, so its environment variables (headers, timeout,
+compression, certificates), TLS and retries apply: a small subclass hands it the built
+request through a private hook, there since 1.45; the package is pinned below 2 in
+pyproject.toml, and `check_http_hook` refuses to start, saying so, where the hook is missing.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
-from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as sdk_grpc
 from opentelemetry.exporter.otlp.proto.http import trace_exporter as sdk_http
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
@@ -153,22 +152,6 @@ class SpanEncoder:
             span.span_id = new_span_id().to_bytes(8, "big")
             span.parent_span_id = parent_id.to_bytes(8, "big")
         return request
-
-
-def count_spans(request: ExportTraceServiceRequest) -> int:
-    return sum(len(scope.spans) for resource in request.resource_spans for scope in resource.scope_spans)
-
-
-class GrpcExporter(sdk_grpc.OTLPSpanExporter):
-    """The SDK's OTLP/gRPC span exporter (channel, TLS, headers, timeout, compression,
-    retries) sending requests built here. Hook: the SDK's `_export(data)` sends
-    `self._translate_data(data)`, which for spans would encode ReadableSpans."""
-
-    def _translate_data(self, data: ExportTraceServiceRequest) -> ExportTraceServiceRequest:
-        return data
-
-    def _count_data(self, data: ExportTraceServiceRequest) -> int:  # for the SDK's own metrics
-        return count_spans(data)
 
 
 class HttpExporter(sdk_http.OTLPSpanExporter):

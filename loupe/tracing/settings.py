@@ -8,7 +8,8 @@ from urllib.parse import urlparse
 
 REQUIRED_PACKAGES = {
     "opentelemetry.sdk": "opentelemetry-sdk",
-    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter": "opentelemetry-exporter-otlp-proto-grpc",
+    "opentelemetry.proto.collector.trace.v1.trace_service_pb2": "opentelemetry-proto",
+    "h2": "h2",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter": "opentelemetry-exporter-otlp-proto-http",
 }
 

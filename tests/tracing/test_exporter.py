@@ -91,19 +91,36 @@ def test_spans_arrive_with_structure_and_times(protocol):
         receiver.stop()
 
 
-def test_batch_size_and_delay_take_effect():
+def test_spans_leave_each_delay_together_in_exports_of_at_most_the_batch_size():
     receiver = GrpcReceiver()
-    exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=1500, batch=4)
+    exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=1000, batch=4)
     try:
         t0 = time.perf_counter_ns()
         for i in range(10):
             exporter.recorder.span(1, 100 + i, None, f"s{i}", t0, t0 + 1)
         exporter.recorder.flush()
-        receiver.wait_for(lambda s: len(s) >= 8, timeout=5)  # two full batches go at once
-        assert all(len(r.resource_spans[0].scope_spans[0].spans) <= 4 for r in receiver.requests)
-        time.sleep(0.5)
-        assert len(receiver.spans()) == 8  # the last two wait for the 1.5 s delay
         receiver.wait_for(lambda s: len(s) == 10, timeout=5)
+        assert sorted(len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests) == [2, 4, 4]
+    finally:
+        exporter.stop()
+        receiver.stop()
+
+
+def test_a_full_batch_waits_for_the_delay_but_a_half_full_queue_leaves_at_once():
+    receiver = GrpcReceiver()
+    exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=60_000, batch=4, queue=100)
+    try:
+        t0 = time.perf_counter_ns()
+        for i in range(10):
+            exporter.recorder.span(1, 100 + i, None, "s", t0, t0 + 1)
+        exporter.recorder.flush()
+        time.sleep(1)
+        assert receiver.spans() == []  # two full batches, and the delay is a minute
+        for i in range(40):
+            exporter.recorder.span(1, 200 + i, None, "s", t0, t0 + 1)
+        exporter.recorder.flush()  # 50 queued: half of the queue
+        receiver.wait_for(lambda s: len(s) == 50, timeout=5)
+        assert max(len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests) == 4
     finally:
         exporter.stop()
         receiver.stop()
