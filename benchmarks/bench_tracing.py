@@ -4,17 +4,19 @@
    one request to a decode-step fan-out, and of the branch taken when tracing is off; and
    the span exporter's CPU time per span (unpickling, queueing, encoding, sending over
    OTLP gRPC to a receiver in another process) for level-3 batches, against the former
-   path of an SDK ReadableSpan per span encoded by the SDK's exporter.
+   path of an SDK ReadableSpan per span encoded and sent by the SDK's exporter (grpcio).
 2. Live: the bundled model at a given concurrency, tracing off vs levels 1, 2 and 3 (spans
-   exported over OTLP gRPC to a real receiver in another process), in rounds that
+   exported over OTLP gRPC to a stand-in backend in another process), in rounds that
    alternate the configurations; medians of throughput, median latency and CPU time per
    output token (all the server's processes, the span exporter included), as ratios to off.
    CPU time is the steadier measure on a shared machine: it counts the work tracing adds
    even when a noisy neighbour moves the wall-clock figures by more than the overhead.
+3. Census: CPU time and wake-ups per thread of one loaded server and the backend.
 
     .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--concurrency 32] [--num-requests 64]
     .venv/bin/python benchmarks/bench_tracing.py --live-only --levels 3 --rounds 24
     .venv/bin/python benchmarks/bench_tracing.py --exporter-only [--profile]
+    .venv/bin/python benchmarks/bench_tracing.py --census --levels 3
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import glob
 import multiprocessing as mp
 import os
 import pstats
@@ -318,6 +321,63 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> str:
     raise RuntimeError(f"server on port {port} did not start")
 
 
+def thread_use(pid: int) -> dict[str, tuple[float, int]]:
+    """Per thread name (same-named threads summed) of one process: CPU ms, exact (from
+    schedstat, where psutil counts 10 ms ticks), and voluntary context switches: how often
+    its threads went to sleep, so roughly how often something had to wake them."""
+    use: dict[str, tuple[float, int]] = {}
+    for task in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            with open(f"{task}/comm") as f:
+                name = f.read().strip()
+            with open(f"{task}/schedstat") as f:
+                cpu_ms = int(f.read().split()[0]) / 1e6
+            with open(f"{task}/status") as f:
+                sleeps = next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+        except (OSError, StopIteration):  # a thread that ended meanwhile
+            continue
+        ms, n = use.get(name, (0.0, 0))
+        use[name] = (ms + cpu_ms, n + sleeps)
+    return use
+
+
+def census(level: int | None, concurrency: int, num_requests: int, model_threads: int | None) -> None:
+    """One loaded server: CPU and wake-ups per second of every thread of its processes and
+    of the stand-in backend, to see where tracing's side work goes (on a busy machine each
+    wake-up takes a core from the model's threads)."""
+    ctx = mp.get_context("spawn")
+    read, write = ctx.Pipe(duplex=False)
+    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
+    receiver.start()
+    port = 31190
+    server = start_server(port, level, read.recv(), model_threads)
+    try:
+        wait_ready(port, server)
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(run_load(url, "SmolLM2-135M-Instruct", 4, 4, 99, None))  # warm
+        procs = {f"server main {server.pid}": server.pid, f"otlp receiver {receiver.pid}": receiver.pid}
+        for child in psutil.Process(server.pid).children(recursive=True):
+            procs[f"{'exporter' if child.nice() > 0 else 'child'} {child.pid}"] = child.pid
+        before = {label: thread_use(pid) for label, pid in procs.items()}
+        start = time.monotonic()
+        summary = asyncio.run(run_load(url, "SmolLM2-135M-Instruct", concurrency, num_requests, 0, None))
+        seconds = time.monotonic() - start
+        after = {label: thread_use(pid) for label, pid in procs.items()}
+    finally:
+        server.terminate()
+        server.wait(30)
+        receiver.kill()
+    print(f"tracing {'off' if level is None else f'level {level}'}: {summary['output_tokens_per_s']:.1f} tok/s; "
+          f"per second of load ({seconds:.1f} s): CPU ms and wake-ups, per process and thread name")
+    for label in procs:
+        rows = {name: ((ms - before[label].get(name, (0, 0))[0]) / seconds,
+                       (n - before[label].get(name, (0, 0))[1]) / seconds) for name, (ms, n) in after[label].items()}
+        print(f"  {label:<22} {sum(r[0] for r in rows.values()):8.2f} ms {sum(r[1] for r in rows.values()):7.1f} wake-ups")
+        for name, (ms, wakes) in sorted(rows.items(), key=lambda item: -item[1][0]):
+            if ms >= 0.05 or wakes >= 0.5:
+                print(f"      {name:<18} {ms:8.2f} ms {wakes:7.1f} wake-ups")
+
+
 def median_interval(ratios: list[float], confidence: float = 0.95, resamples: int = 10_000) -> tuple[float, float]:
     """A bootstrap interval for the median of per-round ratios (fixed seed: the same data
     give the same interval)."""
@@ -406,8 +466,14 @@ def main() -> None:
     parser.add_argument("--live-only", action="store_true", help="only the live servers")
     parser.add_argument("--exporter-only", action="store_true", help="only the span exporter's CPU per span")
     parser.add_argument("--profile", action="store_true", help="with the exporter figures, a cProfile of each path")
+    parser.add_argument("--census", action="store_true", help="only per-thread CPU and wake-ups of one loaded "
+                        "server, off and at each of --levels")
     args = parser.parse_args()
     levels = [int(level) for level in args.levels.split(",")]
+    if args.census:
+        for level in [None, *levels]:
+            census(level, args.concurrency, args.num_requests, args.model_threads)
+        return
     if args.live_only:
         return live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads)
     print("exporter CPU per span (µs, median of 5; level-3 batches, OTLP gRPC in batches of 64):")
