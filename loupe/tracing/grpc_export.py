@@ -48,6 +48,16 @@ def otlp_env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}") or default
 
 
+def seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    return value
+
+
 class GrpcExporter:
     """Sends ExportTraceServiceRequests to an OTLP/gRPC endpoint: `host:port`, `http://` or
     `https://` (TLS)."""
@@ -56,14 +66,14 @@ class GrpcExporter:
         url = urlparse(normalize_endpoint(endpoint, "grpc"))
         self.address = (url.hostname, url.port or 4317)
         self.tls = url.scheme == "https"
-        self.timeout = float(otlp_env("TIMEOUT", "10"))
+        self.timeout = seconds(otlp_env("TIMEOUT", "10"))
         compression = (otlp_env("COMPRESSION") or "none").strip().lower()
         if compression not in (*COMPRESSORS, "none"):
             raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION must be gzip, deflate or none, got {compression!r}")
         self.compress = COMPRESSORS.get(compression)
         metadata = parse_env_headers(otlp_env("HEADERS") or "", liberal=True)
         self.headers = [(":method", "POST"), (":scheme", "https" if self.tls else "http"), (":path", EXPORT_PATH),
-                        (":authority", f"{url.hostname}:{self.address[1]}"), ("content-type", "application/grpc"),
+                        (":authority", url.netloc if url.port else f"{url.netloc}:4317"), ("content-type", "application/grpc"),
                         ("te", "trailers"), ("user-agent", "loupe-otlp-exporter"),
                         *([("grpc-encoding", compression)] if self.compress else []),
                         *((key.lower(), value) for key, value in metadata.items())]

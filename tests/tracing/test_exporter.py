@@ -61,6 +61,14 @@ def record_request(recorder: Recorder, trace_id: int, n_steps: int = 3) -> None:
         recorder.fanout("decode_step", t0 + 300 + i, t0 + 400 + i, {"step": i}, [(trace_id, 12)])
 
 
+def record_spans(recorder: Recorder, count: int, first_id: int) -> None:
+    """`count` bare spans, sent to the exporter at once."""
+    t0 = time.perf_counter_ns()
+    for i in range(count):
+        recorder.span(1, first_id + i, None, "s", t0, t0 + 1)
+    recorder.flush()
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_spans_arrive_with_structure_and_times(protocol):
     receiver = GrpcReceiver() if protocol == "grpc" else HttpReceiver()
@@ -95,10 +103,7 @@ def test_spans_leave_each_delay_together_in_exports_of_at_most_the_batch_size():
     receiver = GrpcReceiver()
     exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=1000, batch=4)
     try:
-        t0 = time.perf_counter_ns()
-        for i in range(10):
-            exporter.recorder.span(1, 100 + i, None, f"s{i}", t0, t0 + 1)
-        exporter.recorder.flush()
+        record_spans(exporter.recorder, 10, first_id=100)
         receiver.wait_for(lambda s: len(s) == 10, timeout=5)
         assert sorted(len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests) == [2, 4, 4]
     finally:
@@ -110,15 +115,10 @@ def test_a_full_batch_waits_for_the_delay_but_a_half_full_queue_leaves_at_once()
     receiver = GrpcReceiver()
     exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=60_000, batch=4, queue=100)
     try:
-        t0 = time.perf_counter_ns()
-        for i in range(10):
-            exporter.recorder.span(1, 100 + i, None, "s", t0, t0 + 1)
-        exporter.recorder.flush()
+        record_spans(exporter.recorder, 10, first_id=100)
         time.sleep(1)
         assert receiver.spans() == []  # two full batches, and the delay is a minute
-        for i in range(40):
-            exporter.recorder.span(1, 200 + i, None, "s", t0, t0 + 1)
-        exporter.recorder.flush()  # 50 queued: half of the queue
+        record_spans(exporter.recorder, 40, first_id=200)  # 50 queued: half of the queue
         receiver.wait_for(lambda s: len(s) == 50, timeout=5)
         assert max(len(r.resource_spans[0].scope_spans[0].spans) for r in receiver.requests) == 4
     finally:
@@ -163,10 +163,7 @@ def test_shutdown_flushes_what_is_queued():
     receiver = GrpcReceiver()
     exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=60_000, batch=1000)
     try:
-        t0 = time.perf_counter_ns()
-        for i in range(7):
-            exporter.recorder.span(1, 50 + i, None, "s", t0, t0 + 1)
-        exporter.recorder.flush()
+        record_spans(exporter.recorder, 7, first_id=50)
         time.sleep(0.5)
         assert receiver.spans() == []  # nothing is due for a minute
         exporter.stop()

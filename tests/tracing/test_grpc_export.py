@@ -123,7 +123,14 @@ def test_https_speaks_tls_to_a_backend_with_a_trusted_certificate(exporters, mon
         receiver.stop()
 
 
-def test_an_unknown_compression_is_refused_by_name(monkeypatch):
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "brotli")
-    with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"):
+@pytest.mark.parametrize("name, value", [("COMPRESSION", "brotli"), ("TIMEOUT", "soon"), ("TIMEOUT", "0")])
+def test_a_bad_setting_is_refused_by_name(monkeypatch, name, value):
+    monkeypatch.setenv(f"OTEL_EXPORTER_OTLP_TRACES_{name}", value)
+    with pytest.raises(ValueError, match=f"OTEL_EXPORTER_OTLP_TRACES_{name}"):
         GrpcExporter("http://127.0.0.1:4317")
+
+
+def test_endpoint_forms_name_the_same_authority():
+    assert GrpcExporter("127.0.0.1:4317").address == ("127.0.0.1", 4317)
+    assert dict(GrpcExporter("http://[::1]:4317").headers)[":authority"] == "[::1]:4317"
+    assert dict(GrpcExporter("https://collector.example.com").headers)[":authority"] == "collector.example.com:4317"
