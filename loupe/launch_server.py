@@ -217,7 +217,9 @@ def launch(args: ServerArgs) -> int:
             tokenizer = load_tokenizer(args.model_path)
             infos = supervisor.wait_ready()
         except (RuntimeError, ValueError) as e:
-            return fail(f"loupe: cannot start: {e}")
+            if not supervisor.stopping:  # else a signal stopped the start-up: not a failure
+                fail(f"loupe: cannot start: {e}")
+            return
         info = next(v for k, v in infos.items() if k.startswith("scheduler"))
         model_info = {k: v for k, v in info.items() if k != "limits"}
         model_info["context_length"] = info["limits"].context_length
@@ -259,7 +261,9 @@ def run_other_node(args: ServerArgs, tracing: ExportSettings | None) -> int:
         try:
             supervisor.wait_ready()
         except RuntimeError as e:
-            return finish(f"loupe: cannot start: {e}", 1)
+            if not supervisor.stopping:
+                finish(f"loupe: cannot start: {e}", 1)
+            return
         logger.info("node %d of %d: ranks ready, driven from %s", args.node_rank, args.nnodes, args.dist_init_addr)
         supervisor.watch(finish)
 

@@ -44,6 +44,19 @@ def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
     worker.join(10)
 
 
+def test_a_signal_during_start_up_is_not_a_failed_start(launch):
+    """Ctrl-C while the model loads is the user's choice: exit 0, no "cannot start" error."""
+    server = launch()  # the bundled model: the HTTP server is up seconds before it is loaded
+    deadline = time.monotonic() + 30
+    while "Application startup complete" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "serving" not in server.log(), "the server was ready before the signal"
+    server.proc.send_signal(signal.SIGINT)
+    code = server.wait_exit(20)
+    assert code == 0 and "cannot start" not in server.log(), server.log()
+    assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
+
+
 def test_scheduler_death_stops_server_non_zero(launch, tiny_flags):
     server = launch(*tiny_flags).wait_ready()
     found = re.search(r"\[scheduler pid:(\d+)\]", server.log())
