@@ -164,11 +164,8 @@ def exporter_cpu(repeats: int = 5, num_batches: int = 150, size: int = 64,
     encoded and exported in batches of `size` over gRPC to a receiver in another process
     (gRPC's own threads count; the receiver does not). Alternates the paths per repeat.
     With `profile`, also a cProfile (of process CPU time) of one more run of each path."""
-    ctx = mp.get_context("spawn")
-    read, write = ctx.Pipe(duplex=False)
-    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
-    receiver.start()
-    endpoint = f"http://127.0.0.1:{read.recv()}"
+    receiver, port = start_receiver()
+    endpoint = f"http://127.0.0.1:{port}"
     rng = random.Random(0)
     frames = [ipc.encode(level3_batch(rng, 1_000_000_000 + i * 50_000_000)) for i in range(num_batches)]
     first = ipc.decode(frames[0])
@@ -283,6 +280,15 @@ def receiver_process(port_out) -> None:
     asyncio.run(serve())
 
 
+def start_receiver() -> tuple[mp.Process, int]:
+    """The stand-in OTLP backend in its own process, and the port it listens on."""
+    ctx = mp.get_context("spawn")
+    read, write = ctx.Pipe(duplex=False)
+    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
+    receiver.start()
+    return receiver, read.recv()
+
+
 def start_server(port: int, level: int | None, otlp_port: int, model_threads: int | None = None) -> subprocess.Popen:
     flags = ["--port", str(port)]
     if level is not None:
@@ -345,12 +351,9 @@ def census(level: int | None, concurrency: int, num_requests: int, model_threads
     """One loaded server: CPU and wake-ups per second of every thread of its processes and
     of the stand-in backend, to see where tracing's side work goes (on a busy machine each
     wake-up takes a core from the model's threads)."""
-    ctx = mp.get_context("spawn")
-    read, write = ctx.Pipe(duplex=False)
-    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
-    receiver.start()
+    receiver, otlp_port = start_receiver()
     port = 31190
-    server = start_server(port, level, read.recv(), model_threads)
+    server = start_server(port, level, otlp_port, model_threads)
     try:
         wait_ready(port, server)
         url = f"http://127.0.0.1:{port}"
@@ -388,11 +391,7 @@ def median_interval(ratios: list[float], confidence: float = 0.95, resamples: in
 
 
 def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], model_threads: int | None) -> None:
-    ctx = mp.get_context("spawn")
-    read, write = ctx.Pipe(duplex=False)
-    receiver = ctx.Process(target=receiver_process, args=(write,), daemon=True)
-    receiver.start()
-    otlp_port = read.recv()
+    receiver, otlp_port = start_receiver()
     configs = {"off": None, **{f"level {level}": level for level in levels}}
     ports = {name: 31100 + i for i, name in enumerate(configs)}
     servers = {name: start_server(ports[name], level, otlp_port, model_threads) for name, level in configs.items()}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import random
 import socket
 import ssl
@@ -32,7 +31,7 @@ import h2.exceptions
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.util.re import parse_env_headers
 
-from loupe.tracing.settings import normalize_endpoint
+from loupe.tracing.settings import first_env, normalize_endpoint
 
 logger = logging.getLogger(__name__)
 EXPORT_PATH = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -45,7 +44,7 @@ COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress}
 
 def otlp_env(name: str, default: str | None = None) -> str | None:
     """`OTEL_EXPORTER_OTLP_TRACES_{name}`, else `OTEL_EXPORTER_OTLP_{name}`, else `default`."""
-    return os.environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or os.environ.get(f"OTEL_EXPORTER_OTLP_{name}") or default
+    return first_env(f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}", default=default)
 
 
 def seconds(raw: str) -> float:
@@ -91,7 +90,7 @@ class GrpcExporter:
         while not self.closing.is_set():
             try:
                 status, detail = self.call(message, deadline)
-            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError) as e:
+            except (OSError, h2.exceptions.ProtocolError) as e:  # ssl.SSLError is an OSError
                 self.close_connection()
                 status, detail = UNAVAILABLE, f"{type(e).__name__}: {e}"
             if status == OK:
