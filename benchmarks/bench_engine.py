@@ -180,7 +180,7 @@ def main() -> None:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    hf_config, state_dict, _ = read_checkpoint(engine.scheduler.model.path)
+    hf_config, state_dict, _ = read_checkpoint(engine.worker.model.path)
     dims = model_dims(hf_config, state_dict)
     counts = {c: args.num_prompts or max(2 * c, 8) for c in args.concurrency}
     all_reqs = make_requests(tokenizer, max(counts.values()), args.seed)

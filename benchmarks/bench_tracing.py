@@ -41,7 +41,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from loupe import ipc  # noqa: E402
 from loupe.bench import run as run_load  # noqa: E402
-from loupe.tracing.recorder import INTERNAL, SERVER, Recorder  # noqa: E402
+from loupe.core import TraceContext  # noqa: E402
+from loupe.tracing.recorder import SERVER, Fanout, Recorder, SpanRecord  # noqa: E402
 from loupe.tracing.settings import ExportSettings  # noqa: E402
 
 
@@ -50,10 +51,11 @@ def micro(n: int = 200_000) -> dict[str, float]:
     recorder = Recorder("ipc:///tmp/loupe-bench-unused", "Bench")
     recorder.maybe_flush = lambda: None
     attrs = {"num_tokens": 8, "batch_size": 32}
+    ctx = TraceContext(1, 2, 3)
     start = time.perf_counter_ns()
-    for i in range(n):
+    for _ in range(n):
         t = time.perf_counter_ns()
-        recorder.span(1, i + 1, 7, "prefill_chunk", t, t + 10, attrs)
+        recorder.slice(ctx, 7, "prefill_chunk", t, t + 10, attrs)
     span_ns = (time.perf_counter_ns() - start) / n
     recorder.spans.clear()
     parents: list = []
@@ -67,7 +69,7 @@ def micro(n: int = 200_000) -> dict[str, float]:
         if tracer:
             pass
     off_ns = (time.perf_counter_ns() - start) / n
-    return {"slice (Recorder.span + clock read)": span_ns, "decode step, per request (fan-out)": fanout_ns,
+    return {"slice (Recorder.slice: a new span id, a SpanRecord, a clock read)": span_ns, "decode step, per request (fan-out)": fanout_ns,
             "tracing off (one branch)": off_ns}
 
 
@@ -83,16 +85,16 @@ def level3_batch(rng: random.Random, t0: int, fanouts: int = 4, concurrency: int
     events = [("first_token", t0 + 50, {"completion_tokens": 1}), ("token_milestone", t0 + 90, {"completion_tokens": 10}),
               ("token_milestone", t0 + 400, {"completion_tokens": 100})]
     thread_attrs = {"thread_label": "Scheduler", "host_id": "0a1b2c3d", "pid": 4242, "tp_rank": 0}
-    spans = [(trace_id, root, None, "Req r1", t0, t0 + 500, root_attrs, events, None, SERVER, "vendor=1", False),
-             (trace_id, thread, root, "Scheduler [TP 0] (host:0a1b2c3d | pid:4242)", t0, t0 + 480, thread_attrs,
-              None, None, INTERNAL, None, False)]
+    spans = [SpanRecord(trace_id, root, None, "Req r1", t0, t0 + 500, root_attrs, events, kind=SERVER,
+                        tracestate="vendor=1"),
+             SpanRecord(trace_id, thread, root, "Scheduler [TP 0] (host:0a1b2c3d | pid:4242)", t0, t0 + 480,
+                        thread_attrs)]
     for name, attrs in (("queue", None), ("prefill", {"num_tokens": 40, "cached_tokens": 0}),
                         ("prefill_chunk", {"num_tokens": 40, "start_position": 0, "batch_size": 32}),
                         ("decode", {"completion_tokens": 128}), ("tokenize", {"num_tokens": 40}),
                         ("detokenize", {"num_tokens": 128, "busy_seconds": 0.002})):
-        spans.append((trace_id, rng.getrandbits(64), thread, name, t0 + 1, t0 + 9, attrs, None, None, INTERNAL,
-                      None, False))
-    steps = [("decode_step", t0 + 10 * i, t0 + 10 * i + 9, {"batch_size": concurrency},
+        spans.append(SpanRecord(trace_id, rng.getrandbits(64), thread, name, t0 + 1, t0 + 9, attrs))
+    steps = [Fanout("decode_step", t0 + 10 * i, t0 + 10 * i + 9, {"batch_size": concurrency},
               [(rng.getrandbits(128), rng.getrandbits(64)) for _ in range(concurrency)]) for i in range(fanouts)]
     return ipc.SpanBatch(time.time_ns() - t0, spans, steps, 0)
 
@@ -115,7 +117,7 @@ class SdkPath:
         self.flags = trace.TraceFlags(trace.TraceFlags.SAMPLED)
         self.queue: list = []
 
-    def span(self, record: tuple, offset: int):
+    def span(self, record: SpanRecord, offset: int):
         (trace_id, span_id, parent_id, name, start, end, attributes, events, error, kind, tracestate,
          remote_parent) = record
         t = self.trace
@@ -134,8 +136,8 @@ class SdkPath:
 
         self.queue.extend(self.span(r, batch.offset_ns) for r in batch.spans)
         for name, start, end, attributes, parents in batch.fanouts:
-            self.queue.extend(self.span((trace_id, new_span_id(), parent_id, name, start, end, attributes, None, None,
-                                         INTERNAL, None, False), batch.offset_ns) for trace_id, parent_id in parents)
+            self.queue.extend(self.span(SpanRecord(trace_id, new_span_id(), parent_id, name, start, end, attributes),
+                                        batch.offset_ns) for trace_id, parent_id in parents)
 
     def export_full(self, size: int, everything: bool = False) -> None:
         while len(self.queue) >= size or (everything and self.queue):
@@ -149,7 +151,7 @@ class LoupePath:
     def __init__(self, endpoint: str, size: int) -> None:
         from loupe.tracing.exporter import ExporterProcess
 
-        self.proc = ExporterProcess(ExportSettings(endpoint, "grpc", 500, size, 1 << 30), ipc.ipc_dir())
+        self.proc = ExporterProcess(ExportSettings(endpoint, "grpc", 500, size, 1 << 30), ipc.Endpoints.create(1))
         self.add = self.proc.add
 
     def export_full(self, size: int, everything: bool = False) -> None:
@@ -169,7 +171,7 @@ def exporter_cpu(repeats: int = 5, num_batches: int = 150, size: int = 64,
     rng = random.Random(0)
     frames = [ipc.encode(level3_batch(rng, 1_000_000_000 + i * 50_000_000)) for i in range(num_batches)]
     first = ipc.decode(frames[0])
-    num_spans = num_batches * (len(first.spans) + sum(len(f[4]) for f in first.fanouts))
+    num_spans = num_batches * (len(first.spans) + sum(len(f.parents) for f in first.fanouts))
     paths = {"SDK ReadableSpan + SDK encoding (former)": SdkPath(endpoint),
              "direct protobuf (loupe)": LoupePath(endpoint, size)}
 
@@ -203,8 +205,7 @@ def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
     """In-process: the engine decoding `concurrency` requests with a level-3 tracer, timing
     every tracer call; what the hooks cost per forward step and as a share of the step."""
     from loupe import Engine
-    from loupe.scheduler.request import SamplingParams
-    from loupe.tracing.context import TraceContext
+    from loupe.core import SamplingParams, TokenizedRequest
     from loupe.tracing.spans import SchedulerTracer
 
     engine = Engine(max_running_requests=concurrency)
@@ -221,15 +222,13 @@ def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
                 spent[0] += time.perf_counter_ns() - start
         return wrapper
 
-    for name in ("on_arrival", "on_admit", "on_forward", "on_retract", "on_finish"):
+    for name in ("arrived", "admitted", "forward", "retracted", "finished"):
         setattr(tracer, name, timed(getattr(tracer, name)))
     scheduler.tracer = tracer
+    sampling = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
     for i in range(concurrency):
-        req = scheduler.make_request(f"r{i}", engine.tokenizer.encode(f"Request number {i} asks where time goes."),
-                                     SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True))
-        req.trace = TraceContext(i + 1, i + 1000, 3)
-        tracer.on_arrival(req, req.trace)
-        scheduler.add_request(req)
+        prompt = engine.tokenizer.encode(f"Request number {i} asks where time goes.")
+        scheduler.add_request(TokenizedRequest(f"r{i}", prompt, sampling, TraceContext(i + 1, i + 1000, 3)))
     start = time.perf_counter_ns()
     while scheduler.has_work:
         scheduler.step()

@@ -4,11 +4,51 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
+
+S = typing.TypeVar("S")
 
 
-def _flag(default, help: str, *aliases: str, choices=None, **kw):
-    return field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices, **kw})
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the engine beneath the scheduler needs: the model, where it runs, the KV cache size."""
+
+    model_path: str | None
+    dtype: str
+    device: str
+    context_length: int | None
+    max_total_tokens: int | None
+    page_size: int
+    max_running_requests: int
+    ranks_per_node: int  # scheduler processes sharing this machine's memory and cores
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """What the batching policy needs."""
+
+    max_running_requests: int
+    chunked_prefill_size: int
+    disable_radix_cache: bool
+    random_seed: int
+
+
+def _flag(default, help: str, *aliases: str):
+    return field(default=default, metadata={"help": help, "aliases": aliases})
+
+
+def flag_type(annotation) -> tuple[type, tuple | None]:
+    """(the type a flag's text is parsed into, its choices) from a field's annotation:
+    `int`, `float`, `str`, `X | None` (as X), `Literal[...]` (its values, of their type)."""
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return type(choices[0]), choices
+    if isinstance(annotation, types.UnionType):
+        (annotation,) = (a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation, None
 
 
 @dataclass
@@ -17,13 +57,13 @@ class ServerArgs:
     served_model_name: str | None = _flag(None, "name clients send as `model` (default: derived from the path)")
     host: str = _flag("127.0.0.1", "address the HTTP server listens on")
     port: int = _flag(30000, "port the HTTP server listens on")
-    dtype: str = _flag("auto", "weights and activations dtype", choices=("auto", "float32", "bfloat16", "float16"))
-    device: str = _flag("auto", "where the model runs", choices=("auto", "cpu", "cuda"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _flag("auto", "weights and activations dtype")
+    device: Literal["auto", "cpu", "cuda"] = _flag("auto", "where the model runs")
     tp_size: int = _flag(1, "tensor parallel degree: each layer split over this many scheduler processes")
     pp_size: int = _flag(1, "pipeline parallel degree: the layers split into this many stages")
     dp_size: int = _flag(1, "data parallel degree: independent replicas behind a DP controller")
-    load_balance_method: str = _flag("round_robin", "how the DP controller picks a replica",
-                                     choices=("round_robin", "least_loaded"))
+    load_balance_method: Literal["round_robin", "least_loaded"] = _flag(
+        "round_robin", "how the DP controller picks a replica")
     nnodes: int = _flag(1, "machines that together run each replica's TP x PP ranks")
     node_rank: int = _flag(0, "this machine's index among --nnodes (0 serves HTTP)")
     dist_init_addr: str | None = _flag(None, "host:port where the ranks meet (needed with --nnodes > 1; "
@@ -38,9 +78,9 @@ class ServerArgs:
     api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health")
     enable_tracing: bool = _flag(False, "trace every request with OpenTelemetry", "--enable-trace")
     otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported (OTLP)", "--otlp-traces-endpoint")
-    trace_level: int = _flag(3, "1: root span only; 2: plus stages; 3: plus chunks and decode steps", choices=(1, 2, 3))
+    trace_level: Literal[1, 2, 3] = _flag(3, "1: root span only; 2: plus stages; 3: plus chunks and decode steps")
     trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
-    log_level: str = _flag("info", "log verbosity", choices=("debug", "info", "warning", "error"))
+    log_level: Literal["debug", "info", "warning", "error"] = _flag("info", "log verbosity")
 
     def __post_init__(self):
         self.validate()
@@ -53,10 +93,10 @@ class ServerArgs:
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} must be {rule}, got {getattr(self, name)!r}")
 
-        for f in dataclasses.fields(self):
-            value, choices = getattr(self, f.name), f.metadata.get("choices")
-            if choices and value not in choices:
-                need(False, f.name, "one of " + ", ".join(map(str, choices)))
+        for name, annotation in typing.get_type_hints(type(self)).items():
+            choices = flag_type(annotation)[1]
+            if choices and getattr(self, name) not in choices:
+                need(False, name, "one of " + ", ".join(map(str, choices)))
         need(0 < self.port < 65536, "port", "in 1..65535")
         for name in ("tp_size", "pp_size", "dp_size", "nnodes", "max_running_requests", "chunked_prefill_size",
                      "page_size"):
@@ -78,14 +118,19 @@ class ServerArgs:
         """Scheduler processes on one machine: every replica's TP x PP ranks, split over nodes."""
         return self.dp_size * self.tp_size * self.pp_size // self.nnodes
 
+    def settings(self, kind: type[S]) -> S:
+        """The few settings one component uses: the fields (or properties) of ours it names."""
+        return kind(**{f.name: getattr(self, f.name) for f in dataclasses.fields(kind)})
+
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             names = ["--" + f.name.replace("_", "-"), *f.metadata["aliases"]]
-            if f.type == "bool":
+            kind = flag_type(hints[f.name])[0]
+            if kind is bool:
                 parser.add_argument(*names, dest=f.name, action="store_true", help=f.metadata["help"])
                 continue
-            kind = int if "int" in f.type else str
             parser.add_argument(*names, dest=f.name, type=kind, default=f.default, metavar=f.name.upper(),
                                 help=f"{f.metadata['help']} (default: {f.default})")
 

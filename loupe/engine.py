@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 
-from loupe.config import ServerArgs
-from loupe.detokenizer import output_text
+from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
+from loupe.core import TokenizedRequest
 from loupe.distributed.parallel import Comm
-from loupe.scheduler.request import Req, SamplingParams
+from loupe.runner.worker import Worker
+from loupe.scheduler.request import Req
 from loupe.scheduler.scheduler import Scheduler
+from loupe.stops import final_text
 
 
 class Engine:
@@ -18,8 +20,9 @@ class Engine:
 
     def __init__(self, model_path: str | None = None, comm: Comm | None = None, **kwargs):
         self.args = ServerArgs(model_path=model_path, **kwargs)
-        self.scheduler = Scheduler(self.args, comm=comm)
-        self.tokenizer = self.scheduler.tokenizer
+        self.worker = Worker(self.args.settings(WorkerSettings), comm)
+        self.scheduler = Scheduler(self.worker, self.args.settings(SchedulerSettings))
+        self.tokenizer = self.worker.tokenizer
         self._ids = itertools.count()
 
     def generate(
@@ -41,12 +44,9 @@ class Engine:
         if len(params) != len(id_lists):
             raise ValueError(f"got {len(params)} sampling_params for {len(id_lists)} prompts")
         # Validate every request before queueing any, so a bad one changes nothing.
-        reqs = [
-            self.scheduler.make_request(f"engine-{next(self._ids)}", ids, SamplingParams.from_dict(p))
-            for ids, p in zip(id_lists, params, strict=True)
-        ]
-        for req in reqs:
-            self.scheduler.add_request(req)
+        requests = [TokenizedRequest.validated(f"engine-{next(self._ids)}", ids, p, self.worker.limits)
+                    for ids, p in zip(id_lists, params, strict=True)]
+        reqs = [self.scheduler.add_request(request) for request in requests]
         while not all(r.finished for r in reqs):
             self.scheduler.step()
         outputs = [self._output(r) for r in reqs]
@@ -54,7 +54,7 @@ class Engine:
 
     def _output(self, req: Req) -> dict:
         return {
-            "text": output_text(self.tokenizer, req.output_ids, req.finish_reason, req.matched_stop),
+            "text": final_text(self.tokenizer, req.output_ids, req.finish_reason, req.matched_stop),
             "output_ids": list(req.output_ids),
             "meta_info": {
                 "id": req.rid,

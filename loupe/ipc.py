@@ -1,14 +1,15 @@
-"""Messages between loupe's processes, and the ZMQ sockets that carry them.
+"""Messages between loupe's processes, grouped by receiver, and the ZMQ sockets that carry them.
 
     HTTP + tokenizer manager --TokenizedRequest/AbortRequest--> scheduler
     scheduler --TokenBatch--> detokenizer --TextBatch--> tokenizer manager
     scheduler --SchedulerStats--> tokenizer manager (same socket as the text)
+    every serving process --SpanBatch--> span exporter --ExporterStats--> tokenizer manager
 
 With --dp-size N a DP controller binds the scheduler's endpoint instead and forwards each
-request to one of N schedulers (scheduler-dp0 ... ), which also send it their stats.
+request to one of N schedulers (`Endpoints.replica`), which also send it their stats.
 
-Messages are plain dataclasses of builtin types, pickled: nothing from torch, transformers
-or OpenTelemetry crosses a process boundary.
+Messages are plain dataclasses of builtin types and loupe.core types, pickled: nothing from
+torch, transformers or OpenTelemetry crosses a process boundary.
 """
 
 from __future__ import annotations
@@ -20,15 +21,9 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from loupe.tracing.context import TraceContext
+from loupe.core import FinishReason, TraceContext
 
-
-@dataclass
-class TokenizedRequest:
-    rid: str
-    input_ids: list[int]
-    sampling: dict  # SamplingParams fields, validated by the tokenizer manager
-    trace: TraceContext | None = None  # None when the request is not traced
+# ---- to the scheduler (TokenizedRequest is in loupe.core) ---------------------------------------
 
 
 @dataclass
@@ -36,13 +31,17 @@ class AbortRequest:
     rid: str
 
 
+# ---- to the detokenizer, then on to the tokenizer manager --------------------------------------
+
+
 @dataclass
 class RequestOutput:
-    """What one request gained in one scheduler step."""
+    """What one request gained in one scheduler step. The scheduler fills the tokens; the
+    detokenizer adds the text and passes the same object on."""
 
     rid: str
-    new_token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    token_ids: list[int]  # new since the previous output
+    finish_reason: FinishReason | None = None  # None while running
     matched_stop: int | str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -50,11 +49,13 @@ class RequestOutput:
     queue_seconds: float | None = None  # set on the first output: time from arrival to admission
     stop: list[str] | None = None  # the request's stop strings, on the first output
     trace: TraceContext | None = None  # on the first output of a traced request
-    error: str | None = None  # the scheduler refused the request
     # On the last output:
     prefill_seconds: float = 0.0  # admission to first token
     decode_seconds: float = 0.0  # first token to the end
     events: list = field(default_factory=list)  # (name, epoch ns, attributes) for the root span
+    # Added by the detokenizer:
+    text_delta: str = ""  # new text since the previous output of this request
+    text: str | None = None  # the whole final text, on the last output
 
 
 @dataclass
@@ -62,27 +63,12 @@ class TokenBatch:
     outputs: list[RequestOutput]
 
 
-@dataclass
-class TextOutput:
-    rid: str
-    text_delta: str  # new text since the previous TextOutput of this request
-    token_ids: list[int]
-    finish_reason: str | None
-    matched_stop: int | str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    queue_seconds: float | None
-    error: str | None = None
-    text: str | None = None  # the whole final text, on the last output
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    events: list = field(default_factory=list)
+# ---- to the tokenizer manager -------------------------------------------------------------------
 
 
 @dataclass
 class TextBatch:
-    outputs: list[TextOutput]
+    outputs: list[RequestOutput]
 
 
 @dataclass
@@ -96,28 +82,66 @@ class SchedulerStats:
 
 
 @dataclass
-class SpanBatch:
-    """Finished spans of one process, as tuples (see tracing/recorder.py)."""
-
-    offset_ns: int  # add to the perf_counter_ns() times to get epoch ns
-    spans: list[tuple]
-    fanouts: list[tuple]
-    dropped: int  # spans this process had to drop since its last batch
-
-
-@dataclass
 class ExporterStats:
     exported: int
     dropped: int
     failed: int
 
 
-def ipc_dir() -> str:
-    return tempfile.mkdtemp(prefix="loupe-ipc-")
+# ---- to the span exporter ---------------------------------------------------------------------
 
 
-def endpoint(folder: str, name: str) -> str:
-    return "ipc://" + os.path.join(folder, name)
+@dataclass
+class SpanBatch:
+    """Finished spans of one process (tracing.recorder's SpanRecord and Fanout)."""
+
+    offset_ns: int  # add to the perf_counter_ns() times to get epoch ns
+    spans: list
+    fanouts: list
+    dropped: int  # spans this process had to drop since its last batch
+
+
+# ---- where each process listens ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Every ZMQ address between one server's processes: sockets in one private folder."""
+
+    folder: str
+    dp_size: int = 1
+
+    @classmethod
+    def create(cls, dp_size: int) -> Endpoints:
+        return cls(tempfile.mkdtemp(prefix="loupe-ipc-"), dp_size)
+
+    def _address(self, name: str) -> str:
+        return "ipc://" + os.path.join(self.folder, name)
+
+    @property
+    def scheduler(self) -> str:
+        """Where the tokenizer manager sends requests: the scheduler, or the DP controller."""
+        return self._address("scheduler")
+
+    def replica(self, dp_rank: int) -> str:
+        """Where one replica's driver scheduler takes its requests from."""
+        return self.scheduler if self.dp_size == 1 else self._address(f"scheduler-dp{dp_rank}")
+
+    @property
+    def dp_stats(self) -> str:
+        return self._address("dp-controller-stats")
+
+    @property
+    def detokenizer(self) -> str:
+        return self._address("detokenizer")
+
+    @property
+    def manager(self) -> str:
+        return self._address("manager")
+
+    @property
+    def tracing(self) -> str:
+        return self._address("tracing")
 
 
 def bind(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:

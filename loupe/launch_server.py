@@ -32,8 +32,9 @@ import uvicorn
 
 from loupe import ipc
 from loupe.config import ServerArgs
+from loupe.core import ModelInfo
 from loupe.distributed.parallel import Ranks, free_address
-from loupe.process import EXIT_LOST_PEER, configure_logging
+from loupe.process import EXIT_LOST_PEER, Ready, StartFailed, configure_logging, run_child
 from loupe.tracing.settings import ExportSettings, missing_packages
 
 logger = logging.getLogger("loupe")
@@ -98,39 +99,42 @@ def replica_address(args: ServerArgs, dp_rank: int) -> str | None:
 class Supervisor:
     """Starts the children, waits for them to be ready, and watches them while serving."""
 
-    def __init__(self, args: ServerArgs, ipc_dir: str, tracing: ExportSettings | None):
-        from loupe.detokenizer import run_detokenizer_process
-        from loupe.distributed.dp_controller import run_dp_controller_process
-        from loupe.scheduler.process import run_scheduler_process
-        from loupe.tracing.exporter import run_exporter_process
+    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints, tracing: ExportSettings | None):
+        from loupe.detokenizer import DetokenizerProcess
+        from loupe.dp_controller import DataParallelController
+        from loupe.scheduler.process import SchedulerProcess
+        from loupe.tracing.exporter import ExporterProcess
 
         self.ctx = mp.get_context("spawn")
+        self.log_level = args.log_level
         self.children: list[tuple[str, mp.Process, object]] = []
         serves_http = args.node_rank == 0
         if tracing is not None:  # first, so that the others' spans have somewhere to go
-            self.start("exporter", run_exporter_process, (tracing, ipc_dir), args.log_level)
+            self.start("exporter", ExporterProcess, tracing, endpoints)
         if args.dp_size > 1 and serves_http:
-            self.start("DP controller", run_dp_controller_process, (args, ipc_dir))
+            self.start("DP controller", DataParallelController, args, endpoints)
         for dp_rank in range(args.dp_size):
             address = replica_address(args, dp_rank)
             for ranks in replica_ranks(args, dp_rank):
-                self.start(ranks.process_name(), run_scheduler_process, (args, ipc_dir), ranks, address)
+                self.start(ranks.process_name(), SchedulerProcess, args, endpoints, ranks, address)
         if serves_http:
-            self.start("detokenizer", run_detokenizer_process, (args, ipc_dir))
+            self.start("detokenizer", DetokenizerProcess, args, endpoints)
         self.stopping = False
         self.exit_code = 0
 
-    def start(self, name: str, target, args: tuple, *extra) -> None:
+    def start(self, name: str, build, *args) -> None:
+        """A child process running `build(*args).run_forever()` (process.run_child)."""
         reader, writer = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=target, args=(*args, writer, *extra), name=f"loupe-{name}", daemon=True)
+        proc = self.ctx.Process(target=run_child, args=(name, self.log_level, writer, build, *args),
+                                name=f"loupe-{name}", daemon=True)
         proc.start()
         writer.close()
         self.children.append((name, proc, reader))
 
-    def wait_ready(self) -> dict:
-        """Each child's ready message, in start order; raises RuntimeError naming the first
-        child that failed (ranks wait for one another, so all are watched at once)."""
-        infos = {}
+    def wait_ready(self) -> list[Ready]:
+        """Each child's Ready; raises RuntimeError naming the first child that failed (ranks
+        wait for one another, so all are watched at once)."""
+        infos = []
         pending = {reader: (name, proc) for name, proc, reader in self.children}
         while pending:
             wait([*pending, *(proc.sentinel for _, proc in pending.values())])
@@ -147,11 +151,11 @@ class Supervisor:
                 if info is None:
                     proc.join()
                     raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
-                if "error" in info:
-                    raise RuntimeError(info["error"])
-                infos[name] = info
+                if isinstance(info, StartFailed):
+                    raise RuntimeError(f"{name}: {info.error}")
+                infos.append(info)
                 del pending[reader]
-        return {name: infos[name] for name, _, _ in self.children}
+        return infos
 
     def watch(self, on_death) -> None:
         sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
@@ -193,15 +197,15 @@ def launch(args: ServerArgs) -> int:
     if args.node_rank > 0:
         return run_other_node(args, tracing)
     sock = listen_socket(args.host, args.port)
-    ipc_dir = ipc.ipc_dir()
-    supervisor = Supervisor(args, ipc_dir, tracing)
+    endpoints = ipc.Endpoints.create(args.dp_size)
+    supervisor = Supervisor(args, endpoints, tracing)
     from loupe.model.loader import load_tokenizer
     from loupe.server.http_server import create_app
     from loupe.server.metrics import Metrics
     from loupe.server.tokenizer_manager import TokenizerManager
 
     metrics = Metrics()
-    manager = TokenizerManager(args, ipc_dir, metrics)
+    manager = TokenizerManager(args, endpoints, metrics)
     name = served_model_name(args)
     app = create_app(manager, args, metrics, name)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
@@ -220,10 +224,8 @@ def launch(args: ServerArgs) -> int:
             if not supervisor.stopping:  # else a signal stopped the start-up: not a failure
                 fail(f"loupe: cannot start: {e}")
             return
-        info = next(v for k, v in infos.items() if k.startswith("scheduler"))
-        model_info = {k: v for k, v in info.items() if k != "limits"}
-        model_info["context_length"] = info["limits"].context_length
-        manager.set_ready(tokenizer, info["limits"], model_info)
+        model = next(ready.info for ready in infos if isinstance(ready.info, ModelInfo))
+        manager.set_ready(tokenizer, model)
         logger.info("serving %s at http://%s:%d", name, args.host, args.port)
         supervisor.watch(fail)
 
@@ -235,8 +237,8 @@ def launch(args: ServerArgs) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        supervisor.stop(before_exporter=manager.tracer.recorder.flush if manager.tracer else None)
-        shutil.rmtree(ipc_dir, ignore_errors=True)
+        supervisor.stop(before_exporter=manager.tracer.flush if manager.tracer else None)
+        shutil.rmtree(endpoints.folder, ignore_errors=True)
     return supervisor.exit_code
 
 
@@ -245,8 +247,8 @@ def run_other_node(args: ServerArgs, tracing: ExportSettings | None) -> int:
     node 0 serves HTTP and drives them. Stops on a signal or when a rank stops."""
     import zmq
 
-    ipc_dir = ipc.ipc_dir()
-    supervisor = Supervisor(args, ipc_dir, tracing)
+    endpoints = ipc.Endpoints.create(args.dp_size)
+    supervisor = Supervisor(args, endpoints, tracing)
     done = threading.Event()
 
     def finish(message: str, exit_code: int) -> None:
@@ -271,14 +273,14 @@ def run_other_node(args: ServerArgs, tracing: ExportSettings | None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     # The span exporter reports its counters to the HTTP process; here nobody shows them.
-    sink = ipc.bind(zmq.Context.instance(), zmq.PULL, ipc.endpoint(ipc_dir, "manager"))
+    sink = ipc.bind(zmq.Context.instance(), zmq.PULL, endpoints.manager)
     try:
         while not done.is_set():
             while sink.poll(500):
                 sink.recv()
     finally:
         supervisor.stop()
-        shutil.rmtree(ipc_dir, ignore_errors=True)
+        shutil.rmtree(endpoints.folder, ignore_errors=True)
     return supervisor.exit_code
 
 

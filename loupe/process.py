@@ -1,4 +1,4 @@
-"""What every loupe child process does first, and how it reports that it is ready."""
+"""How every loupe child process starts, reports that it is ready (or why it is not), and runs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,42 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
 
 PR_SET_PDEATHSIG = 1
 EXIT_LOST_PEER = 3  # a rank whose peers went away (another node stopped or died)
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Ready:
+    """A child's report, over its start-up pipe, that it serves. `info`: what the launcher
+    needs from it (a scheduler's ModelInfo), None for the others."""
+
+    info: Any = None
+
+
+@dataclass
+class StartFailed:
+    error: str  # one line
+
+
+def run_child(name: str, log_level: str, ready: Connection, build: Callable[..., Any], *args: Any) -> None:
+    """The body of every child process: set up, build the process's object from `args`, report
+    `Ready` (with the object's `ready_info`, if it has one) or `StartFailed` (a bad model
+    path, out of memory...), then serve until stopped."""
+    setup_child(name, log_level)
+    try:
+        child = build(*args)
+    except Exception as e:
+        logger.debug("%s failed to start", name, exc_info=True)
+        ready.send(StartFailed(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
+        return
+    ready.send(Ready(getattr(child, "ready_info", None)))
+    child.run_forever()
 
 
 def setup_child(name: str, log_level: str = "info") -> None:

@@ -2,29 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
+from loupe.core import SamplingParams
 from loupe.model.loader import LoadedModel
 from loupe.runner.attention import AttentionGroup, ForwardBatch, KVCache
 from loupe.runner.sampler import sample
-from loupe.scheduler.cache import SlotTable
-from loupe.scheduler.request import Req
+
+
+class Sequence(Protocol):
+    """What the runner reads of a request (the scheduler's Req is one)."""
+
+    row: int  # its row of the slot table
+    kv_len: int  # tokens whose KV is in the cache already
+    seq_len: int
+    all_ids: list[int]  # prompt and output so far
+    output_ids: list[int]
+    sampling: SamplingParams
+    generator: torch.Generator
 
 
 class ModelRunner:
     """Runs this rank's part of the model. With pipeline stages, each stage takes the hidden
     states from the one before and hands its own to the next; the last samples."""
 
-    def __init__(self, loaded: LoadedModel, kv: KVCache, slots: SlotTable, device: torch.device):
+    def __init__(self, loaded: LoadedModel, kv: KVCache, slot_table: torch.Tensor, device: torch.device):
         self.model = loaded.model
         self.comm = loaded.model.comm
         self.hidden_size = loaded.config.hidden_size
         self.kv = kv
-        self.slots = slots
+        self.slot_table = slot_table  # [row, position] -> KV slot
         self.device = device
 
     @torch.inference_mode()
-    def forward(self, reqs: list[Req], num_new: list[int]) -> list[int | None]:
+    def forward(self, reqs: list[Sequence], num_new: list[int]) -> list[int | None]:
         """Compute `num_new[i]` more tokens of each request's KV. Returns the sampled next
         token of each request whose input this completes, None for unfinished prefills."""
         order = sorted(range(len(reqs)), key=lambda i: num_new[i] != 1)  # single queries first
@@ -61,7 +74,7 @@ class ModelRunner:
             unordered[i] = token
         return unordered
 
-    def _prepare(self, reqs: list[Req], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
+    def _prepare(self, reqs: list[Sequence], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         input_ids: list[int] = []
         positions: list[int] = []
         for req, n in zip(reqs, num_new, strict=True):
@@ -77,7 +90,7 @@ class ModelRunner:
         device = self.device
         ids_t = torch.tensor(input_ids, device=device)
         pos_t = torch.tensor(positions, device=device)
-        table = self.slots.table
+        table = self.slot_table
         token_rows = torch.repeat_interleave(rows, counts).to(device)
         out_slots = table[token_rows, pos_t]
 

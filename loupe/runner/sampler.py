@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loupe.scheduler.request import SamplingParams
+from loupe.core import SamplingParams
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:

@@ -1,7 +1,8 @@
 """KV memory bookkeeping: pages, per-request slot tables, and the radix prefix cache.
 
-The KV tensors themselves live in `runner.attention.KVCache`; this module decides which
-slots each request uses. Memory is handed out in pages of `page_size` token slots; page
+The KV tensors and the slot table tensor belong to the worker (runner/worker.py); this
+module decides which slots each request uses, and `KVManager` is the only code that hands
+pages to requests or takes them back. Memory is handed out in pages of `page_size` token slots; page
 `p` owns slots `[p * page_size, (p + 1) * page_size)`. Page 0 is reserved (its slot 0 is
 the zero padding of slot tables).
 
@@ -47,10 +48,10 @@ class PagePool:
 class SlotTable:
     """`table[row, pos]` is the KV slot of token `pos` of the request holding `row`."""
 
-    def __init__(self, max_rows: int, max_len: int, page_size: int, device: torch.device | str):
-        self.table = torch.zeros(max_rows, max_len, dtype=torch.int64, device=device)
-        self.free_rows = list(range(max_rows - 1, -1, -1))
-        self.page_offsets = torch.arange(page_size, device=device)
+    def __init__(self, table: torch.Tensor, page_size: int):
+        self.table = table
+        self.free_rows = list(range(table.shape[0] - 1, -1, -1))
+        self.page_offsets = torch.arange(page_size, device=table.device)
         self.page_size = page_size
 
     def alloc_row(self) -> int | None:
@@ -194,3 +195,91 @@ class RadixCache:
         node.parent.children[node.key[: self.page_size]] = upper
         node.key, node.pages, node.parent = node.key[cut:], node.pages[num_pages:], upper
         return upper
+
+
+class KVManager:
+    """Which pages and slot-table row each request holds. Only these methods set a request's
+    `row`, `pages`, `num_tree_pages` and `prefix_node`, and its `kv_len` on admission and
+    release; the scheduler advances `kv_len` as forward passes compute more."""
+
+    def __init__(self, num_pages: int, page_size: int, slot_table: torch.Tensor, radix: bool = True):
+        self.page_size = page_size
+        self.pool = PagePool(num_pages, page_size)
+        self.tree = RadixCache(self.pool, enabled=radix)
+        self.slots = SlotTable(slot_table, page_size)
+
+    def admit(self, req) -> bool:
+        """A row, and the pages of the longest cached prefix of `req` (locked); False if no row."""
+        row = self.slots.alloc_row()
+        if row is None:
+            return False
+        pages, node = self.tree.match_prefix(req.all_ids[: req.seq_len - 1])
+        self._hold(req, row, node, pages)
+        req.kv_len = len(pages) * self.page_size
+        return True
+
+    def admit_external(self, req, num_tokens: int) -> list[int] | None:
+        """A row and fresh pages for the first `num_tokens` of `req`, whose KV another server
+        computed and writes into them; `kv_len` counts them at once, so the request must not
+        run until they are filled. None, holding nothing, if memory is short."""
+        row = self.slots.alloc_row()
+        if row is None:
+            return None
+        self._hold(req, row, self.tree.root, [])
+        if not self.grow(req, num_tokens):
+            self.release(req, cache=False)
+            return None
+        req.kv_len = num_tokens
+        return list(req.pages)
+
+    def grow(self, req, new_len: int, reserve: int = 0) -> bool:
+        """Pages for the first `new_len` tokens of `req`, evicting cached prefixes if needed,
+        and leaving `reserve` pages free; False (nothing changed) if memory is short."""
+        needed = -(-new_len // self.page_size) - len(req.pages)
+        if needed <= 0:
+            return True
+        shortfall = needed + reserve - len(self.pool.free_pages)
+        if shortfall > 0:
+            self.tree.evict(shortfall)
+        if len(self.pool.free_pages) < needed + reserve:
+            return False
+        pages = self.pool.alloc(needed)
+        self.slots.write_pages(req.row, len(req.pages), pages)
+        req.pages.extend(pages)
+        return True
+
+    def export_prefill(self, req) -> tuple[list[int], int]:
+        """(the pages holding a finished prefill's KV, its first token), for another server to
+        copy. They stay the request's until `release`."""
+        return req.pages[: -(-req.kv_len // self.page_size)], req.output_ids[0]
+
+    def release(self, req, cache: bool) -> None:
+        """Give back a request's row and pages; with `cache`, its computed full pages go to the
+        prefix tree (pages the tree holds already for the same tokens are freed)."""
+        if req.row is None:
+            return
+        own = req.pages[req.num_tree_pages :]
+        if cache and self.tree.enabled:
+            num_full = req.kv_len // self.page_size
+            already = self.tree.insert(req.all_ids[: num_full * self.page_size], req.pages[:num_full])
+            own = req.pages[req.num_tree_pages : already] + req.pages[num_full:]
+        self.pool.free(own)
+        self.tree.unlock(req.prefix_node)
+        self.slots.free_row(req.row)
+        req.row, req.prefix_node, req.pages, req.num_tree_pages, req.kv_len = None, None, [], 0, 0
+
+    def retract(self, req) -> None:
+        """Take back a running request's pages so others can run. Its computed KV goes to the
+        prefix tree, where its next admission finds it again."""
+        self.release(req, cache=True)
+
+    @property
+    def used_tokens(self) -> int:
+        """Tokens of KV held by running requests and by locked prefixes (not evictable)."""
+        used_pages = self.pool.num_pages - 1 - len(self.pool.free_pages) - self.tree.evictable_pages
+        return used_pages * self.page_size
+
+    def _hold(self, req, row: int, node: Node, pages: list[int]) -> None:
+        self.tree.lock(node)
+        req.row, req.prefix_node, req.pages, req.num_tree_pages = row, node, list(pages), len(pages)
+        self.slots.write_pages(row, 0, pages)

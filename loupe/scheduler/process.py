@@ -5,20 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-from multiprocessing.connection import Connection
 
 import torch
 import zmq
 
 from loupe import ipc
-from loupe.config import ServerArgs
-from loupe.distributed.dp_controller import replica_inbox
+from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
+from loupe.core import FinishReason, ModelInfo, TokenizedRequest
 from loupe.distributed.parallel import Comm, Ranks
-from loupe.process import EXIT_LOST_PEER, setup_child
-from loupe.scheduler.request import FinishReason, Req, SamplingParams
-from loupe.scheduler.scheduler import Scheduler, resolve_device
-from loupe.tracing.recorder import Recorder
-from loupe.tracing.spans import SchedulerTracer
+from loupe.process import EXIT_LOST_PEER
+from loupe.runner.worker import Worker, resolve_device
+from loupe.scheduler.request import Req
+from loupe.scheduler.scheduler import Scheduler
+from loupe.tracing.spans import SchedulerTracer, open_tracer
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +26,7 @@ class SchedulerProcess:
     """One rank's scheduler. The driver rank (TP 0, PP 0) takes requests from its inbox, shares
     them with the other ranks of its replica and sends the outputs; every rank steps alike."""
 
-    def __init__(self, args: ServerArgs, ipc_dir: str, ranks: Ranks, init_address: str | None = None):
+    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints, ranks: Ranks, init_address: str | None = None):
         if args.ranks_per_node > 1:  # ranks on one machine share its cores instead of each taking all
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.ranks_per_node))
         device = resolve_device(args.device, ranks.dp_rank * ranks.world_size + ranks.world_rank)
@@ -35,23 +34,38 @@ class SchedulerProcess:
             logger.info("rank %d of %d: meeting the others at %s", ranks.world_rank, ranks.world_size, init_address)
         self.comm = Comm(ranks, init_address, device)
         self.ranks = ranks
-        self.scheduler = Scheduler(args, comm=self.comm)
-        self.recorder = None
-        if args.enable_tracing:
-            self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Scheduler", ranks.labels(), ranks.attributes())
-            self.scheduler.tracer = SchedulerTracer(self.recorder)
+        worker = Worker(args.settings(WorkerSettings), comm=self.comm)
+        self.scheduler = Scheduler(worker, args.settings(SchedulerSettings))
+        self.tracer = self.scheduler.tracer = open_tracer(SchedulerTracer, args.enable_tracing, endpoints.tracing,
+                                                          ranks)
+        self.ready_info: ModelInfo = worker.info
+        logger.info("ready: %d KV tokens on %s, model loaded in %.1f s", worker.limits.max_total_tokens,
+                    worker.device, worker.load_seconds)
         self.num_received = 0
         self.last_stats = None
         if not ranks.is_driver:
             return
         ctx = zmq.Context()
-        self.requests = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, replica_inbox(args.dp_size, ranks.dp_rank)))
-        self.to_detokenizer = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "detokenizer"))
-        self.stats_to = [ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))]
+        self.requests = ipc.bind(ctx, zmq.PULL, endpoints.replica(ranks.dp_rank))
+        self.to_detokenizer = ipc.connect(ctx, zmq.PUSH, endpoints.detokenizer)
+        self.stats_to = [ipc.connect(ctx, zmq.PUSH, endpoints.manager)]
         if args.dp_size > 1:
-            self.stats_to.append(ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "dp-controller-stats")))
+            self.stats_to.append(ipc.connect(ctx, zmq.PUSH, endpoints.dp_stats))
 
     def run_forever(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.serve()
+        except RuntimeError as e:
+            if self.ranks.world_size == 1 or "gloo" not in str(e) and "NCCL" not in str(e):
+                raise
+            logger.warning("lost contact with another rank of this replica (%s); stopping", str(e).split("\n")[0])
+            logging.shutdown()
+            os._exit(EXIT_LOST_PEER)  # skip interpreter teardown: the broken process group can abort it
+        finally:
+            logger.info("stopping after %.0f s", time.perf_counter() - start)
+
+    def serve(self) -> None:
         driver = self.ranks.is_driver
         try:
             while True:
@@ -65,12 +79,12 @@ class SchedulerProcess:
                     if outputs:
                         ipc.send(self.to_detokenizer, ipc.TokenBatch(outputs))
                     self.send_stats()
-                if idle and self.recorder:
-                    self.recorder.maybe_flush()
+                if idle and self.tracer:
+                    self.tracer.maybe_flush()
         finally:  # shutdown: close every request's spans and hand them over
             self.scheduler.abort_all()
-            if self.recorder:
-                self.recorder.flush()
+            if self.tracer:
+                self.tracer.flush()
 
     def receive(self, timeout_ms: int) -> list:
         messages = []
@@ -85,19 +99,9 @@ class SchedulerProcess:
     def handle(self, messages: list) -> list[ipc.RequestOutput]:
         outputs = []
         for message in messages:
-            if isinstance(message, ipc.TokenizedRequest):
+            if isinstance(message, TokenizedRequest):
                 self.num_received += 1
-                try:
-                    sampling = SamplingParams.from_dict(message.sampling)
-                    req = self.scheduler.make_request(message.rid, message.input_ids, sampling)
-                except ValueError as e:  # the manager checks first; this is the last line of defence
-                    outputs.append(ipc.RequestOutput(message.rid, [], "abort", error=str(e)))
-                    continue
-                if message.trace is not None:
-                    req.trace = message.trace
-                    if self.scheduler.tracer:
-                        self.scheduler.tracer.on_arrival(req, message.trace)
-                self.scheduler.add_request(req)
+                self.scheduler.add_request(message)
             elif isinstance(message, ipc.AbortRequest):
                 req = self.scheduler.abort(message.rid)
                 if req is not None:
@@ -110,8 +114,8 @@ class SchedulerProcess:
         aborted = req.finish_reason == FinishReason.ABORT
         out = ipc.RequestOutput(
             rid=req.rid,
-            new_token_ids=[] if aborted else req.output_ids[-1:],
-            finish_reason=req.finish_reason.value if req.finish_reason else None,
+            token_ids=[] if aborted else req.output_ids[-1:],
+            finish_reason=req.finish_reason,
             matched_stop=req.matched_stop,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
@@ -127,41 +131,9 @@ class SchedulerProcess:
 
     def send_stats(self) -> None:
         s = self.scheduler
-        stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv_used_tokens, s.max_total_tokens,
+        stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv.used_tokens, s.worker.limits.max_total_tokens,
                                    self.num_received, self.ranks.dp_rank)
         if stats != self.last_stats:
             for sock in self.stats_to:
                 ipc.send(sock, stats)
             self.last_stats = stats
-
-
-def run_scheduler_process(args: ServerArgs, ipc_dir: str, ready: Connection, ranks: Ranks,
-                          init_address: str | None = None) -> None:
-    setup_child(ranks.process_name(), args.log_level)
-    try:
-        proc = SchedulerProcess(args, ipc_dir, ranks, init_address)
-    except Exception as e:  # a bad model path, out of memory...: tell the launcher in one line
-        logger.debug("scheduler failed to start", exc_info=True)
-        ready.send({"error": str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"})
-        return
-    s = proc.scheduler
-    ready.send({
-        "limits": s.limits,
-        "max_total_tokens": s.max_total_tokens,
-        "load_seconds": round(s.load_seconds, 2),
-        "device": str(s.device),
-        "dtype": str(next(s.model.model.parameters()).dtype).removeprefix("torch."),
-        "model_path": s.model.path,
-    })
-    logger.info("ready: %d KV tokens on %s, model loaded in %.1f s", s.max_total_tokens, s.device, s.load_seconds)
-    start = time.perf_counter()
-    try:
-        proc.run_forever()
-    except RuntimeError as e:
-        if proc.ranks.world_size == 1 or "gloo" not in str(e) and "NCCL" not in str(e):
-            raise
-        logger.warning("lost contact with another rank of this replica (%s); stopping", str(e).split("\n")[0])
-        logging.shutdown()
-        os._exit(EXIT_LOST_PEER)  # skip interpreter teardown: the broken process group can abort it
-    finally:
-        logger.info("stopping after %.0f s", time.perf_counter() - start)

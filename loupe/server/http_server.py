@@ -14,8 +14,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loupe.config import ServerArgs
-from loupe.ipc import TextOutput
-from loupe.scheduler.request import InvalidRequest, SamplingParams
+from loupe.core import InvalidRequest, SamplingParams, TokenizedRequest
+from loupe.ipc import RequestOutput
 from loupe.server.metrics import Metrics
 from loupe.server.protocol import (
     APIError,
@@ -104,8 +104,8 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
 
     @app.get("/health_generate")
     async def health_generate() -> Response:
-        outputs = manager.generate(f"health-{uuid.uuid4().hex}", manager.encode("ping") or [0],
-                                   SamplingParams(max_new_tokens=1))
+        outputs = manager.generate(TokenizedRequest(f"health-{uuid.uuid4().hex}", manager.encode("ping") or [0],
+                                                    SamplingParams(max_new_tokens=1)))
 
         async def run() -> None:
             async for _ in outputs:
@@ -195,9 +195,7 @@ class OpenAIRoutes:
         attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name}
         if not isinstance(body, GenerateRequest):
             attributes["gen_ai.request.model"] = body.model
-        trace = self.manager.start_trace(rid, request.headers, attributes)
-        if trace is not None and self.manager.tracer.include_content:
-            trace.attributes["gen_ai.prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)
+        trace = self.manager.start_trace(rid, request.headers, attributes, prompt)
         request.state.trace = trace
         return trace
 
@@ -213,8 +211,8 @@ class OpenAIRoutes:
         if max_tokens is None:  # as much as the context (and the KV cache) leaves, like OpenAI
             limits = self.manager.limits
             max_tokens = max(min(limits.context_length, limits.max_total_tokens) - len(input_ids), 1)
-        sampling = self._sampling(body.sampling_dict(max_tokens), input_ids, openai_names=True)
-        outputs = self.manager.generate(rid, input_ids, sampling, trace)
+        validated = self._validated(rid, input_ids, body.sampling_dict(max_tokens), trace, openai_names=True)
+        outputs = self.manager.generate(validated, trace)
         fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()))
         headers = trace_headers(trace)
         if body.stream:
@@ -223,17 +221,16 @@ class OpenAIRoutes:
         final = await last_output(outputs, request)
         return JSONResponse(fmt.response(final), headers=headers)
 
-    def _sampling(self, params: dict, input_ids: list[int], openai_names: bool = False) -> SamplingParams:
+    def _validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None,
+                   openai_names: bool = False) -> TokenizedRequest:
         try:
-            sampling = SamplingParams.from_dict(params)
-            self.manager.check(input_ids, sampling)
+            return self.manager.validated(rid, input_ids, params, trace)
         except InvalidRequest as e:
             message, param = str(e), e.param
             if openai_names:
                 message = message.replace("max_new_tokens", "max_tokens")
                 param = {"max_new_tokens": "max_tokens", "input_ids": "prompt"}.get(param, param)
             raise APIError(400, message, param=param) from None
-        return sampling
 
     # ---- native ---------------------------------------------------------------------------
 
@@ -246,8 +243,7 @@ class OpenAIRoutes:
         if rid in self.manager.states:
             raise APIError(400, f"request id {rid!r} is already in use", param="rid")
         input_ids = body.input_ids if body.text is None else self._tokenize(trace, self.manager.encode, body.text)
-        sampling = self._sampling(body.sampling_params, input_ids)
-        outputs = self.manager.generate(rid, input_ids, sampling, trace)
+        outputs = self.manager.generate(self._validated(rid, input_ids, body.sampling_params, trace), trace)
         if body.stream:
             return sse(native_stream(rid, outputs), outputs, trace_headers(trace))
         final = await last_output(outputs, request)
@@ -266,7 +262,7 @@ class OpenAIFormat:
             obj["usage"] = usage
         return obj
 
-    def response(self, out: TextOutput) -> dict:
+    def response(self, out: RequestOutput) -> dict:
         reason = finish_reason(out)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": reason}
@@ -280,11 +276,10 @@ class OpenAIFormat:
             return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": reason}])
         return self._object("text_completion", [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}])
 
-    async def stream(self, outputs: AsyncIterator[TextOutput], include_usage: bool) -> AsyncIterator[dict]:
+    async def stream(self, outputs: AsyncIterator[RequestOutput], include_usage: bool) -> AsyncIterator[dict]:
         if self.chat:
             yield self.chunk(None, None, first=True)
         async for out in outputs:
-            raise_if_failed(out)
             if out.finish_reason is None:
                 if out.text_delta:
                     yield self.chunk(out.text_delta, None)
@@ -297,7 +292,7 @@ class OpenAIFormat:
                 yield obj
 
 
-def usage(out: TextOutput) -> dict:
+def usage(out: RequestOutput) -> dict:
     return {
         "prompt_tokens": out.prompt_tokens,
         "completion_tokens": out.completion_tokens,
@@ -306,35 +301,29 @@ def usage(out: TextOutput) -> dict:
     }
 
 
-def finish_reason(out: TextOutput) -> str:
+def finish_reason(out: RequestOutput) -> str:
     return "length" if out.finish_reason == "length" else "stop"
 
 
-def raise_if_failed(out: TextOutput) -> None:
-    if out.error:
-        raise APIError(400, out.error)
-
-
-def native_body(rid: str, text: str, out: TextOutput, output_ids: list[int] | None = None) -> dict:
+def native_body(rid: str, text: str, out: RequestOutput, output_ids: list[int] | None = None) -> dict:
     meta = {"id": rid, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "matched_stop": out.matched_stop}
     return {"text": text, "output_ids": output_ids if output_ids is not None else out.token_ids, "meta_info": meta}
 
 
-async def native_stream(rid: str, outputs: AsyncIterator[TextOutput]) -> AsyncIterator[dict]:
+async def native_stream(rid: str, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
     """Each event holds the text and token ids so far, as other engines' native APIs do."""
     text, ids = "", []
     async for out in outputs:
-        raise_if_failed(out)
         ids.extend(out.token_ids)
         text = out.text if out.text is not None else text + out.text_delta
         yield native_body(rid, text, out, list(ids))
 
 
-async def last_output(outputs: AsyncIterator[TextOutput], request: Request) -> TextOutput:
+async def last_output(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput:
     """Run a request to its end; abort it if the client goes away meanwhile."""
 
-    async def consume() -> TextOutput:
+    async def consume() -> RequestOutput:
         ids, last = [], None
         async for out in outputs:
             ids.extend(out.token_ids)
@@ -355,9 +344,7 @@ async def last_output(outputs: AsyncIterator[TextOutput], request: Request) -> T
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await outputs.aclose()  # aborts the request if it has not finished
-    out = task.result()
-    raise_if_failed(out)
-    return out
+    return task.result()
 
 
 def trace_headers(trace: RequestTrace | None) -> dict | None:
@@ -365,7 +352,7 @@ def trace_headers(trace: RequestTrace | None) -> dict | None:
     return {"traceparent": trace.ctx.traceparent} if trace is not None else None
 
 
-def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput], headers: dict | None = None) -> StreamingResponse:
+def sse(events: AsyncIterator[dict], outputs: AsyncIterator[RequestOutput], headers: dict | None = None) -> StreamingResponse:
     """Server-sent events. If the client leaves, the stream is cancelled and closing `outputs`
     aborts the request."""
 
@@ -373,10 +360,6 @@ def sse(events: AsyncIterator[dict], outputs: AsyncIterator[TextOutput], headers
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
-        except APIError as e:  # the status line is sent already: the error is an event, in OpenAI's shape
-            error = {"message": e.message, "type": APIError.TYPES.get(e.status, "server_error"),
-                     "param": e.param, "code": e.code}
-            yield f"data: {json.dumps({'error': error}, ensure_ascii=False)}\n\n".encode()
         finally:
             await events.aclose()
             await outputs.aclose()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,10 +13,10 @@ import zmq.asyncio
 
 from loupe import ipc
 from loupe.config import ServerArgs
-from loupe.scheduler.request import RequestLimits, SamplingParams
+from loupe.core import ModelInfo, RequestLimits, TokenizedRequest
 from loupe.server.metrics import Metrics
-from loupe.tracing.recorder import FLUSH_EVERY_NS, Recorder
-from loupe.tracing.spans import RequestTrace, TokenizerTracer, now
+from loupe.tracing.recorder import FLUSH_EVERY_NS
+from loupe.tracing.spans import RequestTrace, RequestTracer, now, open_tracer
 
 logger = logging.getLogger(__name__)
 
@@ -31,25 +30,22 @@ class RequestState:
 
 
 class TokenizerManager:
-    def __init__(self, args: ServerArgs, ipc_dir: str, metrics: Metrics):
-        self.args = args
+    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints, metrics: Metrics):
         self.metrics = metrics
         ctx = zmq.asyncio.Context()
-        self.to_scheduler = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "scheduler"))
-        self.inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "manager"))
+        self.to_scheduler = ipc.connect(ctx, zmq.PUSH, endpoints.scheduler)
+        self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.manager)
         self.states: dict[str, RequestState] = {}
         metrics.open_requests.set_function(lambda: len(self.states))
         self.tokenizer = None
         self.limits: RequestLimits | None = None
         self.model_info: dict = {}
         self.ready = False
-        self.tracer = None
-        if args.enable_tracing:
-            recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "Tokenizer")
-            self.tracer = TokenizerTracer(recorder, args.trace_level, args.trace_include_content)
+        self.tracer = open_tracer(RequestTracer, args.enable_tracing, endpoints.tracing, level=args.trace_level,
+                                  include_content=args.trace_include_content)
 
-    def set_ready(self, tokenizer, limits: RequestLimits, model_info: dict) -> None:
-        self.tokenizer, self.limits, self.model_info = tokenizer, limits, model_info
+    def set_ready(self, tokenizer, model: ModelInfo) -> None:
+        self.tokenizer, self.limits, self.model_info = tokenizer, model.limits, model.as_dict()
         self.ready = True
 
     # ---- tokenization ---------------------------------------------------------------------
@@ -65,27 +61,23 @@ class TokenizerManager:
 
     # ---- generation -----------------------------------------------------------------------
 
-    def check(self, input_ids: list[int], sampling: SamplingParams) -> None:
-        """ValueError if the request cannot run; call before `generate` to answer 400 early."""
-        self.limits.check(input_ids, sampling)
+    def validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None
+                  ) -> TokenizedRequest:
+        """The request as the scheduler takes it; InvalidRequest (a 400) if it cannot run."""
+        return TokenizedRequest.validated(rid, input_ids, params, self.limits, trace.carrier if trace else None)
 
-    async def generate(self, rid: str, input_ids: list[int], sampling: SamplingParams,
-                       trace: RequestTrace | None = None) -> AsyncIterator[ipc.TextOutput]:
+    async def generate(self, request: TokenizedRequest, trace: RequestTrace | None = None
+                       ) -> AsyncIterator[ipc.RequestOutput]:
         """Yield the request's outputs until it finishes. Closing the iterator early aborts it
-        (and ends its trace, if it has one). Callers `check` the request first, so that a bad
-        one is a 400 rather than an error inside a stream; the scheduler refuses it otherwise."""
+        (and ends its trace, if it has one)."""
+        rid = request.rid
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
         state = self.states[rid] = RequestState()
         dispatched = now()
-        ipc.send(self.to_scheduler, ipc.TokenizedRequest(rid, input_ids, dataclasses.asdict(sampling),
-                                                         trace.ctx if trace else None))
+        ipc.send(self.to_scheduler, request)
         if trace:
-            trace.mark("dispatch", dispatched)
-            trace.attributes.update({  # the values in effect, defaults included
-                "gen_ai.request.max_tokens": sampling.max_new_tokens, "gen_ai.request.temperature": sampling.temperature,
-                "gen_ai.request.top_p": sampling.top_p, "gen_ai.request.top_k": sampling.top_k,
-            })
+            self.tracer.dispatched(trace, request, dispatched)
         out = None
         try:
             while True:
@@ -108,11 +100,11 @@ class TokenizerManager:
         if rid in self.states:
             ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
 
-    def start_trace(self, rid: str, headers, attributes: dict) -> RequestTrace | None:
+    def start_trace(self, rid: str, headers, attributes: dict, prompt) -> RequestTrace | None:
         """A trace for a request that just arrived, under the caller's `traceparent` if valid."""
         if self.tracer is None:
             return None
-        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes)
+        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes, prompt)
 
     def end_trace_with_error(self, trace: RequestTrace | None, error_type: str, message: str) -> None:
         """For a request refused before it reached the scheduler."""
@@ -122,7 +114,7 @@ class TokenizerManager:
     async def flush_spans_periodically(self) -> None:
         while self.tracer is not None:
             await asyncio.sleep(FLUSH_EVERY_NS / 1e9)
-            self.tracer.recorder.maybe_flush()
+            self.tracer.maybe_flush()
 
     async def run_inbox(self) -> None:
         """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
@@ -142,7 +134,7 @@ class TokenizerManager:
                 self._observe(state, out, now)
                 state.outputs.put_nowait(out)
 
-    def _observe(self, state: RequestState, out: ipc.TextOutput, now: float) -> None:
+    def _observe(self, state: RequestState, out: ipc.RequestOutput, now: float) -> None:
         m = self.metrics
         if out.queue_seconds is not None:
             m.queue_time.observe(out.queue_seconds)
@@ -155,4 +147,4 @@ class TokenizerManager:
         if out.finish_reason is not None:
             state.finished = True
             m.e2e_latency.observe(now - state.created)
-            m.requests.labels(status="error" if out.error else out.finish_reason).inc()
+            m.requests.labels(status=out.finish_reason).inc()

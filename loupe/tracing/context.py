@@ -1,11 +1,10 @@
-"""A request's tracing context: W3C traceparent in and out, and the plain carrier that
-crosses process boundaries inside request messages."""
+"""A request's trace context from a W3C traceparent (the carrier itself is loupe.core.TraceContext)."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from loupe.core import TraceContext, TraceDecision
 from loupe.tracing.ids import new_span_id, new_trace_id
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?$")
@@ -27,28 +26,10 @@ def parse_traceparent(header: str | None) -> tuple[int, int, int] | None:
     return trace_id, span_id, int(flags_hex, 16)
 
 
-def format_traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str:
-    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
-
-
-@dataclass(frozen=True)
-class TraceContext:
-    """What every process needs to attach its spans to a request's trace. Plain ints and
-    strings, so it pickles into request messages without the OpenTelemetry SDK."""
-
-    trace_id: int
-    root_span_id: int
-    level: int
-    remote_parent_id: int | None = None  # the caller's span, from an inbound traceparent
-    tracestate: str | None = None
-
-    @classmethod
-    def start(cls, level: int, traceparent: str | None = None, tracestate: str | None = None) -> TraceContext:
-        parent = parse_traceparent(traceparent)
-        if parent is None:
-            return cls(new_trace_id(), new_span_id(), level)
-        return cls(parent[0], new_span_id(), level, parent[1], tracestate or None)
-
-    @property
-    def traceparent(self) -> str:
-        return format_traceparent(self.trace_id, self.root_span_id)
+def start_context(level: int, traceparent: str | None = None, tracestate: str | None = None,
+                  decision: TraceDecision = TraceDecision.SAMPLED) -> TraceContext:
+    """A new request's context: under the caller's span when `traceparent` is valid."""
+    parent = parse_traceparent(traceparent)
+    if parent is None:
+        return TraceContext(new_trace_id(), new_span_id(), level, decision)
+    return TraceContext(parent[0], new_span_id(), level, decision, parent[1], tracestate or None)

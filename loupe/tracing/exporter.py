@@ -17,12 +17,11 @@ import socket
 import threading
 import time
 from collections import deque
-from multiprocessing.connection import Connection
 
 import zmq
 
 from loupe import ipc
-from loupe.process import setup_child, yield_to_serving
+from loupe.process import yield_to_serving
 from loupe.tracing.settings import ExportSettings
 
 logger = logging.getLogger(__name__)
@@ -52,7 +51,7 @@ def make_resource():
 
 
 class ExporterProcess:
-    def __init__(self, settings: ExportSettings, ipc_dir: str):
+    def __init__(self, settings: ExportSettings, endpoints: ipc.Endpoints):
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         from loupe.tracing.otlp import SpanEncoder
@@ -62,8 +61,8 @@ class ExporterProcess:
         self.exporter = make_exporter(settings)
         self.encoder = SpanEncoder(make_resource().attributes)
         ctx = zmq.Context()
-        self.inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "tracing"))
-        self.to_manager = ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, "manager"))
+        self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.tracing)
+        self.to_manager = ipc.connect(ctx, zmq.PUSH, endpoints.manager)
         self.queue: deque = deque()  # spans as SpanEncoder takes them
         # A full batch waits for the next round instead of leaving at once: calls made back
         # to back cost ~40% less CPU at each end than the same calls spread out (BENCHMARKS.md).
@@ -73,9 +72,19 @@ class ExporterProcess:
         self.exported = self.dropped = self.failed = 0
         self.warned_dropped, self.last_warning = 0, 0.0
 
-    def run_forever(self, signals: socket.socket) -> None:
-        """Receive and report until `stopping`. `signals` (the read end of the signal wake-up
-        fd) ends a wait at once, so the loop wakes only for spans and the stats."""
+    def run_forever(self) -> None:
+        """The exporter process: at the lowest CPU priority, receive and report until SIGTERM.
+        A signal ends a wait at once (through the signal wake-up fd), so the loop wakes only
+        for spans, the stats and signals."""
+        yield_to_serving()
+
+        def stop(*_) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signals, wake = socket.socketpair()
+        wake.setblocking(False)
+        signal.set_wakeup_fd(wake.fileno())
         worker = threading.Thread(target=self.export_loop, name="otlp-export", daemon=True)
         worker.start()
         poller = zmq.Poller()
@@ -116,7 +125,7 @@ class ExporterProcess:
         offset = batch.offset_ns
         spans = [(record, offset) for record in batch.spans]
         for fanout in batch.fanouts:
-            spans.extend((fanout, offset, parent) for parent in fanout[4])
+            spans.extend((fanout, offset, parent) for parent in fanout.parents)
         room = max(0, self.settings.max_queue_size - len(self.queue))
         if len(spans) > room:
             self.dropped += len(spans) - room
@@ -155,23 +164,3 @@ class ExporterProcess:
             logger.warning("dropped %d spans so far (queue of %d full: is the OTLP backend at %s slow or down?)",
                            self.dropped, self.settings.max_queue_size, self.settings.endpoint)
             self.warned_dropped, self.last_warning = self.dropped, now
-
-
-def run_exporter_process(settings: ExportSettings, ipc_dir: str, ready: Connection, log_level: str = "info") -> None:
-    setup_child("exporter", log_level)
-    yield_to_serving()
-    try:
-        proc = ExporterProcess(settings, ipc_dir)
-    except Exception as e:
-        ready.send({"error": f"tracing exporter: {type(e).__name__}: {e}"})
-        return
-
-    def stop(*_) -> None:
-        proc.stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signals, wake = socket.socketpair()
-    wake.setblocking(False)
-    signal.set_wakeup_fd(wake.fileno())
-    ready.send({})
-    proc.run_forever(signals)

@@ -26,7 +26,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import TraceState
 
 from loupe.tracing.ids import new_span_id
-from loupe.tracing.recorder import SERVER
+from loupe.tracing.recorder import SERVER, Fanout, SpanRecord
 
 SPAN_SERVER, SPAN_INTERNAL = Span.SpanKind.SPAN_KIND_SERVER, Span.SpanKind.SPAN_KIND_INTERNAL
 # Every exported span is sampled (W3C flag 01); the context bits say whether the parent is remote.
@@ -80,49 +80,46 @@ def normalize_tracestate(header: str) -> str:
     return ",".join(f"{k}={v}" for k, v in TraceState.from_header([header]).items())
 
 
-def encode_span(span: Span, record: tuple, offset: int) -> None:
-    """Fill `span` from a Recorder.span tuple; `offset` turns its times into epoch ns."""
-    (trace_id, span_id, parent_id, name, start, end, attributes, events, error, kind,
-     tracestate, remote_parent) = record
-    span.trace_id = trace_id.to_bytes(16, "big")
-    span.span_id = span_id.to_bytes(8, "big")
-    if parent_id:
-        span.parent_span_id = parent_id.to_bytes(8, "big")
-    span.name = name
-    span.kind = SPAN_SERVER if kind == SERVER else SPAN_INTERNAL
-    span.start_time_unix_nano = start + offset
-    span.end_time_unix_nano = end + offset
-    span.flags = REMOTE_PARENT if remote_parent else LOCAL_PARENT
-    if tracestate:
-        span.trace_state = normalize_tracestate(tracestate)
-    if attributes:
-        set_attributes(span.attributes, attributes)
-    for event_name, at, event_attributes in events or ():
+def encode_span(span: Span, record: SpanRecord, offset: int) -> None:
+    """Fill `span` from a SpanRecord; `offset` turns its times into epoch ns."""
+    span.trace_id = record.trace_id.to_bytes(16, "big")
+    span.span_id = record.span_id.to_bytes(8, "big")
+    if record.parent_id:
+        span.parent_span_id = record.parent_id.to_bytes(8, "big")
+    span.name = record.name
+    span.kind = SPAN_SERVER if record.kind == SERVER else SPAN_INTERNAL
+    span.start_time_unix_nano = record.start + offset
+    span.end_time_unix_nano = record.end + offset
+    span.flags = REMOTE_PARENT if record.remote_parent else LOCAL_PARENT
+    if record.tracestate:
+        span.trace_state = normalize_tracestate(record.tracestate)
+    if record.attributes:
+        set_attributes(span.attributes, record.attributes)
+    for event_name, at, event_attributes in record.events or ():
         event = span.events.add()
         event.name = event_name
         event.time_unix_nano = at + offset
         if event_attributes:
             set_attributes(event.attributes, event_attributes)
-    if error:
+    if record.error:
         span.status.code = Status.StatusCode.STATUS_CODE_ERROR
-        span.status.message = error
+        span.status.message = record.error
 
 
-def fanout_template(fanout: tuple, offset: int) -> Span:
-    """What the spans of one Recorder.fanout have in common: all but the three ids."""
-    name, start, end, attributes, _ = fanout
-    span = Span(name=name, kind=SPAN_INTERNAL, start_time_unix_nano=start + offset,
-                end_time_unix_nano=end + offset, flags=LOCAL_PARENT)
-    if attributes:
-        set_attributes(span.attributes, attributes)
+def fanout_template(fanout: Fanout, offset: int) -> Span:
+    """What the spans of one Fanout have in common: all but the three ids."""
+    span = Span(name=fanout.name, kind=SPAN_INTERNAL, start_time_unix_nano=fanout.start + offset,
+                end_time_unix_nano=fanout.end + offset, flags=LOCAL_PARENT)
+    if fanout.attributes:
+        set_attributes(span.attributes, fanout.attributes)
     return span
 
 
 class SpanEncoder:
     """Queued spans -> one ExportTraceServiceRequest (one resource, scope "loupe").
 
-    A queued span is `(record, offset_ns)` for a Recorder.span tuple, or
-    `(fanout, offset_ns, (trace_id, parent_span_id))` for one request of a Recorder.fanout.
+    A queued span is `(record, offset_ns)` for a SpanRecord, or
+    `(fanout, offset_ns, (trace_id, parent_span_id))` for one request of a Fanout.
     """
 
     def __init__(self, resource_attributes: Mapping[str, object]) -> None:

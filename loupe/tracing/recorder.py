@@ -1,7 +1,7 @@
 """The per-process span recorder: cheap tuples on the serving path, shipped in batches.
 
-Serving processes never build OpenTelemetry objects. A finished span is one tuple appended
-to a list; `flush()` pickles the list to the exporter process over ZMQ without blocking.
+Serving processes never build OpenTelemetry objects. A finished span is one named tuple
+(`SpanRecord`, or a `Fanout` for a slice shared by a batch) appended to a list; `flush()` pickles the list to the exporter process over ZMQ without blocking.
 If the exporter cannot keep up, the batch is dropped and counted, never waited for.
 Times are `perf_counter_ns()`; the batch carries this process's offset to epoch time.
 """
@@ -11,10 +11,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from typing import NamedTuple
 
 import zmq
 
 from loupe import ipc
+from loupe.core import TraceContext
+from loupe.tracing.ids import new_span_id
 
 SERVER, INTERNAL = 2, 1  # OpenTelemetry SpanKind values
 # Few, larger messages: each one wakes threads in the sender and in the exporter, and on
@@ -22,6 +25,32 @@ SERVER, INTERNAL = 2, 1  # OpenTelemetry SpanKind values
 FLUSH_EVERY_NS = 250_000_000
 FLUSH_AT_SPANS = 512  # a fan-out counts one per request
 SEND_HIGH_WATER_MARK = 256  # batches queued towards the exporter before new ones are dropped
+
+
+class SpanRecord(NamedTuple):
+    trace_id: int
+    span_id: int
+    parent_id: int | None
+    name: str
+    start: int  # perf_counter_ns
+    end: int
+    attributes: dict | None = None
+    events: list | None = None  # (name, perf_ns, attributes)
+    error: str | None = None  # the status message of a failed span
+    kind: int = INTERNAL
+    tracestate: str | None = None
+    remote_parent: bool = False  # the parent is the caller's span, in another service
+
+
+class Fanout(NamedTuple):
+    """The same slice (say, one decode step) under each of `parents`, (trace_id, parent span
+    id) pairs: recorded once, turned into one span per request by the exporter."""
+
+    name: str
+    start: int
+    end: int
+    attributes: dict
+    parents: list[tuple[int, int]]
 
 
 def host_id() -> str:
@@ -63,17 +92,24 @@ class Recorder:
         self.sock.setsockopt(zmq.LINGER, 2000)  # at exit, give queued batches 2 s to leave
         self.sock.connect(address)
 
-    def span(self, trace_id: int, span_id: int, parent_id: int | None, name: str, start: int, end: int,
-             attributes: dict | None = None, events: list | None = None, error: str | None = None,
-             kind: int = INTERNAL, tracestate: str | None = None, remote_parent: bool = False) -> None:
-        """One finished span. `events` are (name, perf_ns, attributes) tuples."""
-        self.spans.append((trace_id, span_id, parent_id, name, start, end, attributes, events, error, kind,
-                           tracestate, remote_parent))
+    def span(self, record: SpanRecord) -> None:
+        self.spans.append(record)
+
+    def thread_span(self, ctx: TraceContext, span_id: int, start: int, end: int, attributes: dict | None = None,
+                    error: str | None = None) -> None:
+        """This process's span under a request's root: its name and attributes say which process."""
+        attrs = {**self.thread_attributes, **attributes} if attributes else self.thread_attributes
+        self.spans.append(SpanRecord(ctx.trace_id, span_id, ctx.root_span_id, self.thread_name, start, end, attrs,
+                                     None, error, INTERNAL, ctx.tracestate))
+
+    def slice(self, ctx: TraceContext, parent_id: int, name: str, start: int, end: int,
+              attributes: dict | None = None, span_id: int | None = None) -> None:
+        """A stage or operation of a request under one of this process's spans."""
+        self.spans.append(SpanRecord(ctx.trace_id, span_id or new_span_id(), parent_id, name, start, end,
+                                     attributes, None, None, INTERNAL, ctx.tracestate))
 
     def fanout(self, name: str, start: int, end: int, attributes: dict, parents: list[tuple[int, int]]) -> None:
-        """The same slice (say, one decode step) under each (trace_id, parent span id) of a
-        batch: recorded once here, turned into one span per request by the exporter."""
-        self.fanouts.append((name, start, end, attributes, parents))
+        self.fanouts.append(Fanout(name, start, end, attributes, parents))
         self.fanout_spans += len(parents)
 
     def maybe_flush(self) -> None:

@@ -2,29 +2,61 @@
 
     Req {rid}                                    root, main process (every level)
     ├── Tokenizer (host | pid)                   level 2+: tokenize, dispatch
+    ├── DP Controller (host | pid)               level 2+: dispatch (with --dp-size > 1)
     ├── Scheduler [TP 0] (host | pid)            level 2+: queue, prefill, decode
     │     prefill > prefill_chunk, decode > decode_step              level 3
     └── Detokenizer (host | pid)                 level 2+: detokenize
 
-Each process has one tracer; the serving code calls it at a few points and it turns
-timestamps into `Recorder` tuples. When tracing is off the tracer is None and every call
-site is one `if`. A request's level is fixed when it enters and travels with its context.
+Each process has one tracer, from `open_tracer`; the serving code calls its named hooks at
+a few points and it turns timestamps into `Recorder` records. When tracing is off the
+tracer is None and every call site is one `if`. A request's level is fixed when it enters
+and travels with its context, as does the trace decision made at the door.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
-from loupe.tracing.context import TraceContext
+from loupe.core import FinishReason, TokenizedRequest, TraceContext, TraceDecision
+from loupe.tracing.context import start_context
 from loupe.tracing.ids import new_span_id
-from loupe.tracing.recorder import SERVER, Recorder
+from loupe.tracing.recorder import SERVER, Recorder, SpanRecord
 
 MILESTONES = (1, 10, 100, 1000, 10000)
+T = TypeVar("T", bound="ProcessTracer")
 
 
 def now() -> int:
     return time.perf_counter_ns()
+
+
+class ProcessTracer:
+    """What every process's tracer has: the recorder, which names the process's thread spans."""
+
+    label = ""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def maybe_flush(self) -> None:
+        """Send what is recorded if enough has waited; call when idle, too."""
+        self.recorder.maybe_flush()
+
+    def flush(self) -> None:
+        """Send everything now (at shutdown)."""
+        self.recorder.flush()
+
+
+def open_tracer(kind: type[T], enabled: bool, address: str, ranks=None, **options) -> T | None:
+    """This process's one tracer (None when tracing is off). `ranks` (a distributed Ranks)
+    name its thread spans: `Scheduler [TP 1] (host | pid)`."""
+    if not enabled:
+        return None
+    labels, attributes = (ranks.labels(), ranks.attributes()) if ranks is not None else (None, None)
+    return kind(Recorder(address, kind.label, labels, attributes), **options)
 
 
 # ---- main process: the root span and the tokenizer's own ------------------------------------
@@ -50,16 +82,38 @@ class RequestTrace:
         """A tokenizer-process slice from `start` until now."""
         self.slices.append((name, start, now(), attributes))
 
+    def decide(self, decision: TraceDecision) -> None:
+        self.ctx = replace(self.ctx, decision=decision)
 
-class TokenizerTracer:
+    @property
+    def carrier(self) -> TraceContext | None:
+        """What the other processes get: nothing when the request is not recorded."""
+        return self.ctx if self.ctx.decision != TraceDecision.OFF else None
+
+
+class RequestTracer(ProcessTracer):
+    label = "Tokenizer"
+
     def __init__(self, recorder: Recorder, level: int, include_content: bool):
-        self.recorder, self.level, self.include_content = recorder, level, include_content
+        super().__init__(recorder)
+        self.level, self.include_content = level, include_content
         self.offset = recorder.offset_ns
 
-    def start(self, rid: str, traceparent: str | None, tracestate: str | None, attributes: dict) -> RequestTrace:
-        trace = RequestTrace(TraceContext.start(self.level, traceparent, tracestate), rid)
+    def start(self, rid: str, traceparent: str | None, tracestate: str | None, attributes: dict,
+              prompt: str | list | None = None) -> RequestTrace:
+        trace = RequestTrace(start_context(self.level, traceparent, tracestate), rid)
         trace.attributes.update({"rid": rid, "gen_ai.request.id": rid, **attributes})
+        if self.include_content and prompt is not None:
+            trace.attributes["gen_ai.prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)
         return trace
+
+    def dispatched(self, trace: RequestTrace, request: TokenizedRequest, start: int) -> None:
+        trace.mark("dispatch", start)
+        sampling = request.sampling
+        trace.attributes.update({  # the values in effect, defaults included
+            "gen_ai.request.max_tokens": sampling.max_new_tokens, "gen_ai.request.temperature": sampling.temperature,
+            "gen_ai.request.top_p": sampling.top_p, "gen_ai.request.top_k": sampling.top_k,
+        })
 
     def on_output(self, trace: RequestTrace, out) -> None:
         if out.queue_seconds is not None:  # on the first output only
@@ -81,8 +135,6 @@ class TokenizerTracer:
         or None when the client went away first."""
         if out is None:
             self.finish(trace, None, "client_disconnected", "the client went away")
-        elif out.error:
-            self.finish(trace, out, "invalid_request_error", out.error)
         else:
             self.finish(trace, out)
 
@@ -91,6 +143,8 @@ class TokenizerTracer:
         if trace.finished:
             return
         trace.finished = True
+        if trace.ctx.decision == TraceDecision.OFF:
+            return
         end = now()
         ctx, attrs, rec = trace.ctx, trace.attributes, self.recorder
         events = list(trace.events)
@@ -102,7 +156,7 @@ class TokenizerTracer:
             attrs["gen_ai.latency.time_in_model_decode"] = out.decode_seconds
             events.extend((name, wall - self.offset, a) for name, wall, a in out.events)
             if out.finish_reason == "abort" and error_type is None:
-                error_type, error = "aborted", out.error or "the request was aborted"
+                error_type, error = "aborted", "the request was aborted"
         if trace.first_token is not None:
             attrs["gen_ai.latency.time_to_first_token"] = (trace.first_token - trace.start) / 1e9
         attrs["gen_ai.latency.e2e"] = (end - trace.start) / 1e9
@@ -112,15 +166,14 @@ class TokenizerTracer:
             attrs["error.type"] = error_type
             events.append(("exception", end, {"exception.type": error_type, "exception.message": error or ""}))
         events.sort(key=lambda e: e[1])
-        rec.span(ctx.trace_id, ctx.root_span_id, ctx.remote_parent_id, f"Req {trace.rid}", trace.start, end,
-                 attrs, events, error if error_type else None, SERVER, ctx.tracestate, ctx.remote_parent_id is not None)
+        rec.span(SpanRecord(ctx.trace_id, ctx.root_span_id, ctx.remote_parent_id, f"Req {trace.rid}", trace.start,
+                            end, attrs, events, error if error_type else None, SERVER, ctx.tracestate,
+                            ctx.remote_parent_id is not None))
         if ctx.level >= 2:
             thread_id = new_span_id()
-            rec.span(ctx.trace_id, thread_id, ctx.root_span_id, rec.thread_name, trace.start, end,
-                     rec.thread_attributes, tracestate=ctx.tracestate)
+            rec.thread_span(ctx, thread_id, trace.start, end)
             for name, start, stop, slice_attrs in trace.slices:
-                rec.span(ctx.trace_id, new_span_id(), thread_id, name, start, stop, slice_attrs,
-                         tracestate=ctx.tracestate)
+                rec.slice(ctx, thread_id, name, start, stop, slice_attrs)
         rec.maybe_flush()
 
 
@@ -148,20 +201,29 @@ class SchedulerSpans:
         self.stage, self.stage_id, self.stage_start, self.stage_attrs = "queue", new_span_id(), start, {}
 
 
-class SchedulerTracer:
-    def __init__(self, recorder: Recorder):
-        self.recorder = recorder
+class SchedulerTracer(ProcessTracer):
+    """Hooks on a scheduler's request (`req.trace`: its context, None when not traced): events
+    for the root span in `req.events` at every level, open spans in `req.spans` from level 2."""
 
-    def on_arrival(self, req, ctx: TraceContext) -> None:
-        if ctx.level >= 2:
-            req.spans = SchedulerSpans(ctx, now())
+    label = "Scheduler"
 
-    def on_admit(self, req) -> None:
-        spans = req.spans
-        if spans is not None:
-            self._next_stage(spans, "prefill", {"num_tokens": req.seq_len, "cached_tokens": req.kv_len})
+    def arrived(self, req) -> None:
+        if req.trace is not None and req.trace.level >= 2:
+            req.spans = SchedulerSpans(req.trace, now())
 
-    def on_forward(self, batch: list, num_new: list[int], start: int, end: int) -> None:
+    def admitted(self, req) -> None:
+        """`req` joined the running batch: for the first time, or again after a retraction."""
+        if req.trace is None:
+            return
+        if req.num_retractions == 0:
+            at = time.time_ns()
+            req.events.append(("queue.admitted", at, {"queue_seconds": req.admit_time - req.arrival_time}))
+            hit = "prefix_cache.hit" if req.cached_tokens else "prefix_cache.miss"
+            req.events.append((hit, at, {"cached_tokens": req.cached_tokens, "prompt_tokens": len(req.prompt_ids)}))
+        if req.spans is not None:
+            self._next_stage(req.spans, "prefill", {"num_tokens": req.seq_len, "cached_tokens": req.kv_len})
+
+    def forward(self, batch: list, num_new: list[int], start: int, end: int) -> None:
         """One forward pass: a prefill_chunk span per chunk, one decode_step fan-out for the
         decodes (level 3); stage changes for requests that got their first token."""
         decodes = []
@@ -174,33 +236,39 @@ class SchedulerTracer:
                 if spans.ctx.level >= 3:
                     decodes.append((spans.ctx.trace_id, spans.stage_id))
             elif spans.ctx.level >= 3:
-                self.recorder.span(spans.ctx.trace_id, new_span_id(), spans.stage_id, "prefill_chunk", start, end,
-                                   {"num_tokens": n, "start_position": req.kv_len - n, "batch_size": size},
-                                   tracestate=spans.ctx.tracestate)
+                self.recorder.slice(spans.ctx, spans.stage_id, "prefill_chunk", start, end,
+                                    {"num_tokens": n, "start_position": req.kv_len - n, "batch_size": size})
             if spans.stage == "prefill" and req.output_ids and req.kv_len >= req.seq_len - 1:
                 self._next_stage(spans, "decode", {}, at=end)
         if decodes:
             self.recorder.fanout("decode_step", start, end, {"batch_size": size}, decodes)
         self.recorder.maybe_flush()
 
-    def on_retract(self, req) -> None:
+    def retracted(self, req) -> None:
+        if req.trace is None:
+            return
+        req.events.append(("retracted", time.time_ns(),
+                           {"completion_tokens": len(req.output_ids), "retractions": req.num_retractions}))
         if req.spans is not None:
             self._next_stage(req.spans, "queue", {"retracted": True})
 
-    def on_finish(self, req) -> None:
-        spans = req.spans
+    def finished(self, req) -> None:
+        """Close the request's spans (finished, aborted, or shut down)."""
+        if req.trace is None:
+            return
+        aborted = req.finish_reason == FinishReason.ABORT
+        if aborted:
+            req.events.append(("abort", time.time_ns(), {}))
+        spans, req.spans = req.spans, None
         if spans is None:
             return
         end = now()
         if spans.stage == "decode":
             spans.stage_attrs["completion_tokens"] = len(req.output_ids)
         self._close_stage(spans, end)
-        rec, ctx = self.recorder, spans.ctx
-        attrs = {**rec.thread_attributes, "finish_reason": req.finish_reason.value}
-        rec.span(ctx.trace_id, spans.thread_id, ctx.root_span_id, rec.thread_name, spans.start, end, attrs,
-                 error=f"aborted: {req.finish_reason.value}" if req.finish_reason == "abort" else None,
-                 tracestate=ctx.tracestate)
-        req.spans = None
+        self.recorder.thread_span(spans.ctx, spans.thread_id, spans.start, end,
+                                  {"finish_reason": req.finish_reason.value},
+                                  error=f"aborted: {req.finish_reason.value}" if aborted else None)
 
     def _next_stage(self, spans: SchedulerSpans, stage: str, attrs: dict, at: int | None = None) -> None:
         at = now() if at is None else at
@@ -208,9 +276,8 @@ class SchedulerTracer:
         spans.stage, spans.stage_id, spans.stage_start, spans.stage_attrs = stage, new_span_id(), at, attrs
 
     def _close_stage(self, spans: SchedulerSpans, end: int) -> None:
-        ctx = spans.ctx
-        self.recorder.span(ctx.trace_id, spans.stage_id, spans.thread_id, spans.stage, spans.stage_start, end,
-                           spans.stage_attrs or None, tracestate=ctx.tracestate)
+        self.recorder.slice(spans.ctx, spans.thread_id, spans.stage, spans.stage_start, end,
+                            spans.stage_attrs or None, span_id=spans.stage_id)
 
 
 # ---- detokenizer process -------------------------------------------------------------------
@@ -223,18 +290,34 @@ class DetokenizerSpans:
         self.ctx, self.start, self.busy_ns, self.num_tokens = ctx, start, 0, 0
 
 
-class DetokenizerTracer:
-    def __init__(self, recorder: Recorder):
-        self.recorder = recorder
+class DetokenizerTracer(ProcessTracer):
+    label = "Detokenizer"
 
-    def on_convert(self, spans: DetokenizerSpans, start: int, end: int, num_tokens: int, finished: bool) -> None:
+    @staticmethod
+    def started(ctx: TraceContext | None, start: int) -> DetokenizerSpans | None:
+        """The state of a request's first output here; None when it records nothing here."""
+        return DetokenizerSpans(ctx, start) if ctx is not None and ctx.level >= 2 else None
+
+    def converted(self, spans: DetokenizerSpans, start: int, end: int, num_tokens: int, finished: bool) -> None:
         spans.busy_ns += end - start
         spans.num_tokens += num_tokens
         if not finished:
             return
-        rec, ctx = self.recorder, spans.ctx
         thread_id = new_span_id()
-        rec.span(ctx.trace_id, thread_id, ctx.root_span_id, rec.thread_name, spans.start, end,
-                 rec.thread_attributes, tracestate=ctx.tracestate)
-        rec.span(ctx.trace_id, new_span_id(), thread_id, "detokenize", spans.start, end,
-                 {"num_tokens": spans.num_tokens, "busy_seconds": spans.busy_ns / 1e9}, tracestate=ctx.tracestate)
+        self.recorder.thread_span(spans.ctx, thread_id, spans.start, end)
+        self.recorder.slice(spans.ctx, thread_id, "detokenize", spans.start, end,
+                            {"num_tokens": spans.num_tokens, "busy_seconds": spans.busy_ns / 1e9})
+
+
+# ---- DP controller process -----------------------------------------------------------------
+
+
+class DispatchTracer(ProcessTracer):
+    label = "DP Controller"
+
+    def dispatched(self, ctx: TraceContext | None, start: int, end: int, dp_rank: int) -> None:
+        if ctx is None or ctx.level < 2:
+            return
+        thread_id = new_span_id()
+        self.recorder.thread_span(ctx, thread_id, start, end)
+        self.recorder.slice(ctx, thread_id, "dispatch", start, end, {"dp_rank": dp_rank})

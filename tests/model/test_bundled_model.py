@@ -6,9 +6,10 @@ import torch
 import transformers
 
 from loupe import Engine
+from loupe.core import SamplingParams, TokenizedRequest
 from loupe.model.gguf_loader import bundled_model_path
 from loupe.model.loader import read_checkpoint
-from loupe.scheduler.request import SamplingParams
+from loupe.scheduler.request import Req
 
 
 def test_bundled_model_matches_transformers():
@@ -33,19 +34,19 @@ def test_bundled_model_matches_transformers():
 
     # Logits of the prompt's last position and of a few decode steps, through the paged cache.
     s = engine.scheduler
-    req = s.make_request("logits", prompt, SamplingParams(max_new_tokens=8))
-    assert s._admit(req)
+    req = Req(TokenizedRequest("logits", prompt, SamplingParams(max_new_tokens=8)), seed=0)
+    assert s.kv.admit(req)
     worst = 0.0
     for step in range(4):
         n = req.seq_len - req.kv_len if step == 0 else 1  # the cache may hold part of the prompt
         if step:
             req.output_ids.append(out["output_ids"][step - 1])
-        assert s._grow(req, req.kv_len + n)
-        batch, ids, pos = s.runner._prepare([req], [n])
+        assert s.kv.grow(req, req.kv_len + n)
+        batch, ids, pos = s.worker.runner._prepare([req], [n])
         with torch.inference_mode():
-            logits = s.runner.model.compute_logits(s.runner.model(ids, pos, batch)[-1:])
+            logits = s.worker.runner.model.compute_logits(s.worker.runner.model(ids, pos, batch)[-1:])
         req.kv_len += n
         worst = max(worst, (logits[0] - full[len(prompt) - 1 + step]).abs().max().item())
-    s._release(req, cache=False)
+    s.kv.release(req, cache=False)
     assert worst <= 1e-3
     assert load_seconds < 30  # seconds, not tens of seconds (generous for a loaded CI machine)

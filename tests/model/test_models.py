@@ -4,8 +4,9 @@ import pytest
 import torch
 import transformers
 
-from loupe.config import ServerArgs
-from loupe.scheduler.request import SamplingParams
+from loupe import Engine
+from loupe.core import SamplingParams, TokenizedRequest
+from loupe.scheduler.request import Req
 from loupe.scheduler.scheduler import Scheduler
 
 from tiny_models import FAMILIES, write_tiny_model
@@ -13,20 +14,20 @@ from tiny_models import FAMILIES, write_tiny_model
 
 def loupe_logits(scheduler: Scheduler, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
     """Logits of every prompt position (prefill), then one decode step per token of `steps`."""
-    req = scheduler.make_request("t", prompt, SamplingParams(max_new_tokens=len(steps) + 1))
-    assert scheduler._admit(req)
-    runner = scheduler.runner
+    req = Req(TokenizedRequest("t", prompt, SamplingParams(max_new_tokens=len(steps) + 1)), seed=0)
+    assert scheduler.kv.admit(req)
+    runner = scheduler.worker.runner
     out, n = [], len(prompt)
     for token in [None, *steps]:
         if token is not None:
             req.output_ids.append(token)
             n = 1
-        assert scheduler._grow(req, req.kv_len + n)
+        assert scheduler.kv.grow(req, req.kv_len + n)
         batch, ids, pos = runner._prepare([req], [n])
         with torch.inference_mode():
             out.append(runner.model.compute_logits(runner.model(ids, pos, batch)))
         req.kv_len += n
-    scheduler._release(req, cache=False)
+    scheduler.kv.release(req, cache=False)
     return out
 
 
@@ -41,8 +42,8 @@ def reference_logits(folder: str, prompt: list[int], steps: list[int]) -> list[t
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_logits_match_transformers(tiny_model_dir, family):
     folder = tiny_model_dir(family)
-    scheduler = Scheduler(ServerArgs(model_path=folder, dtype="float32", page_size=4, max_total_tokens=256))
-    prompt = scheduler.tokenizer.encode("The capital of France is Paris. Hello, my name is")
+    scheduler = Engine(folder, dtype="float32", page_size=4, max_total_tokens=256).scheduler
+    prompt = scheduler.worker.tokenizer.encode("The capital of France is Paris. Hello, my name is")
     steps = [5, 17, 42, 99, 3]
     ours = loupe_logits(scheduler, prompt, steps)
     theirs = reference_logits(folder, prompt, steps)
@@ -53,8 +54,6 @@ def test_logits_match_transformers(tiny_model_dir, family):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_greedy_matches_transformers(tiny_model_dir, family):
-    from loupe import Engine
-
     folder = tiny_model_dir(family)
     engine = Engine(folder, dtype="float32", page_size=4, chunked_prefill_size=8)
     prompts = ["The capital of France is", "one two three", "Where did the time of this request go?"]
@@ -74,8 +73,6 @@ def test_sharded_checkpoint_loads(tmp_path):
     import os
 
     assert os.path.exists(os.path.join(folder, "model.safetensors.index.json"))
-    from loupe import Engine
-
     a = Engine(folder, dtype="float32").generate("one two", {"max_new_tokens": 8, "temperature": 0})
     ids = transformers.AutoTokenizer.from_pretrained(folder).encode("one two")
     expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()

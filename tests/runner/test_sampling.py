@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from loupe import Engine
+from loupe.core import SamplingParams
 from loupe.runner.sampler import filtered_probs
-from loupe.scheduler.request import SamplingParams
 
 PROMPT = "The capital of France is"
 
@@ -48,12 +48,12 @@ def test_stop_token_ids_and_eos(engine):
     out = engine.generate(PROMPT, {"max_new_tokens": 10, "temperature": 0, "stop_token_ids": [target]})
     assert out["output_ids"] == free["output_ids"][: free["output_ids"].index(target) + 1]
     assert out["meta_info"]["finish_reason"] == "stop" and out["meta_info"]["matched_stop"] == target
-    engine.scheduler.eos_ids.add(target)
+    engine.scheduler.stops.eos_ids.add(target)
     try:
         stopped = engine.generate(PROMPT, {"max_new_tokens": 10, "temperature": 0})
         ignored = engine.generate(PROMPT, {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True})
     finally:
-        engine.scheduler.eos_ids.discard(target)
+        engine.scheduler.stops.eos_ids.discard(target)
     assert stopped["output_ids"] == out["output_ids"]
     assert ignored["output_ids"] == free["output_ids"]
     assert ignored["meta_info"]["finish_reason"] == "length"
@@ -83,7 +83,7 @@ def test_invalid_values_name_the_parameter(engine, name, value):
 
 
 def test_too_long_requests_are_refused(engine):
-    limit = engine.scheduler.context_length
+    limit = engine.worker.context_length
     with pytest.raises(ValueError, match="context length"):
         engine.generate(input_ids=[5] * limit, sampling_params={"max_new_tokens": 1})
     with pytest.raises(ValueError, match="max_new_tokens"):

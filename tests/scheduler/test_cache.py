@@ -1,6 +1,10 @@
-"""Radix prefix cache and page pool on their own."""
+"""Radix prefix cache, page pool and the KV manager on their own."""
 
-from loupe.scheduler.cache import PagePool, RadixCache
+import torch
+
+from loupe.core import SamplingParams, TokenizedRequest
+from loupe.scheduler.cache import KVManager, PagePool, RadixCache
+from loupe.scheduler.request import Req
 
 
 def make(num_pages=32, page_size=2):
@@ -64,3 +68,110 @@ def test_disabled_cache_matches_nothing():
     pool = PagePool(8, 2)
     tree = RadixCache(pool, enabled=False)
     assert tree.match_prefix([1, 2, 3])[0] == []
+
+
+# ---- KVManager: the only code that hands pages to requests and takes them back -------------------
+
+PS = 2  # tokens per page
+
+
+def kv_manager(num_pages=16, rows=4, context=32):
+    return KVManager(num_pages, PS, torch.zeros(rows, context, dtype=torch.int64))
+
+
+def request(rid, prompt, output=()):
+    req = Req(TokenizedRequest(rid, list(prompt), SamplingParams()), seed=0)
+    req.output_ids = list(output)
+    return req
+
+
+def held(kv):
+    """Pages not free: held by requests or by the tree."""
+    return set(range(1, kv.pool.num_pages)) - set(kv.pool.free_pages)
+
+
+def slots_of(kv, req, n):
+    return kv.slots.table[req.row, :n].tolist()
+
+
+def test_admit_takes_a_row_and_the_cached_prefix_locked():
+    kv = kv_manager(rows=1)
+    first = request("a", [1, 2, 3, 4, 5])
+    assert kv.admit(first) and first.kv_len == 0 and first.pages == []
+    assert kv.grow(first, 5)
+    first.kv_len = 5
+    kv.release(first, cache=True)  # two full pages go to the tree, the partial one is freed
+    again = request("b", [1, 2, 3, 4, 9, 9])
+    assert kv.admit(again)
+    assert again.kv_len == 4 and again.num_tree_pages == 2 and kv.tree.evictable_pages == 0
+    assert slots_of(kv, again, 4) == [p * PS + o for p in again.pages for o in range(PS)]
+    assert not kv.admit(request("c", [7, 7]))  # no row left
+    kv.release(again, cache=False)
+    assert kv.tree.evictable_pages == 2 and again.row is None and again.pages == []
+
+
+def test_grow_evicts_unlocked_prefixes_and_changes_nothing_when_short():
+    kv = kv_manager(num_pages=5)  # pages 1-4
+    cached = request("a", [1, 2, 3, 4])
+    kv.admit(cached)
+    kv.grow(cached, 4)
+    cached.kv_len = 4
+    kv.release(cached, cache=True)
+    req = request("b", [9, 9, 9, 9, 9, 9])
+    assert kv.admit(req) and req.kv_len == 0
+    assert kv.grow(req, 6)  # needs 3 pages: the tree gives its two back (one node)
+    assert len(req.pages) == 3 and kv.tree.total_pages() == 0
+    assert slots_of(kv, req, 6) == [p * PS + o for p in req.pages for o in range(PS)]
+    assert not kv.grow(req, 6 + 2 * PS)  # two more pages: only one can be had
+    assert not kv.grow(req, 7, reserve=1)  # one more, and one to spare: the same
+    assert len(req.pages) == 3 and len(kv.pool.free_pages) == 1
+
+
+def test_release_without_caching_frees_everything_private():
+    kv = kv_manager()
+    req = request("a", [1, 2, 3, 4, 5])
+    kv.admit(req)
+    kv.grow(req, 5)
+    req.kv_len = 5
+    kv.release(req, cache=False)
+    assert held(kv) == set() and kv.tree.total_pages() == 0 and kv.slots.free_rows
+
+
+def test_retract_keeps_the_computed_kv_for_the_next_admission():
+    kv = kv_manager()
+    req = request("a", [1, 2, 3, 4, 5], output=[6, 7])
+    kv.admit(req)
+    kv.grow(req, 7)
+    req.kv_len = 6  # the last output token is the next input
+    kv.retract(req)
+    assert req.row is None and req.pages == [] and req.kv_len == 0
+    assert held(kv) == set(kv.tree.root.children[(1, 2)].pages) and kv.tree.total_pages() == 3
+    assert kv.admit(req) and req.kv_len == 6 and req.num_tree_pages == 3
+
+
+def test_export_prefill_hands_over_the_prompt_pages_and_first_token_and_keeps_them():
+    kv = kv_manager()
+    req = request("a", [1, 2, 3, 4, 5], output=[42])
+    kv.admit(req)
+    kv.grow(req, 6)
+    req.kv_len = 5
+    pages, first_token = kv.export_prefill(req)
+    assert first_token == 42 and pages == req.pages[:3]  # 5 tokens: 3 pages of 2
+    assert set(pages) <= held(kv)
+    kv.release(req, cache=True)
+    assert kv.tree.total_pages() == 2 and len(held(kv)) == 2
+
+
+def test_admit_external_reserves_fresh_pages_to_be_filled():
+    kv = kv_manager(num_pages=5)
+    kv.admit(prefix := request("p", [1, 2, 3, 4]))
+    kv.grow(prefix, 4)
+    prefix.kv_len = 4
+    kv.release(prefix, cache=True)  # cached, but KV from outside does not reuse it
+    req = request("a", [1, 2, 3, 4, 5])
+    pages = kv.admit_external(req, 5)
+    assert pages == req.pages and len(pages) == 3 and req.kv_len == 5 and req.num_tree_pages == 0
+    assert slots_of(kv, req, 5) == [p * PS + o for p in pages for o in range(PS)][:5]
+    assert kv.tree.total_pages() == 0  # evicted for room
+    assert kv.admit_external(request("b", [1] * 7), 7) is None  # 4 pages: one is left
+    assert held(kv) == set(pages) and len(kv.slots.free_rows) == 3  # the failed one holds nothing

@@ -3,7 +3,7 @@
 import pytest
 
 from loupe import Engine
-from loupe.scheduler.request import FinishReason, SamplingParams
+from loupe.core import FinishReason, SamplingParams, TokenizedRequest
 
 PROMPTS = [
     "The capital of France is Paris. The capital of Italy is",
@@ -17,9 +17,13 @@ GREEDY = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
 def assert_pages_conserved(s):
     """Every page but page 0 is free, in the tree, or private to exactly one running request."""
     private = [p for r in s.running for p in r.pages[r.num_tree_pages:]]
-    tree_pages = [p for n in s.tree._nodes() for p in n.pages]
-    everything = s.pool.free_pages + tree_pages + private
-    assert sorted(everything) == list(range(1, s.pool.num_pages))
+    tree_pages = [p for n in s.kv.tree._nodes() for p in n.pages]
+    everything = s.kv.pool.free_pages + tree_pages + private
+    assert sorted(everything) == list(range(1, s.kv.pool.num_pages))
+
+
+def add(s, tokenizer, rid, prompt):
+    return s.add_request(TokenizedRequest(rid, tokenizer.encode(prompt), SamplingParams(**GREEDY)))
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +57,7 @@ def test_chunked_prefill_and_batching_match_reference(folder, reference):
 def test_tiny_pool_retracts_and_resumes_identically(folder, reference):
     engine = Engine(folder, dtype="float32", page_size=4, max_total_tokens=80)
     s = engine.scheduler
-    reqs = [s.make_request(f"r{i}", engine.tokenizer.encode(p), SamplingParams(**GREEDY)) for i, p in enumerate(PROMPTS)]
-    for r in reqs:
-        s.add_request(r)
+    reqs = [add(s, engine.tokenizer, f"r{i}", p) for i, p in enumerate(PROMPTS)]
     steps = 0
     while s.has_work:
         s.step()
@@ -70,12 +72,10 @@ def test_tiny_pool_retracts_and_resumes_identically(folder, reference):
 def test_new_requests_join_while_others_decode(folder, reference):
     engine = Engine(folder, dtype="float32")
     s = engine.scheduler
-    first = s.make_request("a", engine.tokenizer.encode(PROMPTS[0]), SamplingParams(**GREEDY))
-    s.add_request(first)
+    first = add(s, engine.tokenizer, "a", PROMPTS[0])
     for _ in range(5):
         s.step()
-    second = s.make_request("b", engine.tokenizer.encode(PROMPTS[1]), SamplingParams(**GREEDY))
-    s.add_request(second)
+    second = add(s, engine.tokenizer, "b", PROMPTS[1])
     decoded = len(first.output_ids)
     s.step()  # one forward: a decode step of the first and the whole prompt of the second
     assert len(first.output_ids) == decoded + 1
@@ -89,17 +89,15 @@ def test_new_requests_join_while_others_decode(folder, reference):
 def test_abort_frees_pages_at_once(folder):
     engine = Engine(folder, dtype="float32", page_size=2, disable_radix_cache=True)
     s = engine.scheduler
-    free_before = len(s.pool.free_pages)
-    reqs = [s.make_request(f"r{i}", engine.tokenizer.encode(p), SamplingParams(**GREEDY)) for i, p in enumerate(PROMPTS)]
-    for r in reqs:
-        s.add_request(r)
+    free_before = len(s.kv.pool.free_pages)
+    reqs = [add(s, engine.tokenizer, f"r{i}", p) for i, p in enumerate(PROMPTS)]
     for _ in range(3):
         s.step()
-    assert len(s.pool.free_pages) < free_before
+    assert len(s.kv.pool.free_pages) < free_before
     for r in reqs:
         assert s.abort(r.rid) is r
         assert r.finish_reason == FinishReason.ABORT and r.row is None and r.pages == []
-    assert len(s.pool.free_pages) == free_before
+    assert len(s.kv.pool.free_pages) == free_before
     assert not s.has_work
     assert s.abort("unknown") is None
 

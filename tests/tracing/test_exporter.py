@@ -8,8 +8,9 @@ import zmq
 from otlp_receivers import GrpcReceiver, HttpReceiver
 
 from loupe import ipc
-from loupe.tracing.exporter import ExporterProcess, run_exporter_process
-from loupe.tracing.recorder import INTERNAL, SERVER, Recorder
+from loupe.process import Ready, run_child
+from loupe.tracing.exporter import ExporterProcess
+from loupe.tracing.recorder import SERVER, Fanout, Recorder, SpanRecord
 from loupe.tracing.settings import ExportSettings, normalize_endpoint
 
 
@@ -17,17 +18,18 @@ class Exporter:
     """An exporter process, a recorder that feeds it, and the stats it reports."""
 
     def __init__(self, endpoint: str, protocol: str = "grpc", delay_ms: int = 50, batch: int = 64, queue: int = 2048):
-        self.dir = ipc.ipc_dir()
-        self.stats_sock = ipc.bind(zmq.Context.instance(), zmq.PULL, ipc.endpoint(self.dir, "manager"))
+        self.endpoints = ipc.Endpoints.create(dp_size=1)
+        self.stats_sock = ipc.bind(zmq.Context.instance(), zmq.PULL, self.endpoints.manager)
         settings = ExportSettings(endpoint, protocol, delay_ms, batch, queue)
         if protocol == "http/protobuf":
             settings = ExportSettings(normalize_endpoint(endpoint, protocol), protocol, delay_ms, batch, queue)
         ctx = mp.get_context("spawn")
         read, write = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=run_exporter_process, args=(settings, self.dir, write), daemon=True)
+        self.proc = ctx.Process(target=run_child, args=("exporter", "info", write, ExporterProcess, settings,
+                                                         self.endpoints), daemon=True)
         self.proc.start()
-        assert read.recv() == {}
-        self.recorder = Recorder(ipc.endpoint(self.dir, "tracing"), "Test")
+        assert read.recv() == Ready()
+        self.recorder = Recorder(self.endpoints.tracing, "Test")
 
     def stats(self) -> ipc.ExporterStats | None:
         last = None
@@ -53,10 +55,11 @@ class Exporter:
 
 def record_request(recorder: Recorder, trace_id: int, n_steps: int = 3) -> None:
     t0 = time.perf_counter_ns()
-    recorder.span(trace_id, 10, None, "Req r1", t0, t0 + 5_000_000, {"rid": "r1"},
-                  [("first_token", t0 + 1_000_000, {"n": 1})], kind=SERVER)
-    recorder.span(trace_id, 11, 10, recorder.thread_name, t0 + 100, t0 + 4_000_000, recorder.thread_attributes)
-    recorder.span(trace_id, 12, 11, "decode", t0 + 200, t0 + 3_000_000, error="boom")
+    recorder.span(SpanRecord(trace_id, 10, None, "Req r1", t0, t0 + 5_000_000, {"rid": "r1"},
+                             [("first_token", t0 + 1_000_000, {"n": 1})], kind=SERVER))
+    recorder.span(SpanRecord(trace_id, 11, 10, recorder.thread_name, t0 + 100, t0 + 4_000_000,
+                             recorder.thread_attributes))
+    recorder.span(SpanRecord(trace_id, 12, 11, "decode", t0 + 200, t0 + 3_000_000, error="boom"))
     for i in range(n_steps):
         recorder.fanout("decode_step", t0 + 300 + i, t0 + 400 + i, {"step": i}, [(trace_id, 12)])
 
@@ -65,7 +68,7 @@ def record_spans(recorder: Recorder, count: int, first_id: int) -> None:
     """`count` bare spans, sent to the exporter at once."""
     t0 = time.perf_counter_ns()
     for i in range(count):
-        recorder.span(1, first_id + i, None, "s", t0, t0 + 1)
+        recorder.span(SpanRecord(1, first_id + i, None, "s", t0, t0 + 1))
     recorder.flush()
 
 
@@ -134,7 +137,7 @@ def test_hanging_backend_drops_and_counts_without_blocking():
         for burst in range(20):
             t0 = time.perf_counter_ns()
             for i in range(10):
-                exporter.recorder.span(1, 1000 + burst * 10 + i, None, "s", t0, t0 + 1)
+                exporter.recorder.span(SpanRecord(1, 1000 + burst * 10 + i, None, "s", t0, t0 + 1))
             start = time.perf_counter()
             exporter.recorder.flush()
             worst = max(worst, time.perf_counter() - start)
@@ -151,7 +154,7 @@ def test_absent_backend_counts_failures(unused_port):
     exporter = Exporter(f"127.0.0.1:{unused_port}", protocol="http/protobuf", delay_ms=10)
     try:
         t0 = time.perf_counter_ns()
-        exporter.recorder.span(1, 2, None, "s", t0, t0 + 1)
+        exporter.recorder.span(SpanRecord(1, 2, None, "s", t0, t0 + 1))
         exporter.recorder.flush()
         stats = exporter.wait_stats(lambda s: s.failed > 0, timeout=30)
         assert stats is not None and stats.failed == 1 and stats.exported == 0
@@ -185,7 +188,7 @@ def in_process():
     def make(protocol: str = "grpc", queue: int = 2048, receiver=None, scheme: str = "http"):
         receiver = receiver or (GrpcReceiver() if protocol == "grpc" else HttpReceiver())
         endpoint = normalize_endpoint(f"{scheme}://127.0.0.1:{receiver.port}", protocol)
-        proc = ExporterProcess(ExportSettings(endpoint, protocol, 50, 64, queue), ipc.ipc_dir())
+        proc = ExporterProcess(ExportSettings(endpoint, protocol, 50, 64, queue), ipc.Endpoints.create(dp_size=1))
         made.append((proc, receiver))
         return proc, receiver
 
@@ -203,12 +206,9 @@ def export_now(proc: ExporterProcess, *spans: tuple, fanouts: tuple = ()) -> Non
     assert proc.failed == 0
 
 
-def span(span_id: int, parent_id: int | None = None, name: str = "s", **fields) -> tuple:
-    """A Recorder.span tuple of trace 0xABC, from 100 to 200 ns."""
-    defaults = {"attributes": None, "events": None, "error": None, "kind": INTERNAL, "tracestate": None,
-                "remote_parent": False}
-    defaults.update(fields)
-    return (0xABC, span_id, parent_id, name, 100, 200, *defaults.values())
+def span(span_id: int, parent_id: int | None = None, name: str = "s", **fields) -> SpanRecord:
+    """A SpanRecord of trace 0xABC, from 100 to 200 ns."""
+    return SpanRecord(0xABC, span_id, parent_id, name, 100, 200, **fields)
 
 
 def value_kinds(receiver) -> dict[str, str]:
@@ -258,8 +258,8 @@ def test_events_status_kind_parent_tracestate_and_flags(in_process):
 def test_fanout_gives_each_request_its_own_span(in_process):
     proc, receiver = in_process()
     parents = [(0x100 + i, 0x200 + i) for i in range(5)]
-    export_now(proc, span(1), fanouts=[("decode_step", 300, 310, {"batch_size": 5}, parents),
-                                       ("decode_step", 320, 330, {"batch_size": 5}, parents[:2])])
+    export_now(proc, span(1), fanouts=[Fanout("decode_step", 300, 310, {"batch_size": 5}, parents),
+                                       Fanout("decode_step", 320, 330, {"batch_size": 5}, parents[:2])])
     steps = [s for s in receiver.wait_for(lambda s: len(s) == 8) if s["name"] == "decode_step"]
     assert [(s["trace_id"], s["parent_id"]) for s in steps] == [
         (f"{t:032x}", f"{p:016x}") for t, p in parents + parents[:2]]
@@ -289,7 +289,7 @@ def test_resource_names_the_service(in_process, monkeypatch):
 
 def test_queue_bound_counts_spans_of_fanouts_too(in_process):
     proc, _ = in_process(queue=5)
-    proc.add(ipc.SpanBatch(OFFSET, [span(1), span(2)], [("decode_step", 1, 2, {}, [(1, 2)] * 4)], 3))
+    proc.add(ipc.SpanBatch(OFFSET, [span(1), span(2)], [Fanout("decode_step", 1, 2, {}, [(1, 2)] * 4)], 3))
     assert len(proc.queue) == 5 and proc.dropped == 3 + 1
     proc.add(ipc.SpanBatch(OFFSET, [span(3)], [], 0))
     assert len(proc.queue) == 5 and proc.dropped == 5

@@ -10,13 +10,13 @@ from otlp_receivers import GrpcReceiver
 
 from loupe.tracing.grpc_export import GrpcExporter
 from loupe.tracing.otlp import SpanEncoder
+from loupe.tracing.recorder import SpanRecord
 
 OFFSET = 1_700_000_000_000_000_000
 
 
 def request(num_spans: int, name: str = "s"):
-    records = [((7, i + 1, None, name, 10, 20, {"i": i, "pad": "x" * 40}, None, None, 1, None, False), OFFSET)
-               for i in range(num_spans)]
+    records = [(SpanRecord(7, i + 1, None, name, 10, 20, {"i": i, "pad": "x" * 40}), OFFSET) for i in range(num_spans)]
     return SpanEncoder({"service.name": "loupe"}).encode(records)
 
 

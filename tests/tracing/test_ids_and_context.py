@@ -1,7 +1,8 @@
 import os
 import random
 
-from loupe.tracing.context import TraceContext, format_traceparent, parse_traceparent
+from loupe.core import format_traceparent
+from loupe.tracing.context import parse_traceparent, start_context
 from loupe.tracing.ids import new_span_id, new_trace_id
 
 
@@ -51,9 +52,9 @@ def test_traceparent_round_trip_and_rejects():
 
 
 def test_context_joins_the_callers_trace_or_starts_one():
-    joined = TraceContext.start(3, "00-00000000000000000000000000000abc-0000000000000123-01", "k=v")
+    joined = start_context(3, "00-00000000000000000000000000000abc-0000000000000123-01", "k=v")
     assert joined.trace_id == 0xABC and joined.remote_parent_id == 0x123 and joined.tracestate == "k=v"
     assert joined.root_span_id not in (0, 0x123)
     assert joined.traceparent.startswith("00-00000000000000000000000000000abc-")
-    fresh = TraceContext.start(2, "malformed")
+    fresh = start_context(2, "malformed")
     assert fresh.remote_parent_id is None and fresh.trace_id != 0xABC and fresh.level == 2

@@ -5,14 +5,14 @@ import zmq
 
 from loupe import ipc
 from loupe.tracing import recorder as recorder_module
-from loupe.tracing.recorder import FLUSH_AT_SPANS, Recorder
+from loupe.tracing.recorder import FLUSH_AT_SPANS, Recorder, SpanRecord
 
 
 @pytest.fixture
 def recorder_and_inbox(monkeypatch, tmp_path):
     """A recorder whose flush interval never runs out by itself, and the socket it sends to."""
     monkeypatch.setattr(recorder_module, "FLUSH_EVERY_NS", 10**12)
-    endpoint = ipc.endpoint(str(tmp_path), "tracing")
+    endpoint = ipc.Endpoints(str(tmp_path)).tracing
     inbox = ipc.bind(zmq.Context.instance(), zmq.PULL, endpoint)
     recorder = Recorder(endpoint, "Test")
     yield recorder, inbox
@@ -38,12 +38,12 @@ def test_fanouts_count_one_span_per_request_towards_a_send(recorder_and_inbox):
 
 def test_spans_wait_for_the_flush_interval_then_go_together(recorder_and_inbox):
     recorder, inbox = recorder_and_inbox
-    recorder.span(1, 2, None, "a", 0, 1)
+    recorder.span(SpanRecord(1, 2, None, "a", 0, 1))
     recorder.maybe_flush()
-    recorder.span(1, 3, 2, "b", 0, 1)
+    recorder.span(SpanRecord(1, 3, 2, "b", 0, 1))
     recorder.maybe_flush()
     assert not inbox.poll(100)
     recorder.last_flush -= 10**12  # as if the interval had passed
     recorder.maybe_flush()
     assert inbox.poll(2000)
-    assert [s[3] for s in ipc.recv(inbox).spans] == ["a", "b"]
+    assert [s.name for s in ipc.recv(inbox).spans] == ["a", "b"]

@@ -3,64 +3,58 @@
 import pytest
 
 from loupe import Engine, ipc
+from loupe.config import ServerArgs
+from loupe.core import FinishReason, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
 from loupe.detokenizer import DetokenizerProcess
-from loupe.scheduler.request import SamplingParams
-from loupe.tracing.context import TraceContext
-from loupe.tracing.spans import SchedulerTracer
+from loupe.tracing.recorder import Recorder
+from loupe.tracing.spans import RequestTracer, SchedulerTracer
 
 PROMPTS = ["The capital of France is Paris. The capital of Italy is", "Hello, my name is loupe and I trace",
            "one two three four five six seven", "Where did the time of this request go? Into prefill,"]
 
 
-class CapturingRecorder:
-    """Stands in for the ZMQ recorder: keeps what would be sent."""
+class CapturingRecorder(Recorder):
+    """The span recorder, keeping what it would send."""
 
-    thread_name, thread_attributes, offset_ns = "Scheduler [TP 0] (host:x | pid:1)", {"thread_label": "Scheduler"}, 0
-
-    def __init__(self):
-        self.spans, self.fanouts = [], []
-
-    def span(self, trace_id, span_id, parent_id, name, start, end, attributes=None, events=None, error=None,
-             kind=1, tracestate=None, remote_parent=False):
-        assert start <= end, name
-        self.spans.append({"trace": trace_id, "id": span_id, "parent": parent_id, "name": name,
-                           "attributes": attributes or {}, "error": error})
-
-    def fanout(self, name, start, end, attributes, parents):
-        self.fanouts.append((name, parents))
+    def __init__(self, tmp_path):
+        super().__init__(ipc.Endpoints(str(tmp_path)).tracing, "Scheduler", {"TP": 0})
+        self.sock.close(0)
 
     def maybe_flush(self):
         pass
 
+    def named(self) -> list[dict]:
+        for record in self.spans:
+            assert record.start <= record.end, record.name
+        return [{"trace": r.trace_id, "id": r.span_id, "parent": r.parent_id, "name": r.name,
+                 "attributes": r.attributes or {}, "error": r.error} for r in self.spans]
 
-def traced_scheduler(tiny_model_dir, **flags):
+
+def traced_scheduler(tiny_model_dir, tmp_path, **flags):
     engine = Engine(tiny_model_dir("llama"), dtype="float32", **flags)
-    recorder = CapturingRecorder()
+    recorder = CapturingRecorder(tmp_path)
     engine.scheduler.tracer = SchedulerTracer(recorder)
     return engine.scheduler, engine.tokenizer, recorder
 
 
 def add(scheduler, tokenizer, i, prompt, level=3, max_new_tokens=40):
-    req = scheduler.make_request(f"r{i}", tokenizer.encode(prompt),
-                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True))
-    req.trace = TraceContext(trace_id=i + 1, root_span_id=1000 + i, level=level)
-    scheduler.tracer.on_arrival(req, req.trace)
-    scheduler.add_request(req)
-    return req
+    sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=True)
+    trace = TraceContext(trace_id=i + 1, root_span_id=1000 + i, level=level)
+    return scheduler.add_request(TokenizedRequest(f"r{i}", tokenizer.encode(prompt), sampling, trace))
 
 
 def check_closed(recorder, req, trace_id):
-    mine = [s for s in recorder.spans if s["trace"] == trace_id]
+    mine = [s for s in recorder.named() if s["trace"] == trace_id]
     thread = [s for s in mine if s["name"].startswith("Scheduler")]
     assert len(thread) == 1 and thread[0]["parent"] == 1000 + trace_id - 1
     stages = [s for s in mine if s["name"] in ("queue", "prefill", "decode")]
     assert all(s["parent"] == thread[0]["id"] for s in stages)
-    assert req.spans is None  # nothing of the request's tracing is left in the scheduler
+    assert req.spans is None  # no span of the request is left open
     return mine
 
 
-def test_finish_and_retraction_close_every_span(tiny_model_dir):
-    scheduler, tokenizer, recorder = traced_scheduler(tiny_model_dir, page_size=4, max_total_tokens=80)
+def test_finish_and_retraction_close_every_span(tiny_model_dir, tmp_path):
+    scheduler, tokenizer, recorder = traced_scheduler(tiny_model_dir, tmp_path, page_size=4, max_total_tokens=80)
     reqs = [add(scheduler, tokenizer, i, p) for i, p in enumerate(PROMPTS)]
     while scheduler.has_work:
         scheduler.step()
@@ -73,13 +67,13 @@ def test_finish_and_retraction_close_every_span(tiny_model_dir):
         if req.num_retractions:
             assert any(s["name"] == "queue" and s["attributes"].get("retracted") for s in spans)
             assert "retracted" in {e[0] for e in req.events}
-        steps = sum(1 for name, parents in recorder.fanouts for t, _ in parents if t == i + 1)
+        steps = sum(1 for fanout in recorder.fanouts for t, _ in fanout.parents if t == i + 1)
         # Every token but those sampled at the end of a prefill (one per admission) is a decode step.
         assert len(req.output_ids) - 1 - req.num_retractions <= steps <= len(req.output_ids) - 1
 
 
-def test_abort_and_shutdown_close_every_span(tiny_model_dir):
-    scheduler, tokenizer, recorder = traced_scheduler(tiny_model_dir, max_running_requests=2)
+def test_abort_and_shutdown_close_every_span(tiny_model_dir, tmp_path):
+    scheduler, tokenizer, recorder = traced_scheduler(tiny_model_dir, tmp_path, max_running_requests=2)
     reqs = [add(scheduler, tokenizer, i, p) for i, p in enumerate(PROMPTS)]
     for _ in range(3):
         scheduler.step()
@@ -95,8 +89,8 @@ def test_abort_and_shutdown_close_every_span(tiny_model_dir):
 
 
 @pytest.mark.parametrize("level,expected", [(1, 0), (2, 4)])
-def test_lower_levels_record_less(tiny_model_dir, level, expected):
-    scheduler, tokenizer, recorder = traced_scheduler(tiny_model_dir, chunked_prefill_size=4)
+def test_lower_levels_record_less(tiny_model_dir, tmp_path, level, expected):
+    scheduler, tokenizer, recorder = traced_scheduler(tiny_model_dir, tmp_path, chunked_prefill_size=4)
     req = add(scheduler, tokenizer, 0, PROMPTS[0], level=level, max_new_tokens=5)
     while scheduler.has_work:
         scheduler.step()
@@ -105,17 +99,29 @@ def test_lower_levels_record_less(tiny_model_dir, level, expected):
     assert req.spans is None
 
 
-def test_detokenizer_keeps_no_state_after_finish_or_abort(tiny_model_dir):
-    class Args:
-        model_path, enable_tracing = tiny_model_dir("llama"), False
-
-    detokenizer = DetokenizerProcess.__new__(DetokenizerProcess)
-    from loupe.model.loader import load_tokenizer
-
-    detokenizer.tokenizer, detokenizer.tracer, detokenizer.states = load_tokenizer(Args.model_path), None, {}
-    for rid, ending in (("a", "length"), ("b", "abort")):
+def test_detokenizer_keeps_no_state_after_finish_or_abort(tiny_model_dir, tmp_path):
+    args = ServerArgs(model_path=tiny_model_dir("llama"))
+    detokenizer = DetokenizerProcess(args, ipc.Endpoints(str(tmp_path)))
+    for rid, ending in (("a", FinishReason.LENGTH), ("b", FinishReason.ABORT)):
         detokenizer.convert(ipc.RequestOutput(rid, [5], stop=None))
         detokenizer.convert(ipc.RequestOutput(rid, [6]))
         assert rid in detokenizer.states
-        detokenizer.convert(ipc.RequestOutput(rid, [] if ending == "abort" else [7], ending))
+        last = ipc.RequestOutput(rid, [] if ending == "abort" else [7], ending)
+        detokenizer.convert(last)
         assert rid not in detokenizer.states
+        assert last.text == detokenizer.tokenizer.decode([5, 6] + last.token_ids, skip_special_tokens=True)
+
+
+def test_the_trace_decision_can_change_until_the_request_ends(tmp_path):
+    tracer = RequestTracer(CapturingRecorder(tmp_path), level=3, include_content=False)
+    kept, dropped = (tracer.start(rid, None, None, {}) for rid in ("kept", "dropped"))
+    kept.decide(TraceDecision.UNDECIDED)
+    dropped.decide(TraceDecision.OFF)
+    assert dropped.carrier is None and dropped.ctx.traceparent.endswith("-00")
+    assert kept.carrier == kept.ctx and kept.ctx.decision == TraceDecision.UNDECIDED
+    kept.decide(TraceDecision.SAMPLED)
+    assert kept.ctx.traceparent.endswith("-01")
+    for trace in (kept, dropped):
+        tracer.finish(trace, None, "client_disconnected", "gone")
+    assert {s["trace"] for s in tracer.recorder.named()} == {kept.ctx.trace_id}
+    assert "Req kept" in {s["name"] for s in tracer.recorder.named()}

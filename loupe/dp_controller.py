@@ -9,38 +9,26 @@ ignore them.
 
 from __future__ import annotations
 
-import logging
 import time
-from multiprocessing.connection import Connection
 
 import zmq
 
 from loupe import ipc
 from loupe.config import ServerArgs
-from loupe.process import setup_child
-from loupe.tracing.ids import new_span_id
-from loupe.tracing.recorder import Recorder
-
-logger = logging.getLogger(__name__)
-
-
-def replica_inbox(dp_size: int, dp_rank: int) -> str:
-    """The ZMQ endpoint name a scheduler pulls requests from."""
-    return "scheduler" if dp_size == 1 else f"scheduler-dp{dp_rank}"
+from loupe.tracing.spans import DispatchTracer, open_tracer
 
 
 class DataParallelController:
-    def __init__(self, args: ServerArgs, ipc_dir: str):
+    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints):
         self.method = args.load_balance_method
         ctx = zmq.Context()
-        self.inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "scheduler"))
-        self.stats_inbox = ipc.bind(ctx, zmq.PULL, ipc.endpoint(ipc_dir, "dp-controller-stats"))
-        self.replicas = [ipc.connect(ctx, zmq.PUSH, ipc.endpoint(ipc_dir, replica_inbox(args.dp_size, d)))
-                         for d in range(args.dp_size)]
+        self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.scheduler)
+        self.stats_inbox = ipc.bind(ctx, zmq.PULL, endpoints.dp_stats)
+        self.replicas = [ipc.connect(ctx, zmq.PUSH, endpoints.replica(d)) for d in range(args.dp_size)]
         self.dispatched = [0] * args.dp_size  # requests sent to each replica, ever
         self.stats: list[ipc.SchedulerStats | None] = [None] * args.dp_size
         self.next = 0
-        self.recorder = Recorder(ipc.endpoint(ipc_dir, "tracing"), "DP Controller") if args.enable_tracing else None
+        self.tracer = open_tracer(DispatchTracer, args.enable_tracing, endpoints.tracing)
 
     def run_forever(self) -> None:
         poller = zmq.Poller()
@@ -54,11 +42,11 @@ class DataParallelController:
                     self.stats[stats.dp_rank] = stats
                 while self.inbox in ready and self.inbox.poll(0):
                     self.route(ipc.recv(self.inbox))
-                if self.recorder:
-                    self.recorder.maybe_flush()
+                if self.tracer:
+                    self.tracer.maybe_flush()
         finally:
-            if self.recorder:
-                self.recorder.flush()
+            if self.tracer:
+                self.tracer.flush()
 
     def route(self, message) -> None:
         if isinstance(message, ipc.AbortRequest):
@@ -69,13 +57,8 @@ class DataParallelController:
         rank = self.choose()
         self.dispatched[rank] += 1
         ipc.send(self.replicas[rank], message)
-        trace = message.trace
-        if self.recorder and trace is not None and trace.level >= 2:
-            end, rec, thread_id = time.perf_counter_ns(), self.recorder, new_span_id()
-            rec.span(trace.trace_id, thread_id, trace.root_span_id, rec.thread_name, start, end,
-                     rec.thread_attributes, tracestate=trace.tracestate)
-            rec.span(trace.trace_id, new_span_id(), thread_id, "dispatch", start, end, {"dp_rank": rank},
-                     tracestate=trace.tracestate)
+        if self.tracer:
+            self.tracer.dispatched(message.trace, start, time.perf_counter_ns(), rank)
 
     def choose(self) -> int:
         if self.method == "round_robin":
@@ -89,10 +72,3 @@ class DataParallelController:
         if stats is None:
             return self.dispatched[rank]
         return stats.num_running + stats.num_waiting + self.dispatched[rank] - stats.num_received
-
-
-def run_dp_controller_process(args: ServerArgs, ipc_dir: str, ready: Connection) -> None:
-    setup_child("dp-controller", args.log_level)
-    controller = DataParallelController(args, ipc_dir)
-    ready.send({})
-    controller.run_forever()

@@ -1,0 +1,172 @@
+"""The plain types every layer shares: a request, its sampling parameters and limits, how it
+ends, and its trace context. Builtin types only, so they pickle between processes; this
+module imports nothing of loupe and sits at the bottom of every import chain."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, fields
+
+
+class InvalidRequest(ValueError):
+    """A request that cannot run; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: no limit
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @classmethod
+    def from_dict(cls, params: dict | None) -> SamplingParams:
+        """Build and validate; a bad value raises InvalidRequest naming the parameter."""
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InvalidRequest(f"unknown sampling parameter {unknown[0]!r}", unknown[0])
+        if isinstance(params.get("stop"), str):
+            params["stop"] = [params["stop"]]
+        params = {k: v for k, v in params.items() if v is not None}
+        sp = cls(**params)
+        sp.validate()
+        return sp
+
+    def validate(self) -> None:
+        def check(ok: bool, name: str, rule: str) -> None:
+            if not ok:
+                raise InvalidRequest(f"{name} must be {rule}, got {getattr(self, name)!r}", name)
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        check(is_int(self.max_new_tokens) and self.max_new_tokens >= 1, "max_new_tokens", "an integer >= 1")
+        check(is_num(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
+        check(is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1), "top_k", "-1 or an integer >= 1")
+        check(is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
+        check(self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**63), "seed", "an integer in [0, 2**63)")
+        check(isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+              "stop", "a non-empty string or a list of them")
+        check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "a list of token ids")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request must fit in: the served model's, known wherever requests are checked."""
+
+    vocab_size: int
+    context_length: int
+    max_total_tokens: int
+
+    def check(self, input_ids: list[int], sampling: SamplingParams) -> None:
+        """Raise InvalidRequest (naming what is wrong) if the request cannot run."""
+        if not input_ids:
+            raise InvalidRequest("the prompt is empty", "prompt")
+        vocab = self.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
+            raise InvalidRequest(f"input_ids must be token ids in [0, {vocab})", "input_ids")
+        n = len(input_ids)
+        if n >= self.context_length:
+            raise InvalidRequest(f"the prompt has {n} tokens; the context length is {self.context_length}", "prompt")
+        if n + sampling.max_new_tokens > self.context_length:
+            raise InvalidRequest(
+                f"max_new_tokens={sampling.max_new_tokens} plus the prompt's {n} tokens "
+                f"exceeds the context length {self.context_length}", "max_new_tokens"
+            )
+        if n + sampling.max_new_tokens > self.max_total_tokens:
+            raise InvalidRequest(
+                f"the prompt's {n} tokens plus max_new_tokens={sampling.max_new_tokens} "
+                f"do not fit in the KV cache ({self.max_total_tokens} tokens)", "max_new_tokens"
+            )
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a scheduler reports of the model it serves once it is loaded."""
+
+    model_path: str
+    device: str
+    dtype: str
+    load_seconds: float
+    limits: RequestLimits
+
+    def as_dict(self) -> dict:
+        return {"model_path": self.model_path, "device": self.device, "dtype": self.dtype,
+                "load_seconds": self.load_seconds, "max_total_tokens": self.limits.max_total_tokens,
+                "context_length": self.limits.context_length}
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+class TraceDecision(enum.IntEnum):
+    """Whether a request's spans are recorded and exported. Made when the request arrives;
+    code that learns more later (how the request ended) may change it."""
+
+    OFF = 0  # nothing is recorded, in any process
+    UNDECIDED = 1  # recorded; exported or discarded once the root span has ended
+    SAMPLED = 2  # recorded and exported
+
+
+def format_traceparent(trace_id: int, span_id: int, sampled: bool = True) -> str:
+    return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
+
+
+@dataclass(frozen=True)
+class TraceContext:
+    """What every process needs to attach its spans to a request's trace. Plain ints and
+    strings, so it pickles into request messages without the OpenTelemetry SDK."""
+
+    trace_id: int
+    root_span_id: int
+    level: int  # 1-3 (SPEC §5.4), fixed when the request enters
+    decision: TraceDecision = TraceDecision.SAMPLED
+    remote_parent_id: int | None = None  # the caller's span, from an inbound traceparent
+    tracestate: str | None = None
+
+    @property
+    def traceparent(self) -> str:
+        return format_traceparent(self.trace_id, self.root_span_id, self.decision == TraceDecision.SAMPLED)
+
+
+@dataclass
+class TokenizedRequest:
+    """A request checked once, where it enters, and sent to the scheduler as it is."""
+
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    trace: TraceContext | None = None  # None when nothing of the request is recorded
+
+    @classmethod
+    def validated(cls, rid: str, input_ids: list[int], params: dict | None, limits: RequestLimits,
+                  trace: TraceContext | None = None) -> TokenizedRequest:
+        """Raise InvalidRequest naming the first bad parameter, or what does not fit `limits`."""
+        sampling = SamplingParams.from_dict(params)
+        limits.check(input_ids, sampling)
+        return cls(rid, list(input_ids), sampling, trace)
