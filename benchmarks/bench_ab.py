@@ -5,9 +5,9 @@
 The baseline revision is checked out into a temporary git worktree. Every round runs the same
 requests (bench_engine.py's workload: 20-60 token prompts, 16-160 output tokens, ignore_eos,
 radix cache off) through this tree's engine and the baseline's, each in a fresh process, the
-order alternating between rounds. The figure is each round's ratio of output tok/s (this tree
-/ baseline): neighbours in time share the machine's noise. Prints the median ratio and the
-range per concurrency.
+order alternating between rounds. The figures are each round's ratios (this tree / baseline)
+of output tok/s and of the process's CPU time per output token: neighbours in time share
+the machine's noise. Prints the median ratios and their ranges per concurrency.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +28,7 @@ REPO = HERE.parent
 
 
 def child(tree: str, concurrency: int, seed: int) -> None:
-    """In a fresh process: the engine of `tree` on the workload; prints {"tok_s": ...}."""
+    """In a fresh process: the engine of `tree` on the workload; prints tok/s and CPU ms/token."""
     sys.path.insert(0, tree)
     from loupe import Engine  # this tree's loupe: bench_engine below finds it already imported
 
@@ -37,16 +38,18 @@ def child(tree: str, concurrency: int, seed: int) -> None:
     engine = Engine(dtype="float32", max_running_requests=concurrency, disable_radix_cache=True)
     reqs = make_requests(engine.tokenizer, max(2 * concurrency, 8), seed)
     engine.generate(input_ids=reqs[0].ids, sampling_params={"max_new_tokens": 8, "ignore_eos": True})  # warm-up
+    cpu = time.process_time()
     tokens, seconds = run_loupe(engine, reqs)
-    print(json.dumps({"tok_s": tokens / seconds, "loupe": os.path.dirname(sys.modules["loupe"].__file__)}))
+    cpu_ms = (time.process_time() - cpu) * 1000 / tokens
+    print(json.dumps({"tok_s": tokens / seconds, "cpu_ms": cpu_ms, "loupe": os.path.dirname(sys.modules["loupe"].__file__)}))
 
 
-def measure(tree: str, concurrency: int, seed: int) -> float:
+def measure(tree: str, concurrency: int, seed: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", tree, "--concurrency", str(concurrency),
                           "--seed", str(seed)], capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])
     assert result["loupe"].startswith(tree), f"imported {result['loupe']}, not the tree {tree}"
-    return result["tok_s"]
+    return result
 
 
 def cpu_model() -> str:
@@ -71,20 +74,22 @@ def main() -> None:
     base = tempfile.mkdtemp(prefix="loupe-baseline-")
     subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", base, args.baseline], check=True,
                    capture_output=True)
-    ratios: dict[int, list[float]] = {c: [] for c in args.concurrency}
+    ratios: dict[tuple[int, str], list[float]] = {(c, k): [] for c in args.concurrency for k in ("tok_s", "cpu_ms")}
     try:
         for r in range(args.rounds):
             for c in args.concurrency:
                 order = [str(REPO), base] if r % 2 == 0 else [base, str(REPO)]
-                tok_s = {tree: measure(tree, c, args.seed) for tree in order}
-                ratios[c].append(tok_s[str(REPO)] / tok_s[base])
-                print(f"round {r + 1} C={c}: this {tok_s[str(REPO)]:.1f} tok/s, baseline {tok_s[base]:.1f} tok/s, "
-                      f"ratio {ratios[c][-1]:.3f}", flush=True)
+                this, baseline = (got := {tree: measure(tree, c, args.seed) for tree in order})[str(REPO)], got[base]
+                for key in ("tok_s", "cpu_ms"):
+                    ratios[c, key].append(this[key] / baseline[key])
+                print(f"round {r + 1} C={c}: tok/s this {this['tok_s']:.1f}, baseline {baseline['tok_s']:.1f}; "
+                      f"CPU ms/token this {this['cpu_ms']:.2f}, baseline {baseline['cpu_ms']:.2f}", flush=True)
     finally:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", base], check=False)
-    print("\n  C  median ratio (this / baseline)  range")
-    for c, values in ratios.items():
-        print(f"{c:>3}  {statistics.median(values):>30.3f}  {min(values):.3f}-{max(values):.3f}")
+    print("\n  C  tok/s this/baseline: median [range]   CPU ms/token this/baseline: median [range]")
+    for c in args.concurrency:
+        print(f"{c:>3}  " + "   ".join(f"{statistics.median(v):>17.3f} [{min(v):.3f}-{max(v):.3f}]"
+                                       for v in (ratios[c, "tok_s"], ratios[c, "cpu_ms"])))
 
 
 if __name__ == "__main__":

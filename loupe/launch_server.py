@@ -203,9 +203,12 @@ def launch(args: ServerArgs) -> int:
     from loupe.server.http_server import create_app
     from loupe.server.metrics import Metrics
     from loupe.server.tokenizer_manager import TokenizerManager
+    from loupe.tracing.spans import RequestTracer, open_tracer
 
     metrics = Metrics()
-    manager = TokenizerManager(args, endpoints, metrics)
+    tracer = open_tracer(RequestTracer, args.enable_tracing, endpoints.tracing, level=args.trace_level,
+                         include_content=args.trace_include_content)
+    manager = TokenizerManager(endpoints, metrics, tracer)
     name = served_model_name(args)
     app = create_app(manager, args, metrics, name)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)

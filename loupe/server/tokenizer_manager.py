@@ -12,11 +12,10 @@ import zmq
 import zmq.asyncio
 
 from loupe import ipc
-from loupe.config import ServerArgs
 from loupe.core import ModelInfo, RequestLimits, TokenizedRequest
 from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import FLUSH_EVERY_NS
-from loupe.tracing.spans import RequestTrace, RequestTracer, now, open_tracer
+from loupe.tracing.spans import RequestTrace, RequestTracer, now
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ class RequestState:
 
 
 class TokenizerManager:
-    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints, metrics: Metrics):
+    def __init__(self, endpoints: ipc.Endpoints, metrics: Metrics, tracer: RequestTracer | None):
         self.metrics = metrics
         ctx = zmq.asyncio.Context()
         self.to_scheduler = ipc.connect(ctx, zmq.PUSH, endpoints.scheduler)
@@ -41,8 +40,7 @@ class TokenizerManager:
         self.limits: RequestLimits | None = None
         self.model_info: dict = {}
         self.ready = False
-        self.tracer = open_tracer(RequestTracer, args.enable_tracing, endpoints.tracing, level=args.trace_level,
-                                  include_content=args.trace_include_content)
+        self.tracer = tracer
 
     def set_ready(self, tokenizer, model: ModelInfo) -> None:
         self.tokenizer, self.limits, self.model_info = tokenizer, model.limits, model.as_dict()
@@ -83,7 +81,7 @@ class TokenizerManager:
             while True:
                 out = await state.outputs.get()
                 if trace:
-                    self.tracer.on_output(trace, out)
+                    self.tracer.received(trace, out)
                 yield out
                 if out.finish_reason is not None:
                     return

@@ -115,7 +115,8 @@ class RequestTracer(ProcessTracer):
             "gen_ai.request.top_p": sampling.top_p, "gen_ai.request.top_k": sampling.top_k,
         })
 
-    def on_output(self, trace: RequestTrace, out) -> None:
+    def received(self, trace: RequestTrace, out) -> None:
+        """An output of the request reached the main process."""
         if out.queue_seconds is not None:  # on the first output only
             trace.queue_seconds = out.queue_seconds
         if self.include_content:
