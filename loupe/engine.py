@@ -67,7 +67,7 @@ class Engine:
         }
 
     def shutdown(self) -> None:
-        self.scheduler = None
+        self.scheduler = self.worker = None
 
     def __enter__(self) -> Engine:
         return self

@@ -1,8 +1,9 @@
-"""The per-process span recorder: cheap tuples on the serving path, shipped in batches.
+"""The per-process span recorder: cheap records on the serving path, shipped in batches.
 
 Serving processes never build OpenTelemetry objects. A finished span is one named tuple
-(`SpanRecord`, or a `Fanout` for a slice shared by a batch) appended to a list; `flush()` pickles the list to the exporter process over ZMQ without blocking.
-If the exporter cannot keep up, the batch is dropped and counted, never waited for.
+(`SpanRecord`, or a `Fanout` for a slice shared by a batch) appended to a list; `flush()`
+pickles the list to the exporter process over ZMQ without blocking. If the exporter cannot
+keep up, the batch is dropped and counted, never waited for.
 Times are `perf_counter_ns()`; the batch carries this process's offset to epoch time.
 """
 
