@@ -252,3 +252,51 @@ def kill_child_and_expect_shutdown(server: LiveServer, process_name: str) -> Non
     assert server.wait_exit(30) not in (None, 0)
     assert f"the {process_name} process (pid {found.group(1)}) died" in server.log()
     assert server.wait_all_gone(15) == []
+
+
+class LiveRouter:
+    """SGLang's router (`sglang-router`, a Rust binary) on loopback in front of loupe servers.
+    `args`: its mode and workers, e.g. `--worker-urls URL URL --policy round_robin`."""
+
+    def __init__(self, *args: object, log_dir: str):
+        self.port, self.prometheus_port = free_port(), free_port()
+        self.command = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                        "--port", str(self.port), "--prometheus-host", "127.0.0.1",
+                        "--prometheus-port", str(self.prometheus_port), *map(str, args)]
+        self.log_path = os.path.join(log_dir, f"router-{self.port}.log")
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, num_workers: int, timeout: float = 60) -> LiveRouter:
+        """Start, then wait until it has registered `num_workers` healthy workers."""
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.proc.poll() is None, f"the router exited with {self.proc.returncode}:\n{self.log()}"
+            assert time.monotonic() < deadline, f"the router had no {num_workers} healthy workers:\n{self.log()}"
+            try:
+                workers = httpx.get(self.base_url + "/workers", timeout=2, trust_env=False).json()["workers"]
+                if len(workers) == num_workers and all(w["is_healthy"] for w in workers):
+                    self.workers = workers
+                    return self
+            except (httpx.TransportError, ValueError, KeyError):
+                pass
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        self._log.flush()
+        with open(self.log_path, errors="replace") as f:
+            return re.sub(r"\x1b\[[0-9;]*m", "", f.read())

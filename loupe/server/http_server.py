@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from importlib.metadata import version
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -123,9 +125,18 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/model_info")
     @app.get("/get_model_info")
     async def model_info() -> dict:
         return {"served_model_name": model_name, "is_generation": True, **manager.model_info}
+
+    @app.get("/server_info")
+    @app.get("/get_server_info")
+    async def server_info() -> dict:
+        """What a router or an operator asks of a worker: its flags (the API key left out),
+        the model it serves, and loupe's version."""
+        flags = {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"}
+        return {**flags, "served_model_name": model_name, **manager.model_info, "version": version("loupe")}
 
     @app.get("/v1/models")
     async def models() -> dict:
