@@ -80,6 +80,15 @@ class ServerArgs:
     otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported (OTLP)", "--otlp-traces-endpoint")
     trace_level: Literal[1, 2, 3] = _flag(3, "1: root span only; 2: plus stages; 3: plus chunks and decode steps")
     trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
+    disaggregation_mode: Literal["null", "prefill", "decode"] = _flag(
+        "null", "prefill or decode: this server is one half of a pair behind SGLang's router in PD mode, "
+        "running prompts or generating from KV the other half computed (null: whole requests)")
+    disaggregation_bootstrap_port: int = _flag(8998, "where a prefill server answers decode servers asking "
+                                                     "for a request's KV (on --host)")
+    disaggregation_transfer_backend: Literal["tcp"] = _flag("tcp", "how KV moves from prefill to decode "
+                                                                   "server (tcp: ZMQ frames)")
+    disaggregation_timeout: float = _flag(60.0, "seconds a prefill server holds a request's KV for its decode "
+                                                "server, and a decode server waits for it, before failing it")
     log_level: Literal["debug", "info", "warning", "error"] = _flag("info", "log verbosity")
 
     def __post_init__(self):
@@ -112,6 +121,11 @@ class ServerArgs:
              "max_total_tokens", f"at least two pages ({2 * self.page_size} tokens)")
         need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")
         need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
+        need(0 < self.disaggregation_bootstrap_port < 65536, "disaggregation_bootstrap_port", "in 1..65535")
+        need(self.disaggregation_timeout > 0, "disaggregation_timeout", "a number of seconds > 0")
+        need(self.disaggregation_mode == "null" or self.tp_size * self.pp_size * self.dp_size * self.nnodes == 1,
+             "disaggregation_mode", "null with --tp-size, --pp-size, --dp-size or --nnodes above 1 "
+             "(a disaggregated server runs one rank)")
 
     @property
     def ranks_per_node(self) -> int:

@@ -154,6 +154,16 @@ class TraceContext:
         return format_traceparent(self.trace_id, self.root_span_id, self.decision == TraceDecision.SAMPLED)
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """Where a disaggregated request's KV comes from: the prefill server's bootstrap address,
+    and the room (a random 63-bit id) the router gave both servers for this request."""
+
+    host: str
+    port: int
+    room: int
+
+
 @dataclass
 class TokenizedRequest:
     """A request checked once, where it enters, and sent to the scheduler as it is."""
@@ -162,11 +172,12 @@ class TokenizedRequest:
     input_ids: list[int]
     sampling: SamplingParams
     trace: TraceContext | None = None  # None when nothing of the request is recorded
+    bootstrap: Bootstrap | None = None  # on both servers of a prefill/decode pair
 
     @classmethod
     def validated(cls, rid: str, input_ids: list[int], params: dict | None, limits: RequestLimits,
-                  trace: TraceContext | None = None) -> TokenizedRequest:
+                  trace: TraceContext | None = None, bootstrap: Bootstrap | None = None) -> TokenizedRequest:
         """Raise InvalidRequest naming the first bad parameter, or what does not fit `limits`."""
         sampling = SamplingParams.from_dict(params)
         limits.check(input_ids, sampling)
-        return cls(rid, list(input_ids), sampling, trace)
+        return cls(rid, list(input_ids), sampling, trace, bootstrap)

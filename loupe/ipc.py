@@ -4,6 +4,7 @@
     scheduler --TokenBatch--> detokenizer --TextBatch--> tokenizer manager
     scheduler --SchedulerStats--> tokenizer manager (same socket as the text)
     every serving process --SpanBatch--> span exporter --ExporterStats--> tokenizer manager
+    decode scheduler --KVClaim--> prefill scheduler (bootstrap port) --KVHeader + K, V--> decode
 
 With --dp-size N a DP controller binds the scheduler's endpoint instead and forwards each
 request to one of N schedulers (`Endpoints.replica`), which also send it their stats.
@@ -49,6 +50,7 @@ class RequestOutput:
     queue_seconds: float | None = None  # set on the first output: time from arrival to admission
     stop: list[str] | None = None  # the request's stop strings, on the first output
     trace: TraceContext | None = None  # on the first output of a traced request
+    error: str | None = None  # why the request failed (its KV never came, say), on its last output
     # On the last output:
     prefill_seconds: float = 0.0  # admission to first token
     decode_seconds: float = 0.0  # first token to the end
@@ -99,6 +101,40 @@ class SpanBatch:
     spans: list
     fanouts: list
     dropped: int  # spans this process had to drop since its last batch
+
+
+# ---- between the two servers of a prefill/decode pair (over TCP) -------------------------------------
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What must agree for one server's KV to fit the other's cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_size: int
+
+
+@dataclass
+class KVClaim:
+    """Decode server -> the prefill server's bootstrap port: send me the KV of this room."""
+
+    room: int
+    num_tokens: int  # the prompt's: the decode server holds pages for them
+    layout: KVLayout
+
+
+@dataclass
+class KVHeader:
+    """Prefill -> decode server, before the K and V frames ([layers, num_tokens, heads, dim]
+    each), or alone with an error."""
+
+    room: int
+    first_token: int = -1
+    num_tokens: int = 0
+    error: str | None = None
 
 
 # ---- where each process listens ------------------------------------------------------------------

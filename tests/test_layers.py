@@ -10,6 +10,7 @@ LEVELS = [  # bottom first, as drawn in docs/architecture.md
     {"tracing"},
     {"model"},
     {"runner"},
+    {"disagg"},
     {"server", "scheduler", "detokenizer", "dp_controller"},
     {"launch_server", "engine", "cli", "bench"},
     {"__main__"},

@@ -12,6 +12,8 @@ import zmq
 from loupe import ipc
 from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
 from loupe.core import FinishReason, ModelInfo, TokenizedRequest
+from loupe.disagg.decode import DecodeIntake
+from loupe.disagg.prefill import PrefillHandoff
 from loupe.distributed.parallel import Comm, Ranks
 from loupe.process import EXIT_LOST_PEER
 from loupe.runner.worker import Worker, resolve_device
@@ -36,6 +38,7 @@ class SchedulerProcess:
         self.ranks = ranks
         worker = Worker(args.settings(WorkerSettings), comm=self.comm)
         self.scheduler = Scheduler(worker, args.settings(SchedulerSettings))
+        self.disaggregate(args, worker)
         self.tracer = self.scheduler.tracer = open_tracer(SchedulerTracer, args.enable_tracing, endpoints.tracing,
                                                           ranks)
         self.ready_info: ModelInfo = worker.info
@@ -51,6 +54,21 @@ class SchedulerProcess:
         self.stats_to = [ipc.connect(ctx, zmq.PUSH, endpoints.manager)]
         if args.dp_size > 1:
             self.stats_to.append(ipc.connect(ctx, zmq.PUSH, endpoints.dp_stats))
+
+    def disaggregate(self, args: ServerArgs, worker: Worker) -> None:
+        """On a prefill or decode server: the side of the KV exchange this scheduler runs."""
+        mode, timeout = args.disaggregation_mode, args.disaggregation_timeout
+        if mode == "null":
+            return
+        attention = worker.model.model.layers[0].self_attn
+        layout = ipc.KVLayout(len(worker.model.model.layers), attention.num_kv_heads, worker.model.config.head_dim,
+                              str(worker.dtype).removeprefix("torch."), worker.page_size)
+        if mode == "prefill":
+            self.scheduler.handoff = PrefillHandoff(args.host, args.disaggregation_bootstrap_port, worker.kv, layout,
+                                                    timeout)
+            logger.info("prefill server: bootstrap port %d", args.disaggregation_bootstrap_port)
+        else:
+            self.scheduler.intake = DecodeIntake(worker.kv, layout, timeout)
 
     def run_forever(self) -> None:
         start = time.perf_counter()
@@ -70,8 +88,10 @@ class SchedulerProcess:
         try:
             while True:
                 idle = not self.scheduler.has_work
-                # The driver waits at most a second, so the other ranks never wait longer.
-                messages = self.comm.share(self.receive(1000 if idle else 0) if driver else None)
+                # The driver waits at most a second, so the other ranks never wait longer; while
+                # only KV is awaited from another server, its sockets wake the wait too.
+                wait_ms = 0 if self.scheduler.runnable else 1000
+                messages = self.comm.share(self.receive(wait_ms) if driver else None)
                 outputs = self.handle(messages)
                 updated = self.scheduler.step()
                 if driver:
@@ -87,14 +107,18 @@ class SchedulerProcess:
                 self.tracer.flush()
 
     def receive(self, timeout_ms: int) -> list:
+        """The requests that came, waiting up to `timeout_ms` for one (or for another server's KV)."""
+        if timeout_ms:
+            poller = zmq.Poller()
+            for sock in (self.requests, *self.scheduler.kv_sockets):
+                poller.register(sock, zmq.POLLIN)
+            poller.poll(timeout_ms)
         messages = []
-        if self.requests.poll(timeout_ms):
-            while True:
-                try:
-                    messages.append(ipc.recv(self.requests, zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-        return messages
+        while True:
+            try:
+                messages.append(ipc.recv(self.requests, zmq.NOBLOCK))
+            except zmq.Again:
+                return messages
 
     def handle(self, messages: list) -> list[ipc.RequestOutput]:
         outputs = []
@@ -123,6 +147,7 @@ class SchedulerProcess:
             queue_seconds=(req.admit_time - req.arrival_time) if first and req.admit_time else None,
             stop=req.sampling.stop if first else None,
             trace=req.trace if first else None,
+            error=req.error,
         )
         if req.finished:
             _, out.prefill_seconds, out.decode_seconds = req.stage_seconds()

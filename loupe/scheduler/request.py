@@ -34,6 +34,10 @@ class Req:
         self.finish_reason: FinishReason | None = None
         self.matched_stop: int | str | None = None
         self.sent_first_output = False
+        self.error: str | None = None  # why it failed (its KV never came, say)
+        # Disaggregation: where its KV comes from or goes to, and how much moved.
+        self.bootstrap = request.bootstrap
+        self.kv_bytes = 0
         # Tracing (tracing/spans.py SchedulerTracer): the context from the tokenizer manager,
         # open spans (level 2+), and events for the root span. None/empty when not traced.
         self.trace = request.trace

@@ -9,6 +9,11 @@ to be resumed, prompt and output so far, with the same result.
 
 The scheduler decides; the worker beneath it (runner/worker.py) runs the model, and the
 KVManager (scheduler/cache.py) hands out and takes back each request's pages.
+
+On a prefill server (disagg/prefill.py) a request from the router stops after its first
+token and waits, pages held, until the decode server claims its KV. On a decode server
+(disagg/decode.py) such a request skips the prompt: it waits in `receiving` for pages, its
+KV is claimed from the prefill server, and it joins the batch as a decode once it arrives.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from collections import deque
 
 from loupe.config import SchedulerSettings
 from loupe.core import FinishReason, TokenizedRequest
+from loupe.disagg.decode import DecodeIntake
+from loupe.disagg.prefill import PrefillHandoff
 from loupe.runner.worker import Worker
 from loupe.scheduler.cache import KVManager
 from loupe.scheduler.request import Req
@@ -38,52 +45,77 @@ class Scheduler:
         self.seeds = random.Random(settings.random_seed)
         self.num_forward_steps = 0
         self.tracer = None  # a tracing.spans.SchedulerTracer when tracing is on
+        self.handoff: PrefillHandoff | None = None  # on a prefill server
+        self.intake: DecodeIntake | None = None  # on a decode server
+        self.receiving: deque[Req] = deque()  # decode server: waiting for pages to claim their KV into
 
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request: TokenizedRequest) -> Req:
         """Queue a request, validated where it entered (TokenizedRequest.validated)."""
         req = Req(request, self.seeds.getrandbits(63))
-        self.waiting.append(req)
+        (self.receiving if self.intake and req.bootstrap else self.waiting).append(req)
         if self.tracer:
             self.tracer.arrived(req)
         return req
 
     def abort(self, rid: str) -> Req | None:
         """Finish a request with reason `abort`, freeing its KV pages at once."""
-        for queue in (self.waiting, self.running):
-            for req in queue:
-                if req.rid == rid:
+        req = next((r for r in (*self.waiting, *self.running, *self.receiving) if r.rid == rid), None)
+        if req is not None:
+            for queue in (self.waiting, self.running, self.receiving):
+                if req in queue:
                     queue.remove(req)
-                    self.kv.release(req, cache=False)
-                    self._finish(req, FinishReason.ABORT)
-                    return req
-        return None
+        else:
+            req = next((held.discard(rid) for held in (self.handoff, self.intake) if held), None)
+            if req is None:
+                return None
+        self.kv.release(req, cache=False)
+        self._finish(req, FinishReason.ABORT)
+        return req
 
     def abort_all(self) -> list[Req]:
         """Abort every request (at shutdown), closing their spans."""
-        return [self.abort(req.rid) for req in [*self.running, *self.waiting]]
+        held = [r for holder in (self.handoff, self.intake) if holder for r in holder.requests]
+        return [self.abort(req.rid) for req in [*self.running, *self.waiting, *self.receiving, *held]]
+
+    @property
+    def runnable(self) -> bool:
+        """Whether the next step has a batch to run."""
+        return bool(self.waiting or self.running)
+
+    @property
+    def kv_sockets(self) -> list:
+        """The sockets KV exchanges with other servers arrive on (a wait should watch them)."""
+        if self.handoff:
+            return [self.handoff.sock]
+        return list(self.intake.sockets.values()) if self.intake else []
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        held = any(holder.pending for holder in (self.handoff, self.intake) if holder)
+        return self.runnable or bool(self.receiving) or held
 
     # ---- one step --------------------------------------------------------------------------
 
     def step(self) -> list[Req]:
-        """Run one forward pass. Returns the requests that gained a token (some now finished)."""
+        """Run one forward pass. Returns the requests that gained a token (some now finished),
+        or that ended otherwise (their KV handed over or never come)."""
+        arrived, updated = self._exchange_kv() if self.handoff or self.intake else ([], [])
         batch = self.schedule()
-        if not batch:
-            return []
-        reqs, num_new = [r for r, _ in batch], [n for _, n in batch]
-        started = time.perf_counter_ns() if self.tracer else 0
-        tokens = self.worker.forward(reqs, num_new)
-        self.num_forward_steps += 1
-        updated = self.postprocess(reqs, num_new, tokens)
-        if self.tracer:
-            self.tracer.forward(reqs, num_new, started, time.perf_counter_ns())
+        if batch:
+            reqs, num_new = [r for r, _ in batch], [n for _, n in batch]
+            started = time.perf_counter_ns() if self.tracer else 0
+            tokens = self.worker.forward(reqs, num_new)
+            self.num_forward_steps += 1
+            computed = self.postprocess(reqs, num_new, tokens)
+            if self.tracer:
+                self.tracer.forward(reqs, num_new, started, time.perf_counter_ns())
+            updated += [req for req in computed if not (self.handoff and self._hand_off(req))]
+        self.running += arrived  # after this step's batch: their first output is the token that came
+        updated += arrived
         for req in updated:
-            if req.finished:
+            if req.finished and req in self.running:
                 self.running.remove(req)
                 self.kv.release(req, cache=True)
                 self._finish(req, req.finish_reason)
@@ -129,6 +161,45 @@ class Scheduler:
             req.finish_reason, req.matched_stop = self.stops.check(req.sampling, req.output_ids, req.seq_len)
             updated.append(req)
         return updated
+
+    def _exchange_kv(self) -> tuple[list[Req], list[Req]]:
+        """Disaggregation, once a step. A decode server claims KV for the requests it has pages
+        for, and takes in those whose KV came; a prefill server answers claims, and finishes the
+        requests whose KV left. (The requests whose KV and first token arrived, those ended.)"""
+        arrived, done = [], []
+        if self.intake:
+            while self.receiving and self.kv.admit_external(self.receiving[0], len(self.receiving[0].prompt_ids)):
+                self.intake.claim(self.receiving.popleft())
+            for req in self.intake.poll():
+                if req.error:
+                    self._fail(req)
+                    done.append(req)
+                    continue
+                req.admit_time = req.first_token_time = time.perf_counter()
+                req.cached_tokens = 0
+                req.finish_reason, req.matched_stop = self.stops.check(req.sampling, req.output_ids, req.seq_len)
+                arrived.append(req)
+        if self.handoff:
+            for req in self.handoff.poll():
+                done.append(req)
+                if req.error:
+                    self._fail(req)
+                else:
+                    self.kv.release(req, cache=True)
+                    self._finish(req, req.finish_reason or FinishReason.LENGTH)  # its one token
+        return arrived, done
+
+    def _hand_off(self, req: Req) -> bool:
+        """On a prefill server: whether `req` (with its first token) now waits for its decode server."""
+        if req.bootstrap is None:
+            return False
+        self.running.remove(req)
+        self.handoff.hand_off(req)
+        return True
+
+    def _fail(self, req: Req) -> None:
+        self.kv.release(req, cache=False)
+        self._finish(req, FinishReason.ABORT)
 
     def _schedule_decodes(self, retracted: set[Req]) -> list[tuple[Req, int]]:
         """A token each for the decoding requests, retracting the newest while pages run out."""

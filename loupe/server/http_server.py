@@ -21,6 +21,7 @@ from loupe.ipc import RequestOutput
 from loupe.server.metrics import Metrics
 from loupe.server.protocol import (
     APIError,
+    BootstrapFields,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
@@ -59,7 +60,7 @@ class GuardMiddleware:
 
 def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, model_name: str) -> FastAPI:
     app = FastAPI(title="loupe", docs_url=None, redoc_url=None)
-    api = OpenAIRoutes(manager, metrics, model_name)
+    api = OpenAIRoutes(manager, metrics, model_name, args.disaggregation_mode)
 
     @app.on_event("startup")
     async def start_background_tasks() -> None:
@@ -160,8 +161,9 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
 
 
 class OpenAIRoutes:
-    def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str):
+    def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str, role: str = "null"):
         self.manager, self.metrics, self.model_name = manager, metrics, model_name
+        self.role = role  # --disaggregation-mode
 
     def error(self, exc: APIError, headers: dict | None = None) -> JSONResponse:
         self.metrics.requests.labels(status=f"http_{exc.status}").inc()
@@ -222,7 +224,7 @@ class OpenAIRoutes:
         if max_tokens is None:  # as much as the context (and the KV cache) leaves, like OpenAI
             limits = self.manager.limits
             max_tokens = max(min(limits.context_length, limits.max_total_tokens) - len(input_ids), 1)
-        validated = self._validated(rid, input_ids, body.sampling_dict(max_tokens), trace, openai_names=True)
+        validated = self._validated(rid, input_ids, body.sampling_dict(max_tokens), body, trace, openai_names=True)
         outputs = self.manager.generate(validated, trace)
         fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()))
         headers = trace_headers(trace)
@@ -232,10 +234,17 @@ class OpenAIRoutes:
         final = await last_output(outputs, request)
         return JSONResponse(fmt.response(final), headers=headers)
 
-    def _validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None,
-                   openai_names: bool = False) -> TokenizedRequest:
+    def _validated(self, rid: str, input_ids: list[int], params: dict, body: BootstrapFields,
+                   trace: RequestTrace | None, openai_names: bool = False) -> TokenizedRequest:
+        bootstrap = None
+        if self.role != "null":
+            bootstrap = body.bootstrap()
+            if bootstrap is None:
+                raise APIError(400, f"this is the {self.role} server of a disaggregated pair: requests come "
+                               "through SGLang's router in PD mode, which adds bootstrap_host, bootstrap_port "
+                               "and bootstrap_room", param="bootstrap_room")
         try:
-            return self.manager.validated(rid, input_ids, params, trace)
+            return self.manager.validated(rid, input_ids, params, trace, bootstrap)
         except InvalidRequest as e:
             message, param = str(e), e.param
             if openai_names:
@@ -254,7 +263,7 @@ class OpenAIRoutes:
         if rid in self.manager.states:
             raise APIError(400, f"request id {rid!r} is already in use", param="rid")
         input_ids = body.input_ids if body.text is None else self._tokenize(trace, self.manager.encode, body.text)
-        outputs = self.manager.generate(self._validated(rid, input_ids, body.sampling_params, trace), trace)
+        outputs = self.manager.generate(self._validated(rid, input_ids, body.sampling_params, body, trace), trace)
         if body.stream:
             return sse(native_stream(rid, outputs), outputs, trace_headers(trace))
         final = await last_output(outputs, request)
@@ -291,6 +300,7 @@ class OpenAIFormat:
         if self.chat:
             yield self.chunk(None, None, first=True)
         async for out in outputs:
+            raise_if_failed(out)
             if out.finish_reason is None:
                 if out.text_delta:
                     yield self.chunk(out.text_delta, None)
@@ -316,6 +326,12 @@ def finish_reason(out: RequestOutput) -> str:
     return "length" if out.finish_reason == "length" else "stop"
 
 
+def raise_if_failed(out: RequestOutput) -> None:
+    """A request that failed in the engine (its KV never came from the prefill server, say)."""
+    if out.error:
+        raise APIError(502, out.error, code="kv_transfer_failed")
+
+
 def native_body(rid: str, text: str, out: RequestOutput, output_ids: list[int] | None = None) -> dict:
     meta = {"id": rid, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
             "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "matched_stop": out.matched_stop}
@@ -326,6 +342,7 @@ async def native_stream(rid: str, outputs: AsyncIterator[RequestOutput]) -> Asyn
     """Each event holds the text and token ids so far, as other engines' native APIs do."""
     text, ids = "", []
     async for out in outputs:
+        raise_if_failed(out)
         ids.extend(out.token_ids)
         text = out.text if out.text is not None else text + out.text_delta
         yield native_body(rid, text, out, list(ids))
@@ -355,7 +372,9 @@ async def last_output(outputs: AsyncIterator[RequestOutput], request: Request) -
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await outputs.aclose()  # aborts the request if it has not finished
-    return task.result()
+    out = task.result()
+    raise_if_failed(out)
+    return out
 
 
 def trace_headers(trace: RequestTrace | None) -> dict | None:
@@ -371,6 +390,8 @@ def sse(events: AsyncIterator[dict], outputs: AsyncIterator[RequestOutput], head
         try:
             async for event in events:
                 yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+        except APIError as e:  # the status line is sent already: the error is an event, in OpenAI's shape
+            yield f"data: {json.dumps({'error': e.body()}, ensure_ascii=False)}\n\n".encode()
         finally:
             await events.aclose()
             await outputs.aclose()

@@ -7,6 +7,8 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from loupe.core import Bootstrap
+
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
@@ -18,10 +20,12 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
-    def response(self, headers: dict | None = None) -> JSONResponse:
-        body = {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
+    def body(self) -> dict:
+        return {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
                 "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status, headers=headers)
+
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
 
 
 class StrictModel(BaseModel):
@@ -34,7 +38,24 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class SamplingFields(StrictModel):
+class BootstrapFields(StrictModel):
+    """What SGLang's router adds to a request it sends to a prefill/decode pair."""
+
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+
+    def bootstrap(self) -> Bootstrap | None:
+        given = (self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
+        if all(value is None for value in given):
+            return None
+        if any(value is None for value in given):
+            raise APIError(400, "bootstrap_host, bootstrap_port and bootstrap_room go together",
+                           param="bootstrap_room")
+        return Bootstrap(*given)
+
+
+class SamplingFields(BootstrapFields):
     """Sampling options shared by both OpenAI endpoints; loupe's extensions included."""
 
     max_tokens: int | None = None
@@ -84,7 +105,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str]
 
 
-class GenerateRequest(StrictModel):
+class GenerateRequest(BootstrapFields):
     text: str | None = None
     input_ids: list[int] | None = None
     sampling_params: dict = Field(default_factory=dict)

@@ -12,7 +12,7 @@ import zmq
 import zmq.asyncio
 
 from loupe import ipc
-from loupe.core import ModelInfo, RequestLimits, TokenizedRequest
+from loupe.core import Bootstrap, ModelInfo, RequestLimits, TokenizedRequest
 from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import FLUSH_EVERY_NS
 from loupe.tracing.spans import RequestTrace, RequestTracer, now
@@ -59,10 +59,11 @@ class TokenizerManager:
 
     # ---- generation -----------------------------------------------------------------------
 
-    def validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None
-                  ) -> TokenizedRequest:
+    def validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None,
+                  bootstrap: Bootstrap | None = None) -> TokenizedRequest:
         """The request as the scheduler takes it; InvalidRequest (a 400) if it cannot run."""
-        return TokenizedRequest.validated(rid, input_ids, params, self.limits, trace.carrier if trace else None)
+        return TokenizedRequest.validated(rid, input_ids, params, self.limits, trace.carrier if trace else None,
+                                          bootstrap)
 
     async def generate(self, request: TokenizedRequest, trace: RequestTrace | None = None
                        ) -> AsyncIterator[ipc.RequestOutput]:
@@ -145,4 +146,4 @@ class TokenizerManager:
         if out.finish_reason is not None:
             state.finished = True
             m.e2e_latency.observe(now - state.created)
-            m.requests.labels(status=out.finish_reason).inc()
+            m.requests.labels(status="error" if out.error else out.finish_reason).inc()

@@ -136,6 +136,8 @@ class RequestTracer(ProcessTracer):
         or None when the client went away first."""
         if out is None:
             self.finish(trace, None, "client_disconnected", "the client went away")
+        elif out.error:
+            self.finish(trace, out, "kv_transfer_failed", out.error)
         else:
             self.finish(trace, out)
 

@@ -1,0 +1,116 @@
+"""The prefill server's side of disaggregation: its bootstrap endpoint.
+
+A request that came with bootstrap fields runs its prompt here like any other, samples its
+first token, and then waits, pages held, until the decode server given the same room claims
+it (`KVClaim` on the bootstrap port). The K and V of its prompt then leave as two ZMQ frames
+after a `KVHeader` with the first token, and the scheduler releases its pages (into the
+prefix cache) and answers it. A claim may come before the prompt has run (the router sends
+both servers the request at once): it waits. A request nobody claims, or a claim for a room
+that never comes, fails after the timeout instead of holding pages for ever.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import zmq
+
+from loupe import ipc
+from loupe.runner.attention import KVCache
+
+
+def page_slots(pages: list[int], page_size: int, num_tokens: int) -> torch.Tensor:
+    """The KV slots of the first `num_tokens` tokens held in `pages`."""
+    offsets = torch.arange(page_size)
+    return (torch.tensor(pages, dtype=torch.int64)[:, None] * page_size + offsets).flatten()[:num_tokens]
+
+
+def layout_problem(mine: ipc.KVLayout, theirs: ipc.KVLayout) -> str | None:
+    if mine == theirs:
+        return None
+    return (f"the prefill server's KV layout is {mine} and the decode server's is {theirs}: "
+            "both must serve the same model with the same --page-size and --dtype")
+
+
+class PrefillHandoff:
+    def __init__(self, host: str, port: int, kv: KVCache, layout: ipc.KVLayout, timeout_s: float):
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(f"tcp://{host}:{port}")
+        self.kv, self.layout, self.timeout_s = kv, layout, timeout_s
+        self.ready: dict[int, tuple[object, float]] = {}  # room -> (req, since): prefilled, unclaimed
+        self.claims: dict[int, tuple[bytes, ipc.KVClaim, float]] = {}  # room -> claim made before that
+        self.done: list = []  # handed over, or failed: for the scheduler to release and answer
+
+    def hand_off(self, req) -> None:
+        """`req` has its first token: hold its pages for the decode server's claim."""
+        room = req.bootstrap.room
+        if room in self.claims:
+            identity, claim, _ = self.claims.pop(room)
+            self._send(identity, claim, req)
+        else:
+            self.ready[room] = (req, time.monotonic())
+
+    def poll(self) -> list:
+        """Answer the claims that came; the requests whose KV left (or that failed) since."""
+        while True:
+            try:
+                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            claim = ipc.decode(frame)
+            problem = layout_problem(self.layout, claim.layout)
+            if problem:
+                self._reply(identity, ipc.KVHeader(claim.room, error=problem))
+            elif claim.room in self.ready:
+                self._send(identity, claim, self.ready.pop(claim.room)[0])
+            else:
+                self.claims[claim.room] = (identity, claim, time.monotonic())
+        self._expire()
+        done, self.done = self.done, []
+        return done
+
+    def discard(self, rid: str):
+        """Stop holding the request `rid` (aborted); the request, or None."""
+        for room, (req, _) in list(self.ready.items()):
+            if req.rid == rid:
+                del self.ready[room]
+                return req
+        return None
+
+    @property
+    def requests(self) -> list:
+        return [req for req, *_ in self.ready.values()]
+
+    @property
+    def pending(self) -> int:
+        return len(self.ready) + len(self.claims)
+
+    def _send(self, identity: bytes, claim: ipc.KVClaim, req) -> None:
+        n = len(req.prompt_ids)
+        if claim.num_tokens != n:
+            req.error = f"the decode server holds {claim.num_tokens} tokens for room {claim.room}; the prompt has {n}"
+            self._reply(identity, ipc.KVHeader(claim.room, error=req.error))
+        else:
+            slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
+            k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
+            header = ipc.KVHeader(claim.room, req.output_ids[0], n)
+            self.sock.send_multipart([identity, ipc.encode(header), k, v], copy=False)
+            req.kv_bytes = k.nbytes + v.nbytes
+        self.done.append(req)
+
+    def _reply(self, identity: bytes, header: ipc.KVHeader) -> None:
+        self.sock.send_multipart([identity, ipc.encode(header)])
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for room, (req, since) in list(self.ready.items()):
+            if now - since > self.timeout_s:
+                del self.ready[room]
+                req.error = f"no decode server claimed room {room} within {self.timeout_s:g} s"
+                self.done.append(req)
+        for room, (identity, _, since) in list(self.claims.items()):
+            if now - since > self.timeout_s:
+                del self.claims[room]
+                self._reply(identity, ipc.KVHeader(room, error=f"the prefill server has no request for room {room}"))
