@@ -164,6 +164,17 @@ class Bootstrap:
     room: int
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """What must agree for one server's KV to fit the other's cache."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    page_size: int
+
+
 @dataclass
 class TokenizedRequest:
     """A request checked once, where it enters, and sent to the scheduler as it is."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from loupe.core import FinishReason, TraceContext
+from loupe.core import FinishReason, KVLayout, TraceContext
 
 # ---- to the scheduler (TokenizedRequest is in loupe.core) ---------------------------------------
 
@@ -104,17 +104,6 @@ class SpanBatch:
 
 
 # ---- between the two servers of a prefill/decode pair (over TCP) -------------------------------------
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """What must agree for one server's KV to fit the other's cache."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    page_size: int
 
 
 @dataclass

@@ -30,6 +30,24 @@ def unused_port():
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def server_logs(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("server-logs"))
+
+
+@pytest.fixture(scope="session")
+def bundled_server(server_logs):
+    """The bundled SmolLM2-135M-Instruct GGUF, default flags. Shared: tests must leave it idle."""
+    from server_harness import LiveServer
+
+    server = LiveServer(log_dir=server_logs).start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def receiver():
     """A real OTLP gRPC receiver on loopback, shared by a module's traced servers."""

@@ -17,12 +17,13 @@ import torch
 import zmq
 
 from loupe import ipc
+from loupe.core import KVLayout
 from loupe.disagg.prefill import page_slots
 from loupe.runner.attention import KVCache
 
 
 class DecodeIntake:
-    def __init__(self, kv: KVCache, layout: ipc.KVLayout, timeout_s: float):
+    def __init__(self, kv: KVCache, layout: KVLayout, timeout_s: float):
         self.kv, self.layout, self.timeout_s = kv, layout, timeout_s
         self.sockets: dict[tuple[str, int], zmq.Socket] = {}  # one per prefill server
         self.claimed: dict[int, tuple[object, float]] = {}  # room -> (req, since)
@@ -47,6 +48,7 @@ class DecodeIntake:
                     frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
+                start = time.perf_counter_ns()
                 header = ipc.decode(frames[0].buffer)
                 req = self.claimed.pop(header.room, (None,))[0]
                 if req is None:  # failed already (timed out), or aborted: its pages are gone
@@ -56,6 +58,7 @@ class DecodeIntake:
                 else:
                     self._fill(req, header.num_tokens, frames[1].buffer, frames[2].buffer)
                     req.output_ids.append(header.first_token)
+                    req.kv_transfer = (start, time.perf_counter_ns())
                 done.append(req)
         now = time.monotonic()
         for room, (req, since) in list(self.claimed.items()):

@@ -17,6 +17,7 @@ import torch
 import zmq
 
 from loupe import ipc
+from loupe.core import KVLayout
 from loupe.runner.attention import KVCache
 
 
@@ -26,7 +27,7 @@ def page_slots(pages: list[int], page_size: int, num_tokens: int) -> torch.Tenso
     return (torch.tensor(pages, dtype=torch.int64)[:, None] * page_size + offsets).flatten()[:num_tokens]
 
 
-def layout_problem(mine: ipc.KVLayout, theirs: ipc.KVLayout) -> str | None:
+def layout_problem(mine: KVLayout, theirs: KVLayout) -> str | None:
     if mine == theirs:
         return None
     return (f"the prefill server's KV layout is {mine} and the decode server's is {theirs}: "
@@ -34,7 +35,7 @@ def layout_problem(mine: ipc.KVLayout, theirs: ipc.KVLayout) -> str | None:
 
 
 class PrefillHandoff:
-    def __init__(self, host: str, port: int, kv: KVCache, layout: ipc.KVLayout, timeout_s: float):
+    def __init__(self, host: str, port: int, kv: KVCache, layout: KVLayout, timeout_s: float):
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(f"tcp://{host}:{port}")
@@ -93,11 +94,12 @@ class PrefillHandoff:
             req.error = f"the decode server holds {claim.num_tokens} tokens for room {claim.room}; the prompt has {n}"
             self._reply(identity, ipc.KVHeader(claim.room, error=req.error))
         else:
+            start = time.perf_counter_ns()
             slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
             k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
             header = ipc.KVHeader(claim.room, req.output_ids[0], n)
             self.sock.send_multipart([identity, ipc.encode(header), k, v], copy=False)
-            req.kv_bytes = k.nbytes + v.nbytes
+            req.kv_bytes, req.kv_transfer = k.nbytes + v.nbytes, (start, time.perf_counter_ns())
         self.done.append(req)
 
     def _reply(self, identity: bytes, header: ipc.KVHeader) -> None:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from loupe.config import WorkerSettings
-from loupe.core import ModelInfo, RequestLimits
+from loupe.core import KVLayout, ModelInfo, RequestLimits
 from loupe.distributed.parallel import Comm, Ranks
 from loupe.model.loader import LoadedModel, load_model
 from loupe.runner.attention import KVCache
@@ -73,6 +73,12 @@ class Worker:
         """Compute `num_new[i]` more tokens of each request's KV; the next token of each
         request whose input this completes, None for a prefill still going."""
         return self.runner.forward(reqs, num_new)
+
+    @property
+    def kv_layout(self) -> KVLayout:
+        """What another server's KV must match to be copied into this cache."""
+        return KVLayout(self.kv.k.shape[0], self.kv.k.shape[2], self.kv.k.shape[3],
+                        str(self.dtype).removeprefix("torch."), self.page_size)
 
     @property
     def info(self) -> ModelInfo:

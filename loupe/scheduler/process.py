@@ -38,9 +38,9 @@ class SchedulerProcess:
         self.ranks = ranks
         worker = Worker(args.settings(WorkerSettings), comm=self.comm)
         self.scheduler = Scheduler(worker, args.settings(SchedulerSettings))
-        self.disaggregate(args, worker)
         self.tracer = self.scheduler.tracer = open_tracer(SchedulerTracer, args.enable_tracing, endpoints.tracing,
                                                           ranks)
+        self.disaggregate(args, worker)
         self.ready_info: ModelInfo = worker.info
         logger.info("ready: %d KV tokens on %s, model loaded in %.1f s", worker.limits.max_total_tokens,
                     worker.device, worker.load_seconds)
@@ -60,15 +60,14 @@ class SchedulerProcess:
         mode, timeout = args.disaggregation_mode, args.disaggregation_timeout
         if mode == "null":
             return
-        attention = worker.model.model.layers[0].self_attn
-        layout = ipc.KVLayout(len(worker.model.model.layers), attention.num_kv_heads, worker.model.config.head_dim,
-                              str(worker.dtype).removeprefix("torch."), worker.page_size)
+        if self.tracer:
+            self.tracer.prefill_server, self.tracer.backend = mode == "prefill", args.disaggregation_transfer_backend
         if mode == "prefill":
-            self.scheduler.handoff = PrefillHandoff(args.host, args.disaggregation_bootstrap_port, worker.kv, layout,
-                                                    timeout)
+            self.scheduler.handoff = PrefillHandoff(args.host, args.disaggregation_bootstrap_port, worker.kv,
+                                                    worker.kv_layout, timeout)
             logger.info("prefill server: bootstrap port %d", args.disaggregation_bootstrap_port)
         else:
-            self.scheduler.intake = DecodeIntake(worker.kv, layout, timeout)
+            self.scheduler.intake = DecodeIntake(worker.kv, worker.kv_layout, timeout)
 
     def run_forever(self) -> None:
         start = time.perf_counter()

@@ -38,6 +38,7 @@ class Req:
         # Disaggregation: where its KV comes from or goes to, and how much moved.
         self.bootstrap = request.bootstrap
         self.kv_bytes = 0
+        self.kv_transfer: tuple[int, int] | None = None  # perf_counter_ns when its KV began and ended moving
         # Tracing (tracing/spans.py SchedulerTracer): the context from the tokenizer manager,
         # open spans (level 2+), and events for the root span. None/empty when not traced.
         self.trace = request.trace

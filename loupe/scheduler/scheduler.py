@@ -169,7 +169,10 @@ class Scheduler:
         arrived, done = [], []
         if self.intake:
             while self.receiving and self.kv.admit_external(self.receiving[0], len(self.receiving[0].prompt_ids)):
-                self.intake.claim(self.receiving.popleft())
+                req = self.receiving.popleft()
+                self.intake.claim(req)
+                if self.tracer:
+                    self.tracer.kv_claimed(req)
             for req in self.intake.poll():
                 if req.error:
                     self._fail(req)
@@ -179,9 +182,13 @@ class Scheduler:
                 req.cached_tokens = 0
                 req.finish_reason, req.matched_stop = self.stops.check(req.sampling, req.output_ids, req.seq_len)
                 arrived.append(req)
+                if self.tracer:
+                    self.tracer.kv_arrived(req)
         if self.handoff:
             for req in self.handoff.poll():
                 done.append(req)
+                if self.tracer:
+                    self.tracer.kv_sent(req)
                 if req.error:
                     self._fail(req)
                 else:
@@ -195,6 +202,8 @@ class Scheduler:
             return False
         self.running.remove(req)
         self.handoff.hand_off(req)
+        if self.tracer:
+            self.tracer.handed_off(req)
         return True
 
     def _fail(self, req: Req) -> None:

@@ -208,6 +208,10 @@ class OpenAIRoutes:
         attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name}
         if not isinstance(body, GenerateRequest):
             attributes["gen_ai.request.model"] = body.model
+        if self.role != "null":
+            attributes["disaggregation.role"] = self.role
+            if body.bootstrap_room is not None:
+                attributes["bootstrap_room"] = body.bootstrap_room
         trace = self.manager.start_trace(rid, request.headers, attributes, prompt)
         request.state.trace = trace
         return trace

@@ -197,18 +197,24 @@ def usage_attributes(out) -> dict:
 class SchedulerSpans:
     """Open spans of one request in the scheduler (level 2+)."""
 
-    __slots__ = ("ctx", "thread_id", "start", "stage", "stage_id", "stage_start", "stage_attrs")
+    __slots__ = ("ctx", "thread_id", "start", "stage", "stage_id", "stage_start", "stage_attrs", "handed_off")
 
     def __init__(self, ctx: TraceContext, start: int):
         self.ctx, self.thread_id, self.start = ctx, new_span_id(), start
         self.stage, self.stage_id, self.stage_start, self.stage_attrs = "queue", new_span_id(), start, {}
+        self.handed_off: int | None = None  # prefill server: when it began waiting for its decode server
 
 
 class SchedulerTracer(ProcessTracer):
     """Hooks on a scheduler's request (`req.trace`: its context, None when not traced): events
-    for the root span in `req.events` at every level, open spans in `req.spans` from level 2."""
+    for the root span in `req.events` at every level, open spans in `req.spans` from level 2.
+    On a prefill server a request's `prefill` ends with `bootstrap` (waiting for the decode
+    server's claim) and `kv_transfer`; on a decode server `queue` is followed by `bootstrap`
+    (claimed, waiting for the KV, ending with `kv_receive`) and then `decode`."""
 
     label = "Scheduler"
+    prefill_server = False  # requests from the router stop after their first token here
+    backend = "tcp"  # how KV moves, on a prefill or decode server
 
     def arrived(self, req) -> None:
         if req.trace is not None and req.trace.level >= 2:
@@ -241,11 +247,46 @@ class SchedulerTracer(ProcessTracer):
             elif spans.ctx.level >= 3:
                 self.recorder.slice(spans.ctx, spans.stage_id, "prefill_chunk", start, end,
                                     {"num_tokens": n, "start_position": req.kv_len - n, "batch_size": size})
-            if spans.stage == "prefill" and req.output_ids and req.kv_len >= req.seq_len - 1:
+            handing_off = self.prefill_server and req.bootstrap
+            if spans.stage == "prefill" and req.output_ids and req.kv_len >= req.seq_len - 1 and not handing_off:
                 self._next_stage(spans, "decode", {}, at=end)
         if decodes:
             self.recorder.fanout("decode_step", start, end, {"batch_size": size}, decodes)
         self.recorder.maybe_flush()
+
+    def handed_off(self, req) -> None:
+        """Prefill server: `req` has its first token and waits for its decode server's claim."""
+        if req.spans is not None:
+            req.spans.handed_off = now()
+
+    def kv_sent(self, req) -> None:
+        """Prefill server: `req`'s KV left for its decode server (or never will: `req.error`)."""
+        spans = req.spans
+        if spans is None or spans.handed_off is None:
+            return
+        waited_until = req.kv_transfer[0] if req.kv_transfer else now()
+        self.recorder.slice(spans.ctx, spans.stage_id, "bootstrap", spans.handed_off, waited_until,
+                            {"bootstrap_room": req.bootstrap.room})
+        if req.kv_transfer:
+            self.recorder.slice(spans.ctx, spans.stage_id, "kv_transfer", *req.kv_transfer, self._kv_attributes(req))
+
+    def kv_claimed(self, req) -> None:
+        """Decode server: `req` holds pages, and its KV is asked of the prefill server."""
+        if req.spans is not None:
+            b = req.bootstrap
+            self._next_stage(req.spans, "bootstrap", {"bootstrap_room": b.room, "prefill_server": f"{b.host}:{b.port}"})
+
+    def kv_arrived(self, req) -> None:
+        """Decode server: `req`'s KV and first token came; it decodes from the next step."""
+        spans = req.spans
+        if spans is None:
+            return
+        self.recorder.slice(spans.ctx, spans.stage_id, "kv_receive", *req.kv_transfer, self._kv_attributes(req))
+        self._next_stage(spans, "decode", {}, at=req.kv_transfer[1])
+
+    def _kv_attributes(self, req) -> dict:
+        return {"bytes": req.kv_bytes, "pages": len(req.pages), "num_tokens": len(req.prompt_ids),
+                "backend": self.backend, "bootstrap_room": req.bootstrap.room}
 
     def retracted(self, req) -> None:
         if req.trace is None:

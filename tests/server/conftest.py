@@ -1,25 +1,9 @@
-"""Live servers for the HTTP tests: one bundled-model server shared by the whole session,
-and a factory for the tests that need a server of their own."""
+"""Live servers for the HTTP tests: a factory for the tests that need a server of their own
+(the shared bundled-model server is in tests/conftest.py)."""
 
 import openai
 import pytest
 from server_harness import LiveServer
-
-
-@pytest.fixture(scope="session")
-def server_logs(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("server-logs"))
-
-
-@pytest.fixture(scope="session")
-def bundled_server(server_logs):
-    """The bundled SmolLM2-135M-Instruct GGUF, default flags. Shared: tests must leave it idle."""
-    server = LiveServer(log_dir=server_logs).start()
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,135 @@
+"""The KV exchange of a prefill/decode pair, in process: two engines on a tiny model, one
+prefilling and one decoding, talking over a real loopback bootstrap socket."""
+
+import time
+
+import pytest
+from server_harness import free_port
+
+from loupe import Engine
+from loupe.core import Bootstrap, SamplingParams, TokenizedRequest
+from loupe.disagg.decode import DecodeIntake
+from loupe.disagg.prefill import PrefillHandoff
+
+PROMPTS = ["The capital of France is Paris. The capital of Italy is", "Hello, my name is loupe and I trace",
+           "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"]
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+
+def engine(folder: str, **flags) -> Engine:
+    return Engine(folder, **{"dtype": "float32", "page_size": 4, "chunked_prefill_size": 8, **flags})
+
+
+def pair(folder: str, timeout: float = 10.0, decode_timeout: float = 10.0, **decode_flags):
+    """(prefill engine, decode engine, bootstrap port), wired as the two servers would be."""
+    port = free_port()
+    prefill, decode = engine(folder), engine(folder, **decode_flags)
+    prefill.scheduler.handoff = PrefillHandoff("127.0.0.1", port, prefill.worker.kv, prefill.worker.kv_layout, timeout)
+    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, decode_timeout)
+    return prefill, decode, port
+
+
+def submit(eng: Engine, rid: str, prompt: str, port: int, room: int):
+    ids = eng.tokenizer.encode(prompt)
+    return eng.scheduler.add_request(TokenizedRequest(rid, ids, SamplingParams(**GREEDY),
+                                                      bootstrap=Bootstrap("127.0.0.1", port, room)))
+
+
+def run(*engines: Engine, until=None, seconds: float = 30) -> None:
+    """Step the engines until none has work (or `until()` holds)."""
+    deadline = time.monotonic() + seconds
+    while any(e.scheduler.has_work for e in engines) if until is None else not until():
+        for e in engines:
+            e.scheduler.step()
+        assert time.monotonic() < deadline, "the pair did not finish"
+        time.sleep(0.001)
+
+
+def assert_nothing_held(eng: Engine) -> None:
+    """Every page is free or in the prefix tree; every slot-table row is free."""
+    kv = eng.scheduler.kv
+    tree = sum(len(n.pages) for n in kv.tree._nodes())
+    assert len(kv.pool.free_pages) + tree == kv.pool.num_pages - 1
+    assert kv.tree.evictable_pages == tree and len(kv.slots.free_rows) == kv.slots.table.shape[0]
+
+
+def test_decode_continues_from_the_prefill_servers_kv_exactly(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    reference = [o["output_ids"] for o in engine(folder).generate(PROMPTS, GREEDY)]
+    prefill, decode, port = pair(folder)
+    # The decode side's request arrives first for one room, after the prefill for another.
+    decoded = [submit(decode, f"d{i}", p, port, room=100 + i) for i, p in enumerate(PROMPTS[:2])]
+    prefilled = [submit(prefill, f"p{i}", p, port, room=100 + i) for i, p in enumerate(PROMPTS)]
+    for _ in range(40):
+        prefill.scheduler.step()
+    decoded.append(submit(decode, "d2", PROMPTS[2], port, room=102))
+    run(prefill, decode)
+    assert [r.output_ids for r in decoded] == reference
+    assert all(r.error is None and r.kv_bytes > 0 for r in decoded)
+    assert [r.output_ids for r in prefilled] == [ids[:1] for ids in reference]
+    assert all(r.finish_reason == "length" and r.kv_bytes == d.kv_bytes for r, d in zip(prefilled, decoded, strict=True))
+    assert_nothing_held(prefill)
+    assert_nothing_held(decode)
+    # The prefill server cached the prompts: the same prompt again hits its prefix cache.
+    again = submit(prefill, "p-again", PROMPTS[0], port, room=200)
+    redo = submit(decode, "d-again", PROMPTS[0], port, room=200)
+    run(prefill, decode)
+    assert again.cached_tokens > 0 and redo.output_ids == reference[0]
+
+
+def test_a_room_the_prefill_server_never_gets_fails_and_frees_the_pages(tiny_model_dir):
+    prefill, decode, port = pair(tiny_model_dir("llama"), timeout=0.5)
+    lost = submit(decode, "d", PROMPTS[0], port, room=7)
+    run(prefill, decode)
+    assert "has no request for room 7" in lost.error and lost.finish_reason == "abort"
+    assert_nothing_held(decode)
+
+
+def test_a_prefill_nobody_claims_fails_and_frees_the_pages(tiny_model_dir):
+    prefill, _, port = pair(tiny_model_dir("llama"), timeout=0.5)
+    unclaimed = submit(prefill, "p", PROMPTS[0], port, room=8)
+    run(prefill)
+    assert "no decode server claimed room 8" in unclaimed.error
+    assert_nothing_held(prefill)
+
+
+def test_a_prefill_server_that_is_gone_fails_the_request_in_bounded_time(tiny_model_dir):
+    decode = engine(tiny_model_dir("llama"))
+    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, 0.5)
+    orphan = submit(decode, "d", PROMPTS[0], free_port(), room=9)  # nobody listens there
+    start = time.monotonic()
+    run(decode)
+    assert time.monotonic() - start < 5
+    assert "no KV from the prefill server" in orphan.error
+    assert_nothing_held(decode)
+
+
+def test_mismatched_page_sizes_are_refused_naming_both(tiny_model_dir):
+    prefill, decode, port = pair(tiny_model_dir("llama"), page_size=8)
+    submit(prefill, "p", PROMPTS[0], port, room=10)
+    refused = submit(decode, "d", PROMPTS[0], port, room=10)
+    run(prefill, decode, until=lambda: refused.finished)
+    assert "page_size=4" in refused.error and "page_size=8" in refused.error
+    assert_nothing_held(decode)
+
+
+def test_aborts_free_pages_held_for_the_exchange(tiny_model_dir):
+    prefill, decode, port = pair(tiny_model_dir("llama"))
+    waiting = submit(decode, "d", PROMPTS[0], port, room=11)
+    held = submit(prefill, "p", PROMPTS[1], port, room=12)
+    for _ in range(20):
+        prefill.scheduler.step()
+        decode.scheduler.step()
+    assert held.output_ids and not held.finished  # prefilled, its pages held for a claim
+    assert prefill.scheduler.abort("p") is held and decode.scheduler.abort("d") is waiting
+    assert not prefill.scheduler.has_work and not decode.scheduler.has_work
+    assert_nothing_held(prefill)
+    assert_nothing_held(decode)
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets():
+    yield
+    import zmq
+
+    zmq.Context.instance().destroy(linger=0)
