@@ -122,7 +122,8 @@ def test_aborts_free_pages_held_for_the_exchange(tiny_model_dir):
         decode.scheduler.step()
     assert held.output_ids and not held.finished  # prefilled, its pages held for a claim
     assert prefill.scheduler.abort("p") is held and decode.scheduler.abort("d") is waiting
-    assert not prefill.scheduler.has_work and not decode.scheduler.has_work
+    for eng, holder in ((prefill, prefill.scheduler.handoff), (decode, decode.scheduler.intake)):
+        assert not eng.scheduler.runnable and not eng.scheduler.receiving and holder.requests == []
     assert_nothing_held(prefill)
     assert_nothing_held(decode)
 
