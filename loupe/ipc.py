@@ -54,6 +54,8 @@ class RequestOutput:
     # On the last output:
     prefill_seconds: float = 0.0  # admission to first token
     decode_seconds: float = 0.0  # first token to the end
+    kv_bytes: int = 0  # KV sent to (prefill server) or received from (decode server) the other server
+    kv_seconds: float = 0.0  # how long that took
     events: list = field(default_factory=list)  # (name, epoch ns, attributes) for the root span
     # Added by the detokenizer:
     text_delta: str = ""  # new text since the previous output of this request

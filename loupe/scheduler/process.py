@@ -151,6 +151,8 @@ class SchedulerProcess:
         if req.finished:
             _, out.prefill_seconds, out.decode_seconds = req.stage_seconds()
             out.events = req.events
+            if req.kv_transfer:
+                out.kv_bytes, out.kv_seconds = req.kv_bytes, (req.kv_transfer[1] - req.kv_transfer[0]) / 1e9
         return out
 
     def send_stats(self) -> None:

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from loupe.ipc import ExporterStats, SchedulerStats
 
+KV_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 
 
@@ -25,6 +26,10 @@ class Metrics:
         self.spans_exported = Counter("loupe_tracing_spans_exported", "Spans accepted by the OTLP backend", registry=r)
         self.spans_dropped = Counter("loupe_tracing_spans_dropped", "Spans dropped: the export queue was full", registry=r)
         self.spans_failed = Counter("loupe_tracing_spans_failed", "Spans lost to failed exports", registry=r)
+        self.kv_transfers = Counter("loupe_kv_transfers", "Requests whose KV moved between a prefill and a decode server", registry=r)
+        self.kv_transfer_bytes = Counter("loupe_kv_transfer_bytes", "Bytes of KV sent (prefill server) or received (decode server)", registry=r)
+        self.kv_transfer_seconds = Histogram("loupe_kv_transfer_seconds", "Time to send or receive one request's KV", buckets=KV_BUCKETS, registry=r)
+        self.kv_transfer_failures = Counter("loupe_kv_transfer_failures", "Requests whose KV exchange failed (no claim, no KV, mismatch)", registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
         self._replicas: dict[int, SchedulerStats] = {}
         self.open_requests = Gauge("loupe_open_requests", "Requests the HTTP side holds state for", registry=r)

@@ -143,6 +143,12 @@ class TokenizerManager:
                 state.first_token_time = now
                 m.time_to_first_token.observe(now - state.created)
                 m.prompt_tokens.inc(out.prompt_tokens)
+        if out.kv_bytes:
+            m.kv_transfers.inc()
+            m.kv_transfer_bytes.inc(out.kv_bytes)
+            m.kv_transfer_seconds.observe(out.kv_seconds)
+        if out.error:
+            m.kv_transfer_failures.inc()
         if out.finish_reason is not None:
             state.finished = True
             m.e2e_latency.observe(now - state.created)

@@ -5,7 +5,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import LiveRouter, LiveServer, free_port
+from server_harness import LiveRouter, LiveServer, free_port, read_metrics
 
 CLIENT_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -120,5 +120,6 @@ def test_kv_that_never_comes_fails_the_request_clearly_and_the_trace_says_so(tra
         "Req ") for s in spans)) if s["trace_id"] == trace_id and s["name"].startswith("Req "))
     assert root["status"] == 2 and root["attributes"]["error.type"] == "kv_transfer_failed"
     assert root["attributes"]["bootstrap_room"] == 12345
-    free = httpx.get(decode.url("/metrics"), trust_env=False).text
-    assert "loupe_kv_used_tokens 0.0" in free  # its pages went back
+    metrics = read_metrics(decode)
+    assert metrics["loupe_kv_used_tokens"] == 0  # its pages went back
+    assert metrics["loupe_kv_transfer_failures_total"] == 1

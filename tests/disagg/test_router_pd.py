@@ -62,7 +62,12 @@ def test_completions_and_generate_equal_a_single_servers_twice_over(pd, bundled_
         split, single = both(pd, bundled_server, "/generate", {"text": PROMPT, "sampling_params": {
             "max_new_tokens": 20, "temperature": 0, "ignore_eos": True}})
         assert split["output_ids"] == single["output_ids"] and split["text"] == single["text"]
-    assert read_metrics(pd[1])["loupe_requests_total{status=\"length\"}"] >= 4  # the prefill server's part
+    token_kv = 2 * 30 * 3 * 64 * 4  # K and V, 30 layers, 3 KV heads of 64, float32
+    for server in pd[1:]:  # each request's KV left the prefill server and reached the decode server
+        metrics = read_metrics(server)
+        assert metrics["loupe_kv_transfers_total"] >= 4 and metrics["loupe_kv_transfer_seconds_count"] >= 4
+        assert metrics["loupe_kv_transfer_bytes_total"] >= 4 * 16 * token_kv and metrics[
+            "loupe_kv_transfer_failures_total"] == 0
 
 
 def test_streams_equal_a_single_servers(pd, bundled_server):
