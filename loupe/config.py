@@ -85,8 +85,9 @@ class ServerArgs:
         "running prompts or generating from KV the other half computed (null: whole requests)")
     disaggregation_bootstrap_port: int = _flag(8998, "where a prefill server answers decode servers asking "
                                                      "for a request's KV (on --host)")
-    disaggregation_transfer_backend: Literal["tcp"] = _flag("tcp", "how KV moves from prefill to decode "
-                                                                   "server (tcp: ZMQ frames)")
+    disaggregation_transfer_backend: Literal["nixl", "tcp"] = _flag(
+        "nixl", "how KV moves from prefill to decode server: nixl (UCX; pip install --no-deps nixl==1.5.1 "
+        "nixl-cu12==1.5.1) writes it page by page into the decode server's memory, tcp sends it as ZMQ frames")
     disaggregation_timeout: float = _flag(60.0, "seconds a prefill server holds a request's KV for its decode "
                                                 "server, and a decode server waits for it, before failing it")
     log_level: Literal["debug", "info", "warning", "error"] = _flag("info", "log verbosity")

@@ -115,17 +115,22 @@ class KVClaim:
     room: int
     num_tokens: int  # the prompt's: the decode server holds pages for them
     layout: KVLayout
+    backend: str  # --disaggregation-transfer-backend
+    target: object = None  # nixl: a disagg.nixl.NixlTarget, where to write
 
 
 @dataclass
 class KVHeader:
-    """Prefill -> decode server, before the K and V frames ([layers, num_tokens, heads, dim]
-    each), or alone with an error."""
+    """Prefill -> decode server: the first token, and (tcp) the K and V frames that follow
+    ([layers, num_tokens, heads, dim] each), or (nixl) that the write into the decode server's
+    pages has completed; or alone, an error."""
 
     room: int
     first_token: int = -1
     num_tokens: int = 0
     error: str | None = None
+    num_bytes: int = 0  # nixl: what was written, and how long it took
+    seconds: float = 0.0
 
 
 # ---- where each process listens ------------------------------------------------------------------

@@ -78,6 +78,18 @@ def tracing_settings(args: ServerArgs) -> ExportSettings | None:
         raise SystemExit(f"loupe: {e}") from None
 
 
+def check_transfer_backend(args: ServerArgs) -> None:
+    """A disaggregated server moving KV by NIXL needs it installed: one line and exit if not."""
+    import importlib.util
+
+    if args.disaggregation_mode != "null" and args.disaggregation_transfer_backend == "nixl" and (
+            importlib.util.find_spec("nixl") is None):
+        from loupe.disagg.nixl import INSTALL
+
+        raise SystemExit(f"loupe: --disaggregation-transfer-backend nixl needs NIXL: {INSTALL} "
+                         "(or use --disaggregation-transfer-backend tcp)")
+
+
 def replica_ranks(args: ServerArgs, dp_rank: int) -> list[Ranks]:
     """The ranks of one replica that run on this machine (its TP x PP ranks split over nodes)."""
     per_node = args.tp_size * args.pp_size // args.nnodes
@@ -194,6 +206,7 @@ def launch(args: ServerArgs) -> int:
     """Serve until a signal or a child's death; returns the process exit code."""
     configure_logging(args.log_level, "loupe")
     tracing = tracing_settings(args)
+    check_transfer_backend(args)
     if args.node_rank > 0:
         return run_other_node(args, tracing)
     sock = listen_socket(args.host, args.port)

@@ -4,6 +4,9 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# NIXL's UCX also uses the machine's external interface unless told otherwise: the tests'
+# prefill and decode servers (and their KV) stay on loopback.
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
 
 from tiny_models import write_tiny_model  # noqa: E402
 

@@ -2,11 +2,13 @@
 
 A request that came with bootstrap fields runs its prompt here like any other, samples its
 first token, and then waits, pages held, until the decode server given the same room claims
-it (`KVClaim` on the bootstrap port). The K and V of its prompt then leave as two ZMQ frames
-after a `KVHeader` with the first token, and the scheduler releases its pages (into the
-prefix cache) and answers it. A claim may come before the prompt has run (the router sends
-both servers the request at once): it waits. A request nobody claims, or a claim for a room
-that never comes, fails after the timeout instead of holding pages for ever.
+it (`KVClaim` on the bootstrap port). Its prompt's K and V then move: with `tcp` as two ZMQ
+frames after a `KVHeader` with the first token; with `nixl` written straight into the pages
+the decode server named, the header following once the write has completed. Then the
+scheduler releases its pages (into the prefix cache) and answers it. A claim may come before
+the prompt has run (the router sends both servers the request at once): it waits. A request
+nobody claims, or a claim for a room that never comes, fails after the timeout instead of
+holding pages for ever.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import zmq
 
 from loupe import ipc
 from loupe.core import KVLayout
+from loupe.disagg.nixl import NixlKV
 from loupe.runner.attention import KVCache
 
 
@@ -27,21 +30,28 @@ def page_slots(pages: list[int], page_size: int, num_tokens: int) -> torch.Tenso
     return (torch.tensor(pages, dtype=torch.int64)[:, None] * page_size + offsets).flatten()[:num_tokens]
 
 
-def layout_problem(mine: KVLayout, theirs: KVLayout) -> str | None:
-    if mine == theirs:
-        return None
-    return (f"the prefill server's KV layout is {mine} and the decode server's is {theirs}: "
-            "both must serve the same model with the same --page-size and --dtype")
+def claim_problem(layout: KVLayout, backend: str, claim: ipc.KVClaim) -> str | None:
+    """Why this prefill server cannot serve a decode server's claim, naming both sides' values."""
+    if claim.backend != backend:
+        return (f"the prefill server moves KV by {backend} and the decode server by {claim.backend}: "
+                "give both the same --disaggregation-transfer-backend")
+    if claim.layout != layout:
+        return (f"the prefill server's KV layout is {layout} and the decode server's is {claim.layout}: "
+                "both must serve the same model with the same --page-size and --dtype")
+    return None
 
 
 class PrefillHandoff:
-    def __init__(self, host: str, port: int, kv: KVCache, layout: KVLayout, timeout_s: float):
+    def __init__(self, host: str, port: int, kv: KVCache, layout: KVLayout, timeout_s: float,
+                 backend: str = "tcp"):
         self.sock = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.bind(f"tcp://{host}:{port}")
-        self.kv, self.layout, self.timeout_s = kv, layout, timeout_s
+        self.kv, self.layout, self.timeout_s, self.backend = kv, layout, timeout_s, backend
+        self.nixl = NixlKV(kv, layout.page_size, "prefill") if backend == "nixl" else None
         self.ready: dict[int, tuple[object, float]] = {}  # room -> (req, since): prefilled, unclaimed
         self.claims: dict[int, tuple[bytes, ipc.KVClaim, float]] = {}  # room -> claim made before that
+        self.writing: dict[int, tuple[bytes, object]] = {}  # nixl: room -> (decode server, req)
         self.done: list = []  # handed over, or failed: for the scheduler to release and answer
 
     def hand_off(self, req) -> None:
@@ -61,19 +71,22 @@ class PrefillHandoff:
             except zmq.Again:
                 break
             claim = ipc.decode(frame)
-            problem = layout_problem(self.layout, claim.layout)
+            problem = claim_problem(self.layout, self.backend, claim)
             if problem:
                 self._reply(identity, ipc.KVHeader(claim.room, error=problem))
             elif claim.room in self.ready:
                 self._send(identity, claim, self.ready.pop(claim.room)[0])
             else:
                 self.claims[claim.room] = (identity, claim, time.monotonic())
+        if self.nixl:
+            self._finish_writes()
         self._expire()
         done, self.done = self.done, []
         return done
 
     def discard(self, rid: str):
-        """Stop holding the request `rid` (aborted); the request, or None."""
+        """Stop holding the request `rid` (aborted); the request, or None. (One being written
+        to its decode server finishes that first.)"""
         for room, (req, _) in list(self.ready.items()):
             if req.rid == rid:
                 del self.ready[room]
@@ -82,17 +95,26 @@ class PrefillHandoff:
 
     @property
     def requests(self) -> list:
-        return [req for req, *_ in self.ready.values()]
+        return [req for req, _ in self.ready.values()] + [req for _, req in self.writing.values()]
 
     @property
     def pending(self) -> int:
-        return len(self.ready) + len(self.claims)
+        return len(self.ready) + len(self.claims) + len(self.writing)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a NIXL write is under way: its end wakes no socket, so poll for it."""
+        return bool(self.writing)
 
     def _send(self, identity: bytes, claim: ipc.KVClaim, req) -> None:
         n = len(req.prompt_ids)
         if claim.num_tokens != n:
             req.error = f"the decode server holds {claim.num_tokens} tokens for room {claim.room}; the prompt has {n}"
             self._reply(identity, ipc.KVHeader(claim.room, error=req.error))
+        elif self.nixl:
+            self.nixl.write(claim.room, req.pages[: -(-n // self.layout.page_size)], claim.target)
+            self.writing[claim.room] = (identity, req)
+            return
         else:
             start = time.perf_counter_ns()
             slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
@@ -101,6 +123,20 @@ class PrefillHandoff:
             self.sock.send_multipart([identity, ipc.encode(header), k, v], copy=False)
             req.kv_bytes, req.kv_transfer = k.nbytes + v.nbytes, (start, time.perf_counter_ns())
         self.done.append(req)
+
+    def _finish_writes(self) -> None:
+        for room, ok, start in self.nixl.finished_writes():
+            identity, req = self.writing.pop(room)
+            if ok:
+                end = time.perf_counter_ns()
+                pages = -(-len(req.prompt_ids) // self.layout.page_size)
+                req.kv_bytes, req.kv_transfer = 2 * self.layout.num_layers * pages * self.nixl.page_bytes, (start, end)
+                self._reply(identity, ipc.KVHeader(room, req.output_ids[0], len(req.prompt_ids),
+                                                   num_bytes=req.kv_bytes, seconds=(end - start) / 1e9))
+            else:
+                req.error = f"the NIXL write of room {room} to the decode server failed"
+                self._reply(identity, ipc.KVHeader(room, error=req.error))
+            self.done.append(req)
 
     def _reply(self, identity: bytes, header: ipc.KVHeader) -> None:
         self.sock.send_multipart([identity, ipc.encode(header)])

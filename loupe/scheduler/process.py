@@ -62,12 +62,13 @@ class SchedulerProcess:
             return
         if self.tracer:
             self.tracer.prefill_server, self.tracer.backend = mode == "prefill", args.disaggregation_transfer_backend
+        backend = args.disaggregation_transfer_backend
         if mode == "prefill":
             self.scheduler.handoff = PrefillHandoff(args.host, args.disaggregation_bootstrap_port, worker.kv,
-                                                    worker.kv_layout, timeout)
-            logger.info("prefill server: bootstrap port %d", args.disaggregation_bootstrap_port)
+                                                    worker.kv_layout, timeout, backend)
+            logger.info("prefill server: bootstrap port %d, KV by %s", args.disaggregation_bootstrap_port, backend)
         else:
-            self.scheduler.intake = DecodeIntake(worker.kv, worker.kv_layout, timeout)
+            self.scheduler.intake = DecodeIntake(worker.kv, worker.kv_layout, timeout, backend)
 
     def run_forever(self) -> None:
         start = time.perf_counter()
@@ -88,8 +89,9 @@ class SchedulerProcess:
             while True:
                 idle = not self.scheduler.has_work
                 # The driver waits at most a second, so the other ranks never wait longer; while
-                # only KV is awaited from another server, its sockets wake the wait too.
-                wait_ms = 0 if self.scheduler.runnable else 1000
+                # only KV is awaited from another server, its sockets wake the wait too (a NIXL
+                # transfer's end wakes none: then the wait is short).
+                wait_ms = 0 if self.scheduler.runnable else 1 if self.scheduler.kv_busy else 1000
                 messages = self.comm.share(self.receive(wait_ms) if driver else None)
                 outputs = self.handle(messages)
                 updated = self.scheduler.step()

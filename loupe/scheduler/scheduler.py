@@ -92,6 +92,11 @@ class Scheduler:
         return list(self.intake.sockets.values()) if self.intake else []
 
     @property
+    def kv_busy(self) -> bool:
+        """Whether KV is moving in a way that no socket announces (so waits must be short)."""
+        return any(holder.busy for holder in (self.handoff, self.intake) if holder)
+
+    @property
     def has_work(self) -> bool:
         held = any(holder.pending for holder in (self.handoff, self.intake) if holder)
         return self.runnable or bool(self.receiving) or held

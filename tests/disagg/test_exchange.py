@@ -20,12 +20,15 @@ def engine(folder: str, **flags) -> Engine:
     return Engine(folder, **{"dtype": "float32", "page_size": 4, "chunked_prefill_size": 8, **flags})
 
 
-def pair(folder: str, timeout: float = 10.0, decode_timeout: float = 10.0, **decode_flags):
+def pair(folder: str, timeout: float = 10.0, decode_timeout: float = 10.0, backend: str = "tcp",
+         decode_backend: str | None = None, **decode_flags):
     """(prefill engine, decode engine, bootstrap port), wired as the two servers would be."""
     port = free_port()
     prefill, decode = engine(folder), engine(folder, **decode_flags)
-    prefill.scheduler.handoff = PrefillHandoff("127.0.0.1", port, prefill.worker.kv, prefill.worker.kv_layout, timeout)
-    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, decode_timeout)
+    prefill.scheduler.handoff = PrefillHandoff("127.0.0.1", port, prefill.worker.kv, prefill.worker.kv_layout, timeout,
+                                               backend)
+    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, decode_timeout,
+                                           decode_backend or backend)
     return prefill, decode, port
 
 
@@ -53,10 +56,11 @@ def assert_nothing_held(eng: Engine) -> None:
     assert kv.tree.evictable_pages == tree and len(kv.slots.free_rows) == kv.slots.table.shape[0]
 
 
-def test_decode_continues_from_the_prefill_servers_kv_exactly(tiny_model_dir):
+@pytest.mark.parametrize("backend", ["tcp", "nixl"])
+def test_decode_continues_from_the_prefill_servers_kv_exactly(tiny_model_dir, backend):
     folder = tiny_model_dir("llama")
     reference = [o["output_ids"] for o in engine(folder).generate(PROMPTS, GREEDY)]
-    prefill, decode, port = pair(folder)
+    prefill, decode, port = pair(folder, backend=backend)
     # The decode side's request arrives first for one room, after the prefill for another.
     decoded = [submit(decode, f"d{i}", p, port, room=100 + i) for i, p in enumerate(PROMPTS[:2])]
     prefilled = [submit(prefill, f"p{i}", p, port, room=100 + i) for i, p in enumerate(PROMPTS)]
@@ -104,12 +108,14 @@ def test_a_prefill_server_that_is_gone_fails_the_request_in_bounded_time(tiny_mo
     assert_nothing_held(decode)
 
 
-def test_mismatched_page_sizes_are_refused_naming_both(tiny_model_dir):
-    prefill, decode, port = pair(tiny_model_dir("llama"), page_size=8)
+@pytest.mark.parametrize("mismatch,named", [({"page_size": 8}, ("page_size=4", "page_size=8")),
+                                            ({"decode_backend": "nixl"}, ("by tcp", "by nixl"))])
+def test_mismatched_servers_are_refused_naming_both_values(tiny_model_dir, mismatch, named):
+    prefill, decode, port = pair(tiny_model_dir("llama"), **mismatch)
     submit(prefill, "p", PROMPTS[0], port, room=10)
     refused = submit(decode, "d", PROMPTS[0], port, room=10)
     run(prefill, decode, until=lambda: refused.finished)
-    assert "page_size=4" in refused.error and "page_size=8" in refused.error
+    assert all(value in refused.error for value in named), refused.error
     assert_nothing_held(decode)
 
 

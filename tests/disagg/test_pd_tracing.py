@@ -15,7 +15,8 @@ def traced_pd(tmp_path_factory, tiny_model_dir, receiver):
     logs = str(tmp_path_factory.mktemp("pd-tracing"))
     bootstrap_port = free_port()
     flags = ["--model-path", tiny_model_dir("llama"), "--max-total-tokens", 4096, "--enable-tracing",
-             "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}", "--disaggregation-timeout", 3]
+             "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}", "--disaggregation-timeout", 3,
+             "--disaggregation-transfer-backend", "tcp"]  # the bundled pair in test_router_pd uses nixl
     prefill = LiveServer(*flags, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
                          bootstrap_port, "--chunked-prefill-size", 8, log_dir=logs).start()
     decode = LiveServer(*flags, "--disaggregation-mode", "decode", log_dir=logs).start()
