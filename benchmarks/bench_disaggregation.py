@@ -1,0 +1,197 @@
+"""Prefill/decode disaggregation on this machine, side by side with one server.
+
+Configs, every server up at once (idle ones cost nothing), the bundled model, the same load
+(`loupe bench`: streaming completions) in rounds that alternate their order:
+
+    one server                 clients talk to a loupe server directly (the baseline)
+    router + one server        SGLang's router in front of it
+    router + PD (nixl)         the router in PD mode over a prefill and a decode server, KV by NIXL
+    router + PD (tcp)          the same, KV as ZMQ frames
+
+Prints medians of output tok/s, TTFT and e2e latency with their ratios to the baseline.
+First, in this process, the KV exchange alone: a prefill side and a decode side (the classes
+the servers run, over a real loopback bootstrap socket, each backend) move one request's KV
+of the bundled model's shape, both polled in a tight loop; time from claim to arrival,
+checked byte for byte.
+
+    .venv/bin/python benchmarks/bench_disaggregation.py --rounds 3
+    .venv/bin/python benchmarks/bench_disaggregation.py --transfer-only --tokens 512 2048 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import httpx
+from bench_ab import cpu_model
+from bench_tracing import wait_ready
+
+from loupe.bench import run as run_load
+
+BASELINE = "one server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(*args: object, module: str = "loupe.launch_server") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def router(*args: object) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    return launch("--host", "127.0.0.1", "--port", port, "--prometheus-host", "127.0.0.1", "--prometheus-port",
+                  free_port(), *args, module="sglang_router.launch_router"), port
+
+
+def wait_router(port: int, num_workers: int) -> None:
+    for _ in range(600):
+        try:
+            workers = httpx.get(f"http://127.0.0.1:{port}/workers", timeout=2).json()["workers"]
+            if len(workers) == num_workers and all(w["is_healthy"] for w in workers):
+                return
+        except (httpx.HTTPError, ValueError, KeyError):
+            pass
+        asyncio.run(asyncio.sleep(0.5))
+    raise RuntimeError(f"the router on port {port} has no {num_workers} healthy workers")
+
+
+def kv_rate(port: int) -> tuple[float, float]:
+    """(MB moved, MB/s while moving) of a prefill server's KV transfers so far."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("loupe_kv")}
+    megabytes = values.get("loupe_kv_transfer_bytes_total", 0) / 1e6
+    seconds = values.get("loupe_kv_transfer_seconds_sum", 0)
+    return megabytes, megabytes / seconds if seconds else float("nan")
+
+
+def transfer_seconds(backend: str, num_tokens: int, repeats: int) -> list[float]:
+    """Claim-to-arrival times of one request's KV (SmolLM2-135M's shape: 30 layers, 3 KV heads
+    of 64, float32, pages of 16) between the two sides of a pair, in this process."""
+    import torch
+
+    from loupe.core import Bootstrap, KVLayout
+    from loupe.disagg.decode import DecodeIntake
+    from loupe.disagg.prefill import PrefillHandoff
+    from loupe.runner.attention import KVCache
+
+    page, pages = 16, list(range(1, -(-num_tokens // 16) + 1))
+    caches = [KVCache(30, (len(pages) + 1) * page, 3, 64, torch.float32, "cpu") for _ in range(2)]
+    for t in (caches[0].k, caches[0].v):
+        t.copy_(torch.randn_like(t))
+    layout, port = KVLayout(30, 3, 64, "float32", page), free_port()
+    handoff = PrefillHandoff("127.0.0.1", port, caches[0], layout, 60, backend)
+    intake = DecodeIntake(caches[1], layout, 60, backend)
+    times = []
+    for room in range(repeats):
+        sent, received = (SimpleNamespace(rid=str(room), prompt_ids=[0] * num_tokens, output_ids=first,
+                                          pages=list(pages), kv_bytes=0, kv_transfer=None, error=None,
+                                          bootstrap=Bootstrap("127.0.0.1", port, room)) for first in ([7], []))
+        handoff.hand_off(sent)
+        start = time.perf_counter()
+        intake.claim(received)
+        while not received.output_ids and not received.error:
+            handoff.poll()
+            intake.poll()
+        times.append(time.perf_counter() - start)
+        assert received.error is None and received.output_ids == [7], received.error
+    for t in range(2):
+        cache = (caches[1].k, caches[1].v)[t][:, page: (len(pages) + 1) * page][:, :num_tokens]
+        assert torch.equal(cache, (caches[0].k, caches[0].v)[t][:, page: (len(pages) + 1) * page][:, :num_tokens])
+    handoff.sock.close(0)
+    return times
+
+
+def transfers(token_counts: list[int], repeats: int) -> None:
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")
+    print(f"{cpu_model()}, {os.cpu_count()} cores; one request's KV, claim to arrival, median of {repeats}")
+    print(f"{'tokens':>7} {'MB':>7} " + " ".join(f"{b + ' ms':>10} {b + ' MB/s':>10}" for b in ("nixl", "tcp")))
+    for n in token_counts:
+        megabytes = 2 * 30 * 3 * 64 * 4 * n / 1e6
+        medians = {b: statistics.median(transfer_seconds(b, n, repeats)) for b in ("nixl", "tcp")}
+        print(f"{n:>7} {megabytes:7.1f} " + " ".join(f"{medians[b] * 1e3:10.1f} {megabytes / medians[b]:10.0f}"
+                                                       for b in ("nixl", "tcp")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192],
+                        help="prompt lengths whose KV the transfer measure moves")
+    parser.add_argument("--transfer-only", action="store_true", help="only the KV exchange, in this process")
+    args = parser.parse_args()
+    transfers(args.tokens, repeats=5)
+    if args.transfer_only:
+        return
+    os.environ.setdefault("UCX_NET_DEVICES", "lo")  # both ends here: keep UCX on loopback
+    procs, urls, prefill_ports = [], {}, {}
+    try:
+        single = free_port()
+        procs.append(launch("--port", single))
+        urls[BASELINE] = f"http://127.0.0.1:{single}"
+        model = wait_ready(single, procs[-1])
+        proc, port = router("--worker-urls", urls[BASELINE])
+        procs.append(proc)
+        wait_router(port, 1)
+        urls["router + one server"] = f"http://127.0.0.1:{port}"
+        for backend in ("nixl", "tcp"):
+            prefill, decode, bootstrap = free_port(), free_port(), free_port()
+            procs.append(launch("--port", prefill, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                                bootstrap, "--disaggregation-transfer-backend", backend))
+            wait_ready(prefill, procs[-1])
+            procs.append(launch("--port", decode, "--disaggregation-mode", "decode",
+                                "--disaggregation-transfer-backend", backend))
+            wait_ready(decode, procs[-1])
+            proc, port = router("--pd-disaggregation", "--prefill", f"http://127.0.0.1:{prefill}", bootstrap,
+                                "--decode", f"http://127.0.0.1:{decode}")
+            procs.append(proc)
+            wait_router(port, 2)
+            urls[f"router + PD ({backend})"] = f"http://127.0.0.1:{port}"
+            prefill_ports[backend] = prefill
+        for url in urls.values():  # warm every path once
+            asyncio.run(run_load(url, model, 2, 2, 99, None))
+        results: dict[str, list[dict]] = {name: [] for name in urls}
+        for r in range(args.rounds):
+            for name in list(urls) if r % 2 == 0 else reversed(list(urls)):
+                summary = asyncio.run(run_load(urls[name], model, args.concurrency, args.num_requests, r, None))
+                assert summary["failed"] == 0, summary
+                results[name].append(summary)
+                print(f"round {r + 1} {name:>20}: {summary['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
+                      f"{summary['ttft_p50_s']:.3f} s, e2e p50 {summary['e2e_p50_s']:.3f} s", file=sys.stderr)
+        rates = {backend: kv_rate(port) for backend, port in prefill_ports.items()}
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
+
+    def median(name: str, key: str) -> float:
+        return statistics.median(s[key] for s in results[name])
+
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores; concurrency {args.concurrency}, {args.num_requests} requests "
+          f"a run, {args.rounds} rounds, medians")
+    print(f"{'config':>20} {'tok/s':>8} {'vs one':>7} {'TTFT p50 s':>11} {'vs one':>7} {'e2e p50 s':>10} {'vs one':>7}")
+    for name in urls:
+        tps, ttft, e2e = (median(name, k) for k in ("output_tokens_per_s", "ttft_p50_s", "e2e_p50_s"))
+        print(f"{name:>20} {tps:8.1f} {tps / median(BASELINE, 'output_tokens_per_s'):7.3f} {ttft:11.3f} "
+              f"{ttft / median(BASELINE, 'ttft_p50_s'):7.3f} {e2e:10.3f} {e2e / median(BASELINE, 'e2e_p50_s'):7.3f}")
+    for backend, (megabytes, rate) in rates.items():
+        print(f"KV moved by {backend}: {megabytes:.1f} MB in all, {rate:.0f} MB/s while moving (prefill server's view)")
+
+
+if __name__ == "__main__":
+    main()
