@@ -87,6 +87,25 @@ def test_a_room_the_prefill_server_never_gets_fails_and_frees_the_pages(tiny_mod
     run(prefill, decode)
     assert "has no request for room 7" in lost.error and lost.finish_reason == "abort"
     assert_nothing_held(decode)
+    # Both go on serving.
+    submit(prefill, "p2", PROMPTS[1], port, room=8)
+    served = submit(decode, "d2", PROMPTS[1], port, room=8)
+    run(prefill, decode)
+    assert served.error is None and len(served.output_ids) == GREEDY["max_new_tokens"]
+
+
+def test_a_request_waiting_for_kv_never_holds_up_the_batch(tiny_model_dir):
+    prefill, decode, port = pair(tiny_model_dir("llama"))
+    waiting = submit(decode, "d", PROMPTS[0], port, room=20)  # its prefill server never gets it
+    local = decode.scheduler.add_request(TokenizedRequest("local", decode.tokenizer.encode(PROMPTS[1]),
+                                                          SamplingParams(**GREEDY)))
+    run(decode, until=lambda: local.output_ids)  # its prompt, in chunks
+    for _ in range(6):
+        before = len(local.output_ids)
+        decode.scheduler.step()
+        assert len(local.output_ids) == before + 1  # a token every step, while the other waits
+    assert not waiting.output_ids and not waiting.finished
+    assert decode.scheduler.abort("d") is waiting
 
 
 def test_a_prefill_nobody_claims_fails_and_frees_the_pages(tiny_model_dir):
