@@ -26,7 +26,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from server_harness import alive_pids, free_port
+from server_harness import LiveRouter, LiveServer, alive_pids, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOENIX_VENV = os.environ.get("LOUPE_PHOENIX_VENV", os.path.join(REPO, ".phoenix-venv"))
@@ -165,7 +165,7 @@ def stack(tmp_path_factory):
         for server, port in servers.values():
             print(f"{server.name} ready {server.wait_http(f'http://127.0.0.1:{port}/health'):.1f} s later")
         yield {"phoenix": f"http://127.0.0.1:{http_port}", "phoenix_proc": phoenix,
-               "servers": servers}
+               "servers": servers, "grpc_port": grpc_port, "logs": logs}
     finally:
         lingering = {p.name: p.stop() for p in reversed(procs)}
         survivors = {name: pids for name, pids in lingering.items() if pids}
@@ -318,3 +318,40 @@ def test_traces_land_in_phoenix(stack, protocol):
         assert chunks and all(s["parent_id"] == prefill for s in chunks), where
         assert usage.completion_tokens - 1 <= len(steps) <= usage.completion_tokens, (where, len(steps))
         assert all(s["parent_id"] == decode for s in steps), where
+
+
+def test_a_prefill_decode_pair_and_the_router_make_one_trace_in_phoenix(stack, tiny_model_dir):
+    """SGLang's router in PD mode, a prefill and a decode server (tiny model), all three
+    exporting to Phoenix's gRPC port (its `default` project): one trace holds them all."""
+    endpoint, logs, bootstrap_port = f"127.0.0.1:{stack['grpc_port']}", stack["logs"], free_port()
+    flags = ["--model-path", tiny_model_dir("llama"), "--enable-tracing", "--otlp-endpoint", f"http://{endpoint}"]
+    env = {"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "100"}
+    prefill = LiveServer(*flags, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                         bootstrap_port, log_dir=logs, env=env).start()
+    decode = LiveServer(*flags, "--disaggregation-mode", "decode", log_dir=logs, env=env).start()
+    router = None
+    try:
+        prefill.wait_ready()
+        decode.wait_ready()
+        router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
+                            decode.base_url, "--enable-trace", "--otlp-traces-endpoint", endpoint,
+                            log_dir=logs).start(num_workers=2)
+        r = httpx.post(router.base_url + "/generate", json={"text": "Where did the time go?",
+                       "sampling_params": {"max_new_tokens": 4}}, timeout=60, trust_env=False)
+        assert r.status_code == 200, r.text
+        trace_id = r.headers["traceparent"].split("-")[1]
+        spans = wait_for_trace(stack["phoenix"], "default", trace_id,
+                               {"http_request", "Req", "bootstrap", "kv_transfer", "kv_receive", "decode_step"},
+                               stack["phoenix_proc"])
+    finally:
+        if router:
+            router.stop()
+        prefill.stop()
+        decode.stop()
+    by_id = {s["context"]["span_id"]: s for s in spans}
+    roots = [s for s in spans if family(s["name"]) == "Req"]
+    assert len(roots) == 2 and {by_id[s["parent_id"]]["name"] for s in roots} == {"http_request"}
+    assert {s["attributes"]["disaggregation.role"] for s in roots} == {"prefill", "decode"}
+    assert len({s["attributes"]["bootstrap_room"] for s in roots}) == 1
+    transfer = next(s for s in spans if s["name"] == "kv_transfer")
+    assert by_id[transfer["parent_id"]]["name"] == "prefill" and transfer["attributes"]["backend"] == "nixl"
