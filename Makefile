@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: setup serve test lint bench clean phoenix-setup demo
+.PHONY: setup serve test lint bench clean phoenix-setup demo demo-pd
 
 setup: $(VENV)/.installed
 
@@ -54,3 +54,8 @@ $(PHOENIX_VENV)/.installed-$(PHOENIX_VERSION):
 # model; Ctrl-C stops both. ARGS go to the server.
 demo: setup phoenix-setup
 	PHOENIX_VENV=$(PHOENIX_VENV) $(PY) scripts/demo.py $(ARGS)
+
+# The same with SGLang's router in PD mode on port 30000 and a prefill (30001) and decode
+# (30002) server behind it: one trace per request across the three.
+demo-pd: setup phoenix-setup
+	PHOENIX_VENV=$(PHOENIX_VENV) $(PY) scripts/demo.py --pd $(ARGS)

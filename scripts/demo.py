@@ -1,10 +1,12 @@
 """`make demo`: Arize Phoenix plus a traced loupe server on the bundled model, wired together.
+`make demo-pd` (`--pd`): Phoenix, SGLang's router in PD mode on --port, and a prefill and a
+decode server behind it (on --port + 1 and + 2), all three tracing into Phoenix.
 
 Phoenix runs from .phoenix-venv (`make phoenix-setup`) with its data under .phoenix/, its UI and
 OTLP/HTTP on 6006 and OTLP/gRPC on 4317; loupe exports every request's trace to it over gRPC.
-Ctrl-C (or SIGTERM) stops both: the server first, so its last spans are flushed to Phoenix.
+Ctrl-C (or SIGTERM) stops everything: Phoenix last, so the last spans reach it.
 
-    python scripts/demo.py [--port 30000] [--phoenix-port 6006] [--phoenix-grpc-port 4317]
+    python scripts/demo.py [--pd] [--port 30000] [--phoenix-port 6006] [--phoenix-grpc-port 4317]
                            [any other loupe.launch_server flags]
 """
 
@@ -75,19 +77,42 @@ def stop(name: str, proc: subprocess.Popen | None) -> None:
     proc.wait()
 
 
+def services(args, server_args: list[str]) -> list[tuple[str, list[str], str]]:
+    """(name, command, health URL) of what runs beside Phoenix, in start order."""
+    loupe = [sys.executable, "-m", "loupe.launch_server", "--enable-tracing",
+             "--otlp-endpoint", f"http://127.0.0.1:{args.phoenix_grpc_port}", *server_args]
+    if not args.pd:
+        return [("the loupe server", [*loupe, "--port", str(args.port)], f"http://127.0.0.1:{args.port}/health")]
+    prefill, decode, bootstrap = args.port + 1, args.port + 2, args.bootstrap_port
+    router = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", "127.0.0.1",
+              "--port", str(args.port), "--prometheus-host", "127.0.0.1", "--prefill", f"http://127.0.0.1:{prefill}",
+              str(bootstrap), "--decode", f"http://127.0.0.1:{decode}", "--enable-trace",
+              "--otlp-traces-endpoint", f"127.0.0.1:{args.phoenix_grpc_port}"]
+    return [("the prefill server", [*loupe, "--port", str(prefill), "--disaggregation-mode", "prefill",
+                                    "--disaggregation-bootstrap-port", str(bootstrap)], f"http://127.0.0.1:{prefill}/health"),
+            ("the decode server", [*loupe, "--port", str(decode), "--disaggregation-mode", "decode"],
+             f"http://127.0.0.1:{decode}/health"),
+            ("the router", router, f"http://127.0.0.1:{args.port}/readiness")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=30000, help="loupe's HTTP port")
     parser.add_argument("--phoenix-port", type=int, default=6006, help="Phoenix UI, REST and OTLP/HTTP")
     parser.add_argument("--phoenix-grpc-port", type=int, default=4317, help="Phoenix OTLP/gRPC")
+    parser.add_argument("--pd", action="store_true", help="a prefill/decode pair behind SGLang's router")
+    parser.add_argument("--bootstrap-port", type=int, default=8998, help="with --pd: the prefill server's")
     args, server_args = parser.parse_known_args()
 
     venv = os.environ.get("PHOENIX_VENV", ".phoenix-venv")
     phoenix_bin = os.path.join(REPO, venv, "bin", "phoenix")
     if not os.access(phoenix_bin, os.X_OK):
         raise SystemExit(f"[demo] {phoenix_bin} is missing: run `make phoenix-setup` first")
-    for what, port in (("Phoenix", args.phoenix_port), ("Phoenix gRPC", args.phoenix_grpc_port),
-                       ("loupe", args.port)):
+    ports = [("Phoenix", args.phoenix_port), ("Phoenix gRPC", args.phoenix_grpc_port), ("loupe", args.port)]
+    if args.pd:
+        ports += [("the prefill server", args.port + 1), ("the decode server", args.port + 2),
+                  ("the bootstrap port", args.bootstrap_port)]
+    for what, port in ports:
         if port_busy(port):
             raise SystemExit(f"[demo] port {port} (for {what}) is already in use; is another demo or "
                              "collector running? Pick others with --port/--phoenix-port/--phoenix-grpc-port")
@@ -108,10 +133,12 @@ def main() -> int:
     }
     server_env = {**clean, "PYTHONUNBUFFERED": "1"}
     server_env.setdefault("OTEL_SERVICE_NAME", "loupe")
+    server_env.setdefault("UCX_NET_DEVICES", "lo")  # a PD pair's KV stays on this machine's loopback
 
     # Each child gets its own session: the terminal's Ctrl-C reaches only this script, which
     # then stops them in order.
-    phoenix = server = None
+    phoenix = None
+    started: list[tuple[str, subprocess.Popen]] = []
     interrupted = False
 
     def on_term(signum, frame):
@@ -128,13 +155,12 @@ def main() -> int:
                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
         wait_ready("Phoenix", phoenix, f"http://127.0.0.1:{args.phoenix_port}/healthz", phoenix_log)
-        say("starting the loupe server on the bundled model, tracing into Phoenix over OTLP/gRPC ...")
-        command = [sys.executable, "-m", "loupe.launch_server", "--port", str(args.port),
-                   "--enable-tracing", "--otlp-endpoint", f"http://127.0.0.1:{args.phoenix_grpc_port}",
-                   *server_args]
-        server = subprocess.Popen(command, env=server_env, cwd=REPO, stdin=subprocess.DEVNULL,
-                                  start_new_session=True)
-        wait_ready("loupe server", server, f"http://127.0.0.1:{args.port}/health", "its output above")
+        for name, command, health in services(args, server_args):
+            say(f"starting {name}, tracing into Phoenix over OTLP/gRPC ...")
+            proc = subprocess.Popen(command, env=server_env, cwd=REPO, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+            started.append((name, proc))
+            wait_ready(name, proc, health, "its output above")
         print(f"""
   Phoenix (traces):  http://localhost:{args.phoenix_port}   (project "default")
   loupe (OpenAI API): http://127.0.0.1:{args.port}/v1
@@ -143,10 +169,10 @@ def main() -> int:
     curl http://127.0.0.1:{args.port}/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{{"model": "SmolLM2-135M-Instruct", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
 
-  then open the trace in Phoenix. Ctrl-C stops both.
+  then open the trace in Phoenix. Ctrl-C stops everything.
 """, flush=True)
         while True:
-            for name, proc in (("Phoenix", phoenix), ("the loupe server", server)):
+            for name, proc in (("Phoenix", phoenix), *started):
                 if proc.poll() is not None:
                     say(f"{name} exited with {proc.returncode}; stopping the demo")
                     return 1
@@ -159,7 +185,8 @@ def main() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if interrupted:
             say("stopping ...")
-        stop("the loupe server", server)  # first, so it flushes its last spans into Phoenix
+        for name, proc in reversed(started):  # first, so that they flush their last spans into Phoenix
+            stop(name, proc)
         stop("Phoenix", phoenix)
         say("stopped")
 
