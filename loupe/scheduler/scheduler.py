@@ -70,8 +70,7 @@ class Scheduler:
             req = next((held.discard(rid) for held in (self.handoff, self.intake) if held), None)
             if req is None:
                 return None
-        self.kv.release(req, cache=False)
-        self._finish(req, FinishReason.ABORT)
+        self._drop(req)
         return req
 
     def abort_all(self) -> list[Req]:
@@ -173,14 +172,15 @@ class Scheduler:
         requests whose KV left. (The requests whose KV and first token arrived, those ended.)"""
         arrived, done = [], []
         if self.intake:
-            while self.receiving and self.kv.admit_external(self.receiving[0], len(self.receiving[0].prompt_ids)):
+            while self.receiving and self.kv.admit_external(self.receiving[0],
+                                                            len(self.receiving[0].prompt_ids)) is not None:
                 req = self.receiving.popleft()
                 self.intake.claim(req)
                 if self.tracer:
                     self.tracer.kv_claimed(req)
             for req in self.intake.poll():
                 if req.error:
-                    self._fail(req)
+                    self._drop(req)
                     done.append(req)
                     continue
                 req.admit_time = req.first_token_time = time.perf_counter()
@@ -195,7 +195,7 @@ class Scheduler:
                 if self.tracer:
                     self.tracer.kv_sent(req)
                 if req.error:
-                    self._fail(req)
+                    self._drop(req)
                 else:
                     self.kv.release(req, cache=True)
                     self._finish(req, req.finish_reason or FinishReason.LENGTH)  # its one token
@@ -211,7 +211,8 @@ class Scheduler:
             self.tracer.handed_off(req)
         return True
 
-    def _fail(self, req: Req) -> None:
+    def _drop(self, req: Req) -> None:
+        """Aborted, or failed (`req.error`): its pages go back uncached."""
         self.kv.release(req, cache=False)
         self._finish(req, FinishReason.ABORT)
 
