@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 S = typing.TypeVar("S")
+TRACE_LEVEL_ENV = ("LOUPE_TRACE_LEVEL", "SGLANG_TRACE_LEVEL")  # first set wins
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,11 @@ class ServerArgs:
     api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health")
     enable_tracing: bool = _flag(False, "trace every request with OpenTelemetry", "--enable-trace")
     otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported (OTLP)", "--otlp-traces-endpoint")
-    trace_level: Literal[1, 2, 3] = _flag(3, "1: root span only; 2: plus stages; 3: plus chunks and decode steps")
+    trace_level: Literal[0, 1, 2, 3] = _flag(3, "0: off (until raised with POST /set_trace_level); 1: root span "
+                                                "only; 2: plus stages; 3: plus chunks and decode steps (also "
+                                                "from LOUPE_TRACE_LEVEL or SGLANG_TRACE_LEVEL)")
+    trace_sampling_ratio: float | None = _flag(None, "share of requests traced, decided from the trace id "
+                                                     "(default: from OTEL_TRACES_SAMPLER[_ARG], else 1.0)")
     trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
     disaggregation_mode: Literal["null", "prefill", "decode"] = _flag(
         "null", "prefill or decode: this server is one half of a pair behind SGLang's router in PD mode, "
@@ -124,6 +130,8 @@ class ServerArgs:
         need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
         need(0 < self.disaggregation_bootstrap_port < 65536, "disaggregation_bootstrap_port", "in 1..65535")
         need(self.disaggregation_timeout > 0, "disaggregation_timeout", "a number of seconds > 0")
+        need(self.trace_sampling_ratio is None or 0 <= self.trace_sampling_ratio <= 1, "trace_sampling_ratio",
+             "a number in [0, 1]")
         need(self.disaggregation_mode == "null" or self.tp_size * self.pp_size * self.dp_size * self.nnodes == 1,
              "disaggregation_mode", "null with --tp-size, --pp-size, --dp-size or --nnodes above 1 "
              "(a disaggregated server runs one rank)")
@@ -153,6 +161,13 @@ class ServerArgs:
     def from_cli(cls, argv: list[str] | None = None) -> ServerArgs:
         parser = OneLineErrorParser(prog="loupe serve", description="Serve a model over an OpenAI-compatible API.")
         cls.add_cli_args(parser)
+        for name in TRACE_LEVEL_ENV:  # the flag's default; the flag itself wins
+            raw = os.environ.get(name, "").strip()
+            if raw:
+                if raw not in ("0", "1", "2", "3"):
+                    parser.error(f"{name} must be 0, 1, 2 or 3, got {raw!r}")
+                parser.set_defaults(trace_level=int(raw))
+                break
         ns = parser.parse_args(argv)
         try:
             return cls(**vars(ns))

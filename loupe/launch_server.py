@@ -72,7 +72,10 @@ def tracing_settings(args: ServerArgs) -> ExportSettings | None:
     missing = missing_packages()
     if missing:
         raise SystemExit(f"loupe: --enable-tracing needs OpenTelemetry: pip install {' '.join(missing)}")
+    from loupe.tracing.sampling import TraceControl
+
     try:
+        TraceControl.from_env(args.trace_level, args.trace_sampling_ratio)
         return ExportSettings.from_env(args.otlp_endpoint)
     except ValueError as e:
         raise SystemExit(f"loupe: {e}") from None
@@ -216,11 +219,14 @@ def launch(args: ServerArgs) -> int:
     from loupe.server.http_server import create_app
     from loupe.server.metrics import Metrics
     from loupe.server.tokenizer_manager import TokenizerManager
+    from loupe.tracing.sampling import TraceControl
     from loupe.tracing.spans import RequestTracer, open_tracer
 
     metrics = Metrics()
-    tracer = open_tracer(RequestTracer, args.enable_tracing, endpoints.tracing, level=args.trace_level,
-                         include_content=args.trace_include_content)
+    tracer = None
+    if tracing is not None:  # its environment was checked by tracing_settings
+        tracer = open_tracer(RequestTracer, True, endpoints.tracing, include_content=args.trace_include_content,
+                             control=TraceControl.from_env(args.trace_level, args.trace_sampling_ratio))
     manager = TokenizerManager(endpoints, metrics, tracer)
     name = served_model_name(args)
     app = create_app(manager, args, metrics, name)

@@ -21,11 +21,12 @@ from loupe.ipc import RequestOutput
 from loupe.server.metrics import Metrics
 from loupe.server.protocol import (
     APIError,
-    BootstrapFields,
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
+    RequestExtras,
     SamplingFields,
+    TraceLevel,
 )
 from loupe.server.tokenizer_manager import TokenizerManager
 from loupe.tracing.spans import RequestTrace, now
@@ -122,6 +123,21 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
             await outputs.aclose()
         return Response(status_code=200)
 
+    @app.get("/tracing")
+    async def tracing() -> dict:
+        """Whether requests are traced: the level, the sampling, the keep rules."""
+        return api.tracing_settings()
+
+    @app.post("/tracing")
+    async def change_tracing(changes: dict) -> dict:
+        """Change the tracing settings while serving; requests that arrive afterwards follow them."""
+        return api.change_tracing(changes)
+
+    @app.post("/set_trace_level")
+    async def set_trace_level(body: TraceLevel) -> dict:
+        """0 (off) to 3, for the requests that arrive afterwards."""
+        return api.change_tracing({"level": body.level})
+
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
@@ -164,6 +180,22 @@ class OpenAIRoutes:
     def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str, role: str = "null"):
         self.manager, self.metrics, self.model_name = manager, metrics, model_name
         self.role = role  # --disaggregation-mode
+
+    def tracing_settings(self) -> dict:
+        tracer = self.manager.tracer
+        return {"enabled": tracer is not None, **(tracer.control.settings() if tracer else {})}
+
+    def change_tracing(self, changes: dict) -> dict:
+        tracer = self.manager.tracer
+        if tracer is None:
+            raise APIError(400, "tracing is not enabled: start the server with --enable-tracing",
+                           code="tracing_disabled")
+        try:
+            tracer.control.update(changes)
+        except ValueError as e:
+            param, message = e.args
+            raise APIError(400, message, param=param) from None
+        return self.tracing_settings()
 
     def error(self, exc: APIError, headers: dict | None = None) -> JSONResponse:
         self.metrics.requests.labels(status=f"http_{exc.status}").inc()
@@ -212,7 +244,7 @@ class OpenAIRoutes:
             attributes["disaggregation.role"] = self.role
             if body.bootstrap_room is not None:
                 attributes["bootstrap_room"] = body.bootstrap_room
-        trace = self.manager.start_trace(rid, request.headers, attributes, prompt)
+        trace = self.manager.start_trace(rid, request.headers, attributes, prompt, body.trace_wanted())
         request.state.trace = trace
         return trace
 
@@ -238,7 +270,7 @@ class OpenAIRoutes:
         final = await last_output(outputs, request)
         return JSONResponse(fmt.response(final), headers=headers)
 
-    def _validated(self, rid: str, input_ids: list[int], params: dict, body: BootstrapFields,
+    def _validated(self, rid: str, input_ids: list[int], params: dict, body: RequestExtras,
                    trace: RequestTrace | None, openai_names: bool = False) -> TokenizedRequest:
         bootstrap = None
         if self.role != "null":

@@ -38,12 +38,24 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class BootstrapFields(StrictModel):
-    """What SGLang's router adds to a request it sends to a prefill/decode pair."""
+class RequestExtras(StrictModel):
+    """What any generation request may carry besides its prompt and sampling: OpenAI's
+    `metadata` (`{"trace": "true"|"false"}` chooses whether it is traced), and the fields
+    SGLang's router adds for a prefill/decode pair."""
 
+    metadata: dict[str, str] | None = None
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+
+    def trace_wanted(self) -> bool | None:
+        """The request's own tracing choice; None when it makes none."""
+        choice = (self.metadata or {}).get("trace")
+        if choice is None:
+            return None
+        if choice.lower() not in ("true", "false"):
+            raise APIError(400, f'metadata.trace must be "true" or "false", got {choice!r}', param="metadata.trace")
+        return choice.lower() == "true"
 
     def bootstrap(self) -> Bootstrap | None:
         given = (self.bootstrap_host, self.bootstrap_port, self.bootstrap_room)
@@ -55,7 +67,7 @@ class BootstrapFields(StrictModel):
         return Bootstrap(*given)
 
 
-class SamplingFields(BootstrapFields):
+class SamplingFields(RequestExtras):
     """Sampling options shared by both OpenAI endpoints; loupe's extensions included."""
 
     max_tokens: int | None = None
@@ -105,9 +117,13 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str]
 
 
-class GenerateRequest(BootstrapFields):
+class GenerateRequest(RequestExtras):
     text: str | None = None
     input_ids: list[int] | None = None
     sampling_params: dict = Field(default_factory=dict)
     stream: bool = False
     rid: str | None = None
+
+
+class TraceLevel(StrictModel):
+    level: int

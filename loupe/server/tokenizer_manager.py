@@ -99,11 +99,14 @@ class TokenizerManager:
         if rid in self.states:
             ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
 
-    def start_trace(self, rid: str, headers, attributes: dict, prompt) -> RequestTrace | None:
-        """A trace for a request that just arrived, under the caller's `traceparent` if valid."""
+    def start_trace(self, rid: str, headers, attributes: dict, prompt, wanted: bool | None = None
+                    ) -> RequestTrace | None:
+        """A trace for a request that just arrived, under the caller's `traceparent` if valid;
+        whether it records anything is decided now (`wanted`: the request's own choice)."""
         if self.tracer is None:
             return None
-        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes, prompt)
+        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes, prompt,
+                                 wanted)
 
     def end_trace_with_error(self, trace: RequestTrace | None, error_type: str, message: str) -> None:
         """For a request refused before it reached the scheduler."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from loupe.core import TraceContext, TraceDecision
 from loupe.tracing.ids import new_span_id, new_trace_id
@@ -27,9 +28,12 @@ def parse_traceparent(header: str | None) -> tuple[int, int, int] | None:
 
 
 def start_context(level: int, traceparent: str | None = None, tracestate: str | None = None,
-                  decision: TraceDecision = TraceDecision.SAMPLED) -> TraceContext:
-    """A new request's context: under the caller's span when `traceparent` is valid."""
+                  decide: Callable[[int, int | None], TraceDecision] | None = None) -> TraceContext:
+    """A new request's context: under the caller's span when `traceparent` is valid. `decide`
+    (trace id, the caller's flags or None) makes its trace decision; without it, sampled."""
     parent = parse_traceparent(traceparent)
+    trace_id = parent[0] if parent else new_trace_id()
+    decision = decide(trace_id, parent[2] if parent else None) if decide else TraceDecision.SAMPLED
     if parent is None:
-        return TraceContext(new_trace_id(), new_span_id(), level, decision)
-    return TraceContext(parent[0], new_span_id(), level, decision, parent[1], tracestate or None)
+        return TraceContext(trace_id, new_span_id(), level, decision)
+    return TraceContext(trace_id, new_span_id(), level, decision, parent[1], tracestate or None)

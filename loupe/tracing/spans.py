@@ -24,6 +24,7 @@ from loupe.core import FinishReason, TokenizedRequest, TraceContext, TraceDecisi
 from loupe.tracing.context import start_context
 from loupe.tracing.ids import new_span_id
 from loupe.tracing.recorder import SERVER, Recorder, SpanRecord
+from loupe.tracing.sampling import TraceControl
 
 MILESTONES = (1, 10, 100, 1000, 10000)
 T = TypeVar("T", bound="ProcessTracer")
@@ -94,14 +95,19 @@ class RequestTrace:
 class RequestTracer(ProcessTracer):
     label = "Tokenizer"
 
-    def __init__(self, recorder: Recorder, level: int, include_content: bool):
+    def __init__(self, recorder: Recorder, control: TraceControl, include_content: bool):
         super().__init__(recorder)
-        self.level, self.include_content = level, include_content
+        self.control, self.include_content = control, include_content
         self.offset = recorder.offset_ns
 
     def start(self, rid: str, traceparent: str | None, tracestate: str | None, attributes: dict,
-              prompt: str | list | None = None) -> RequestTrace:
-        trace = RequestTrace(start_context(self.level, traceparent, tracestate), rid)
+              prompt: str | list | None = None, wanted: bool | None = None) -> RequestTrace:
+        """A new request's trace, decided now (`wanted`: the request's own choice, if it made
+        one); an unsampled one records nothing, but still answers with a traceparent."""
+        control = self.control
+        ctx = start_context(control.level, traceparent, tracestate,
+                            lambda trace_id, flags: control.decide(trace_id, flags, wanted))
+        trace = RequestTrace(ctx, rid)
         trace.attributes.update({"rid": rid, "gen_ai.request.id": rid, **attributes})
         if self.include_content and prompt is not None:
             trace.attributes["gen_ai.prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)

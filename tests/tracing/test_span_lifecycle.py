@@ -7,6 +7,7 @@ from loupe.config import ServerArgs
 from loupe.core import FinishReason, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
 from loupe.detokenizer import DetokenizerProcess
 from loupe.tracing.recorder import Recorder
+from loupe.tracing.sampling import TraceControl
 from loupe.tracing.spans import RequestTracer, SchedulerTracer
 
 PROMPTS = ["The capital of France is Paris. The capital of Italy is", "Hello, my name is loupe and I trace",
@@ -113,7 +114,7 @@ def test_detokenizer_keeps_no_state_after_finish_or_abort(tiny_model_dir, tmp_pa
 
 
 def test_the_trace_decision_can_change_until_the_request_ends(tmp_path):
-    tracer = RequestTracer(CapturingRecorder(tmp_path), level=3, include_content=False)
+    tracer = RequestTracer(CapturingRecorder(tmp_path), TraceControl(level=3), include_content=False)
     kept, dropped = (tracer.start(rid, None, None, {}) for rid in ("kept", "dropped"))
     kept.decide(TraceDecision.UNDECIDED)
     dropped.decide(TraceDecision.OFF)
