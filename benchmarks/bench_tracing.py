@@ -5,7 +5,8 @@
    the span exporter's CPU time per span (unpickling, queueing, encoding, sending over
    OTLP gRPC to a receiver in another process) for level-3 batches, against the former
    path of an SDK ReadableSpan per span encoded and sent by the SDK's exporter (grpcio).
-2. Live: the bundled model at a given concurrency, tracing off vs levels 1, 2 and 3 (spans
+2. Live: the bundled model at a given concurrency, tracing off vs levels 1, 2 and 3, and
+   (--sampling) level 3 at a ratio of 0.01 without and with tail keep rules (spans
    exported over OTLP gRPC to a stand-in backend in another process), in rounds that
    alternate the configurations; medians of throughput, median latency and CPU time per
    output token (all the server's processes, the span exporter included), as ratios to off.
@@ -15,6 +16,7 @@
 
     .venv/bin/python benchmarks/bench_tracing.py [--rounds 3] [--concurrency 32] [--num-requests 64]
     .venv/bin/python benchmarks/bench_tracing.py --live-only --levels 3 --rounds 24
+    .venv/bin/python benchmarks/bench_tracing.py --live-only --levels none --sampling --rounds 16
     .venv/bin/python benchmarks/bench_tracing.py --exporter-only [--profile]
     .venv/bin/python benchmarks/bench_tracing.py --census --levels 3
 """
@@ -68,7 +70,7 @@ def micro(n: int = 200_000) -> dict[str, float]:
     parents: list = []
     start = time.perf_counter_ns()
     for i in range(n):
-        parents.append((1, i))
+        parents.append((1, i, None))
     fanout_ns = (time.perf_counter_ns() - start) / n
     tracer = None
     start = time.perf_counter_ns()
@@ -103,7 +105,7 @@ def level3_batch(rng: random.Random, t0: int, fanouts: int = 4, concurrency: int
                         ("detokenize", {"num_tokens": 128, "busy_seconds": 0.002})):
         spans.append(SpanRecord(trace_id, rng.getrandbits(64), thread, name, t0 + 1, t0 + 9, attrs))
     steps = [Fanout("decode_step", t0 + 10 * i, t0 + 10 * i + 9, {"batch_size": concurrency},
-              [(rng.getrandbits(128), rng.getrandbits(64)) for _ in range(concurrency)]) for i in range(fanouts)]
+              [(rng.getrandbits(128), rng.getrandbits(64), {"step": i}) for _ in range(concurrency)]) for i in range(fanouts)]
     return ipc.SpanBatch(time.time_ns() - t0, spans, steps, 0)
 
 
@@ -143,7 +145,7 @@ class SdkPath:
         self.queue.extend(self.span(r, batch.offset_ns) for r in batch.spans)
         for name, start, end, attributes, parents in batch.fanouts:
             self.queue.extend(self.span(SpanRecord(trace_id, new_span_id(), parent_id, name, start, end, attributes),
-                                        batch.offset_ns) for trace_id, parent_id in parents)
+                                        batch.offset_ns) for trace_id, parent_id, _ in parents)
 
     def export_full(self, size: int, everything: bool = False) -> None:
         while len(self.queue) >= size or (everything and self.queue):
@@ -294,10 +296,22 @@ def start_receiver() -> tuple[mp.Process, int]:
     return receiver, read.recv()
 
 
-def start_server(port: int, level: int | None, otlp_port: int, model_threads: int | None = None) -> subprocess.Popen:
+SAMPLED = ["--trace-sampling-ratio", "0.01"]
+# Rules that keep next to nothing here (no request fails, none takes a minute): what is
+# measured is recording every request and holding its spans until the verdict discards them.
+KEEPING = [*SAMPLED, "--trace-keep-errors", "--trace-keep-slower-than-ms", "60000"]
+
+
+def tracing_flags(level: int | None, *extra: str) -> list[str] | None:
+    return None if level is None else ["--trace-level", str(level), *extra]
+
+
+def start_server(port: int, tracing: list[str] | None, otlp_port: int, model_threads: int | None = None
+                 ) -> subprocess.Popen:
+    """A server on the bundled model: tracing off (None) or on with these flags."""
     flags = ["--port", str(port)]
-    if level is not None:
-        flags += ["--enable-tracing", "--trace-level", str(level), "--otlp-endpoint", f"127.0.0.1:{otlp_port}"]
+    if tracing is not None:
+        flags += ["--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{otlp_port}", *tracing]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {}))
     return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -312,10 +326,21 @@ def cpu_seconds(proc: subprocess.Popen) -> tuple[float, float]:
     return total, exporter
 
 
-def span_counts(port: int) -> tuple[int, int, int]:
+def tracing_metrics(port: int) -> dict[str, float]:
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("loupe_tracing")}
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("loupe_tracing")}
+
+
+def span_counts(port: int) -> tuple[int, int, int]:
+    values = tracing_metrics(port)
     return tuple(int(values[f"loupe_tracing_spans_{kind}_total"]) for kind in ("exported", "dropped", "failed"))
+
+
+def tail_counts(port: int) -> tuple[int, int]:
+    """Traces kept and discarded by the tail rules, all reasons."""
+    values = tracing_metrics(port)
+    return tuple(int(sum(v for k, v in values.items() if k.startswith(f"loupe_tracing_traces_{kind}_total")))
+                 for kind in ("kept", "discarded"))
 
 
 def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> str:
@@ -358,7 +383,7 @@ def census(level: int | None, concurrency: int, num_requests: int, model_threads
     wake-up takes a core from the model's threads)."""
     receiver, otlp_port = start_receiver()
     port = 31190
-    server = start_server(port, level, otlp_port, model_threads)
+    server = start_server(port, tracing_flags(level), otlp_port, model_threads)
     try:
         wait_ready(port, server)
         url = f"http://127.0.0.1:{port}"
@@ -395,11 +420,14 @@ def median_interval(ratios: list[float], confidence: float = 0.95, resamples: in
     return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
 
 
-def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], model_threads: int | None) -> None:
+def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], model_threads: int | None,
+         sampling: bool = False) -> None:
     receiver, otlp_port = start_receiver()
-    configs = {"off": None, **{f"level {level}": level for level in levels}}
+    configs = {"off": None, **{f"level {level}": tracing_flags(level) for level in levels}}
+    if sampling:  # at level 3, the costliest to record
+        configs.update({"ratio 0.01": tracing_flags(3, *SAMPLED), "0.01+keep": tracing_flags(3, *KEEPING)})
     ports = {name: 31100 + i for i, name in enumerate(configs)}
-    servers = {name: start_server(ports[name], level, otlp_port, model_threads) for name, level in configs.items()}
+    servers = {name: start_server(ports[name], flags, otlp_port, model_threads) for name, flags in configs.items()}
     results: dict[str, list[dict]] = {name: [] for name in configs}
     try:
         for name in configs:
@@ -422,6 +450,7 @@ def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], mo
                       file=sys.stderr)
         time.sleep(2)  # the last batches leave
         spans = {name: span_counts(ports[name]) for name in configs if configs[name] is not None}
+        kept = {name: tail_counts(ports[name]) for name in configs if configs[name] and "--trace-keep-errors" in configs[name]}
     finally:
         for proc in servers.values():
             proc.terminate()
@@ -448,6 +477,8 @@ def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], mo
               f"{exp:15.2f}")
     print("spans exported / dropped / failed: " + ", ".join(f"{name} {'/'.join(map(str, counts))}"
                                                            for name, counts in spans.items()))
+    for name, counts in kept.items():
+        print(f"{name}: traces kept / discarded by tail rules: {counts[0]} / {counts[1]}")
     print("\nper-round ratios to off: median (95% bootstrap interval of the median) [lowest, highest]:")
     for name in list(configs)[1:]:
         parts = []
@@ -463,7 +494,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--num-requests", type=int, default=64)
-    parser.add_argument("--levels", default="1,2,3", help="the tracing levels to compare with off, e.g. 3")
+    parser.add_argument("--levels", default="1,2,3", help="the tracing levels to compare with off, e.g. 3 "
+                        "(none: only off and, with --sampling, the sampled configurations)")
+    parser.add_argument("--sampling", action="store_true", help="live: also level 3 at a sampling ratio of 0.01, "
+                        "and the same with both tail keep rules")
     parser.add_argument("--model-threads", type=int, help="the servers' matmul threads (OMP_NUM_THREADS); "
                         "default: one per core")
     parser.add_argument("--micro-only", action="store_true")
@@ -473,13 +507,13 @@ def main() -> None:
     parser.add_argument("--census", action="store_true", help="only per-thread CPU and wake-ups of one loaded "
                         "server, off and at each of --levels")
     args = parser.parse_args()
-    levels = [int(level) for level in args.levels.split(",")]
+    levels = [int(level) for level in args.levels.split(",") if level not in ("", "none")]
     if args.census:
         for level in [None, *levels]:
             census(level, args.concurrency, args.num_requests, args.model_threads)
         return
     if args.live_only:
-        return live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads)
+        return live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads, args.sampling)
     print("exporter CPU per span (µs, median of 5; level-3 batches, OTLP gRPC in batches of 64):")
     results, profiles = exporter_cpu(profile=args.profile)
     for name, values in results.items():
@@ -496,7 +530,7 @@ def main() -> None:
     print(f"scheduler hooks at level 3, {args.concurrency} requests decoding: {hooks['hooks_us_per_step']:.1f} us "
           f"per forward step of {hooks['step_ms']:.1f} ms = {hooks['hooks_share_pct']:.3f}% ({hooks['steps']} steps)")
     if not args.micro_only:
-        live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads)
+        live(args.rounds, args.concurrency, args.num_requests, levels, args.model_threads, args.sampling)
 
 
 if __name__ == "__main__":

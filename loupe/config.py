@@ -85,6 +85,10 @@ class ServerArgs:
                                                 "from LOUPE_TRACE_LEVEL or SGLANG_TRACE_LEVEL)")
     trace_sampling_ratio: float | None = _flag(None, "share of requests traced, decided from the trace id "
                                                      "(default: from OTEL_TRACES_SAMPLER[_ARG], else 1.0)")
+    trace_keep_errors: bool = _flag(False, "also export whole every request that failed, sampled or not "
+                                           "(unsampled ones are recorded and held until they end)")
+    trace_keep_slower_than_ms: float | None = _flag(None, "also export whole every request slower than this, "
+                                                          "end to end, sampled or not")
     trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
     disaggregation_mode: Literal["null", "prefill", "decode"] = _flag(
         "null", "prefill or decode: this server is one half of a pair behind SGLang's router in PD mode, "
@@ -97,6 +101,8 @@ class ServerArgs:
     disaggregation_timeout: float = _flag(60.0, "seconds a prefill server holds a request's KV for its decode "
                                                 "server, and a decode server waits for it, before failing it")
     log_level: Literal["debug", "info", "warning", "error"] = _flag("info", "log verbosity")
+    log_requests: bool = _flag(False, "log one line per finished request: its trace id, status, token counts "
+                                      "and stage latencies")
 
     def __post_init__(self):
         self.validate()
@@ -132,6 +138,8 @@ class ServerArgs:
         need(self.disaggregation_timeout > 0, "disaggregation_timeout", "a number of seconds > 0")
         need(self.trace_sampling_ratio is None or 0 <= self.trace_sampling_ratio <= 1, "trace_sampling_ratio",
              "a number in [0, 1]")
+        need(self.trace_keep_slower_than_ms is None or self.trace_keep_slower_than_ms >= 0,
+             "trace_keep_slower_than_ms", "a number of milliseconds >= 0")
         need(self.disaggregation_mode == "null" or self.tp_size * self.pp_size * self.dp_size * self.nnodes == 1,
              "disaggregation_mode", "null with --tp-size, --pp-size, --dp-size or --nnodes above 1 "
              "(a disaggregated server runs one rank)")

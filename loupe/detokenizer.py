@@ -24,6 +24,7 @@ class IncrementalText:
         self.sent = 0  # characters of `text` already sent
         self.prefix_offset = 0  # tokens before this are decoded for good
         self.read_offset = 0
+        self.busy_ns = 0  # time spent converting this request's outputs
         self.spans = None  # tracing.spans.DetokenizerSpans of a traced request
 
     def add(self, new_ids: list[int]) -> str:
@@ -78,7 +79,8 @@ class DetokenizerProcess:
                 self.tracer.flush()
 
     def convert(self, out: ipc.RequestOutput) -> None:
-        """Add the text to `out`: the new text, and on the last output the whole text."""
+        """Add the text to `out`: the new text, and on the last output the whole text and the
+        time this request's conversions took."""
         start = time.perf_counter_ns()
         state = self.states.get(out.rid)
         if state is None:
@@ -90,6 +92,9 @@ class DetokenizerProcess:
         else:
             out.text_delta, out.text = state.finish(out.token_ids, out.finish_reason, out.matched_stop)
             del self.states[out.rid]
+        end = time.perf_counter_ns()
+        state.busy_ns += end - start
+        if out.finish_reason is not None:
+            out.detokenize_seconds = state.busy_ns / 1e9
         if state.spans is not None:
-            self.tracer.converted(state.spans, start, time.perf_counter_ns(), len(out.token_ids),
-                                  out.finish_reason is not None)
+            self.tracer.converted(state.spans, end, len(out.token_ids), out.detokenize_seconds)

@@ -60,6 +60,7 @@ class RequestOutput:
     # Added by the detokenizer:
     text_delta: str = ""  # new text since the previous output of this request
     text: str | None = None  # the whole final text, on the last output
+    detokenize_seconds: float | None = None  # on the last output: the detokenizer's busy time for this request
 
 
 @dataclass
@@ -90,6 +91,8 @@ class ExporterStats:
     exported: int
     dropped: int
     failed: int
+    kept: dict = field(default_factory=dict)  # tail keeping: traces kept, by reason ("error", "slow")
+    discarded: dict = field(default_factory=dict)  # and discarded ("ok", "expired")
 
 
 # ---- to the span exporter ---------------------------------------------------------------------
@@ -103,6 +106,8 @@ class SpanBatch:
     spans: list
     fanouts: list
     dropped: int  # spans this process had to drop since its last batch
+    undecided: set = field(default_factory=set)  # trace ids whose spans wait for a verdict
+    verdicts: list = field(default_factory=list)  # (trace id, why kept or None): tail keeping's
 
 
 # ---- between the two servers of a prefill/decode pair (over TCP) -------------------------------------

@@ -65,6 +65,14 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def trace_control(args: ServerArgs):
+    """Which requests are traced (tracing/sampling.py): the flags, then OTEL_TRACES_SAMPLER[_ARG]."""
+    from loupe.tracing.sampling import TraceControl
+
+    return TraceControl.from_env(args.trace_level, args.trace_sampling_ratio, args.trace_keep_errors,
+                                 args.trace_keep_slower_than_ms)
+
+
 def tracing_settings(args: ServerArgs) -> ExportSettings | None:
     """Check that tracing can run before anything starts; one line and exit if not."""
     if not args.enable_tracing:
@@ -72,10 +80,8 @@ def tracing_settings(args: ServerArgs) -> ExportSettings | None:
     missing = missing_packages()
     if missing:
         raise SystemExit(f"loupe: --enable-tracing needs OpenTelemetry: pip install {' '.join(missing)}")
-    from loupe.tracing.sampling import TraceControl
-
     try:
-        TraceControl.from_env(args.trace_level, args.trace_sampling_ratio)
+        trace_control(args)
         return ExportSettings.from_env(args.otlp_endpoint)
     except ValueError as e:
         raise SystemExit(f"loupe: {e}") from None
@@ -219,15 +225,14 @@ def launch(args: ServerArgs) -> int:
     from loupe.server.http_server import create_app
     from loupe.server.metrics import Metrics
     from loupe.server.tokenizer_manager import TokenizerManager
-    from loupe.tracing.sampling import TraceControl
     from loupe.tracing.spans import RequestTracer, open_tracer
 
     metrics = Metrics()
     tracer = None
     if tracing is not None:  # its environment was checked by tracing_settings
         tracer = open_tracer(RequestTracer, True, endpoints.tracing, include_content=args.trace_include_content,
-                             control=TraceControl.from_env(args.trace_level, args.trace_sampling_ratio))
-    manager = TokenizerManager(endpoints, metrics, tracer)
+                             control=trace_control(args))
+    manager = TokenizerManager(endpoints, metrics, tracer, args.log_requests)
     name = served_model_name(args)
     app = create_app(manager, args, metrics, name)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)

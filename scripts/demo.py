@@ -169,7 +169,9 @@ def main() -> int:
     curl http://127.0.0.1:{args.port}/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{{"model": "SmolLM2-135M-Instruct", "messages": [{{"role": "user", "content": "Hi!"}}], "max_tokens": 32}}'
 
-  then open the trace in Phoenix. Ctrl-C stops everything.
+  then, in Phoenix, open the project "default", the Traces tab, and the newest trace ("Req chatcmpl-..."):
+  the Spans tab lists only spans without a parent, so it hides a request that came with a caller's
+  traceparent (through the router, say). Ctrl-C stops everything.
 """, flush=True)
         while True:
             for name, proc in (("Phoenix", phoenix), *started):

@@ -44,6 +44,7 @@ class Scheduler:
         self.running: list[Req] = []  # admitted, in admission order
         self.seeds = random.Random(settings.random_seed)
         self.num_forward_steps = 0
+        self.num_decoding = 0  # in the latest batch
         self.tracer = None  # a tracing.spans.SchedulerTracer when tracing is on
         self.handoff: PrefillHandoff | None = None  # on a prefill server
         self.intake: DecodeIntake | None = None  # on a decode server
@@ -114,7 +115,8 @@ class Scheduler:
             self.num_forward_steps += 1
             computed = self.postprocess(reqs, num_new, tokens)
             if self.tracer:
-                self.tracer.forward(reqs, num_new, started, time.perf_counter_ns())
+                self.tracer.forward(reqs, num_new, started, time.perf_counter_ns(), self.num_forward_steps,
+                                    self.num_decoding)
             updated += [req for req in computed if not (self.handoff and self._hand_off(req))]
         self.running += arrived  # after this step's batch: their first output is the token that came
         updated += arrived
@@ -129,6 +131,7 @@ class Scheduler:
         """This step's batch: (request, tokens to compute) pairs."""
         retracted: set[Req] = set()
         batch = self._schedule_decodes(retracted)
+        self.num_decoding = len(batch)  # the batch's first entries are decodes
         budget = self.settings.chunked_prefill_size
         for req in self.running:
             if budget > 0 and req.kv_len < req.seq_len - 1 and req not in retracted:

@@ -139,8 +139,9 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
         return api.change_tracing({"level": body.level})
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+    async def prometheus(request: Request) -> Response:
+        body, content_type = metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
 
     @app.get("/model_info")
     @app.get("/get_model_info")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from loupe.ipc import ExporterStats, SchedulerStats
 
-KV_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Metrics:
@@ -19,6 +21,10 @@ class Metrics:
         self.time_to_first_token = Histogram("loupe_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r)
         self.e2e_latency = Histogram("loupe_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("loupe_queue_time_seconds", "Time waiting for admission", buckets=LATENCY_BUCKETS, registry=r)
+        # The stages of the trace's spans, from the same timings (one observation per finished request):
+        self.prefill_time = Histogram("loupe_prefill_time_seconds", "Admission to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.decode_time = Histogram("loupe_decode_time_seconds", "First token to the end", buckets=LATENCY_BUCKETS, registry=r)
+        self.detokenize_time = Histogram("loupe_detokenize_time_seconds", "Detokenizer busy time for the request", buckets=SHORT_BUCKETS, registry=r)
         self.num_running = Gauge("loupe_num_running_reqs", "Requests admitted to the running batch", registry=r)
         self.num_waiting = Gauge("loupe_num_waiting_reqs", "Requests waiting for admission", registry=r)
         self.kv_used_tokens = Gauge("loupe_kv_used_tokens", "KV cache tokens held by requests (not evictable)", registry=r)
@@ -26,9 +32,11 @@ class Metrics:
         self.spans_exported = Counter("loupe_tracing_spans_exported", "Spans accepted by the OTLP backend", registry=r)
         self.spans_dropped = Counter("loupe_tracing_spans_dropped", "Spans dropped: the export queue was full", registry=r)
         self.spans_failed = Counter("loupe_tracing_spans_failed", "Spans lost to failed exports", registry=r)
+        self.traces_kept = Counter("loupe_tracing_traces_kept", "Unsampled traces kept whole by a tail rule", ["reason"], registry=r)
+        self.traces_discarded = Counter("loupe_tracing_traces_discarded", "Unsampled traces held and then discarded", ["reason"], registry=r)
         self.kv_transfers = Counter("loupe_kv_transfers", "Requests whose KV moved between a prefill and a decode server", registry=r)
         self.kv_transfer_bytes = Counter("loupe_kv_transfer_bytes", "Bytes of KV sent (prefill server) or received (decode server)", registry=r)
-        self.kv_transfer_seconds = Histogram("loupe_kv_transfer_seconds", "Time to send or receive one request's KV", buckets=KV_BUCKETS, registry=r)
+        self.kv_transfer_seconds = Histogram("loupe_kv_transfer_seconds", "Time to send or receive one request's KV", buckets=SHORT_BUCKETS, registry=r)
         self.kv_transfer_failures = Counter("loupe_kv_transfer_failures", "Requests whose KV exchange failed (no claim, no KV, mismatch)", registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
         self._replicas: dict[int, SchedulerStats] = {}
@@ -50,7 +58,15 @@ class Metrics:
         self.spans_exported.inc(max(stats.exported - last.exported, 0))
         self.spans_dropped.inc(max(stats.dropped - last.dropped, 0))
         self.spans_failed.inc(max(stats.failed - last.failed, 0))
+        for counter, now, before in ((self.traces_kept, stats.kept, last.kept),
+                                     (self.traces_discarded, stats.discarded, last.discarded)):
+            for reason, total in now.items():
+                counter.labels(reason=reason).inc(max(total - before.get(reason, 0), 0))
         self._exporter_totals = stats
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The metrics and their content type: OpenMetrics, which alone shows the latency
+        histograms' trace-id exemplars, when the scraper's Accept header asks for it."""
+        if "application/openmetrics-text" in accept:
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), PROMETHEUS_TEXT

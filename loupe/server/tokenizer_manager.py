@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -12,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from loupe import ipc
-from loupe.core import Bootstrap, ModelInfo, RequestLimits, TokenizedRequest
+from loupe.core import Bootstrap, ModelInfo, RequestLimits, TokenizedRequest, TraceDecision
 from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import FLUSH_EVERY_NS
 from loupe.tracing.spans import RequestTrace, RequestTracer, now
@@ -22,15 +23,35 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RequestState:
+    trace: RequestTrace | None = None
     outputs: asyncio.Queue = field(default_factory=asyncio.Queue)
     created: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
-    finished: bool = False
+    queue_seconds: float | None = None  # from the first output
+    end: float | None = None  # when the last output arrived
+
+    @property
+    def finished(self) -> bool:
+        return self.end is not None
+
+    @property
+    def trace_id(self) -> str:
+        """The id the response's traceparent carries (whether or not the trace is recorded); "-" untraced."""
+        return f"{self.trace.ctx.trace_id:032x}" if self.trace is not None else "-"
+
+    @property
+    def exemplar(self) -> dict | None:
+        """The latency histograms' exemplar: the trace id, when the trace will be exported."""
+        if self.trace is None or self.trace.ctx.decision != TraceDecision.SAMPLED:
+            return None
+        return {"trace_id": self.trace_id}
 
 
 class TokenizerManager:
-    def __init__(self, endpoints: ipc.Endpoints, metrics: Metrics, tracer: RequestTracer | None):
+    def __init__(self, endpoints: ipc.Endpoints, metrics: Metrics, tracer: RequestTracer | None,
+                 log_requests: bool = False):
         self.metrics = metrics
+        self.log_requests = log_requests
         ctx = zmq.asyncio.Context()
         self.to_scheduler = ipc.connect(ctx, zmq.PUSH, endpoints.scheduler)
         self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.manager)
@@ -72,7 +93,7 @@ class TokenizerManager:
         rid = request.rid
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
-        state = self.states[rid] = RequestState()
+        state = self.states[rid] = RequestState(trace)
         dispatched = now()
         ipc.send(self.to_scheduler, request)
         if trace:
@@ -92,6 +113,8 @@ class TokenizerManager:
                 # Its last output will be dropped by run_inbox (the state is gone): count it here.
                 self.metrics.requests.labels(status="abort").inc()
             self.states.pop(rid, None)
+            if self.log_requests:
+                log_request(request, state, out)
             if trace:
                 self.tracer.finish_request(trace, out if state.finished else None)
 
@@ -139,12 +162,13 @@ class TokenizerManager:
     def _observe(self, state: RequestState, out: ipc.RequestOutput, now: float) -> None:
         m = self.metrics
         if out.queue_seconds is not None:
-            m.queue_time.observe(out.queue_seconds)
+            state.queue_seconds = out.queue_seconds
+            m.queue_time.observe(out.queue_seconds, state.exemplar)
         if out.token_ids:
             m.generation_tokens.inc(len(out.token_ids))
             if state.first_token_time is None:
                 state.first_token_time = now
-                m.time_to_first_token.observe(now - state.created)
+                m.time_to_first_token.observe(now - state.created, state.exemplar)
                 m.prompt_tokens.inc(out.prompt_tokens)
         if out.kv_bytes:
             m.kv_transfers.inc()
@@ -153,6 +177,51 @@ class TokenizerManager:
         if out.error:
             m.kv_transfer_failures.inc()
         if out.finish_reason is not None:
-            state.finished = True
-            m.e2e_latency.observe(now - state.created)
-            m.requests.labels(status="error" if out.error else out.finish_reason).inc()
+            state.end = now
+            exemplar = state.exemplar or self._kept_exemplar(state, out, now)
+            m.e2e_latency.observe(now - state.created, exemplar)
+            m.prefill_time.observe(out.prefill_seconds, exemplar)
+            m.decode_time.observe(out.decode_seconds, exemplar)
+            if out.detokenize_seconds is not None:
+                m.detokenize_time.observe(out.detokenize_seconds, exemplar)
+            m.requests.labels(status=status(out)).inc()
+
+    def _kept_exemplar(self, state: RequestState, out: ipc.RequestOutput, now: float) -> dict | None:
+        """An undecided trace's exemplar, if a tail rule will keep it (its root ends a little
+        later, so it is at least this slow; one that fails only then gets none)."""
+        trace = state.trace
+        if trace is None or trace.ctx.decision != TraceDecision.UNDECIDED:
+            return None
+        kept = self.tracer.control.verdict(status(out) in ("error", "abort"), now - trace.start / 1e9)
+        return {"trace_id": state.trace_id} if kept else None
+
+
+def status(out: ipc.RequestOutput) -> str:
+    """How a request that reached the scheduler ended: stop, length, abort or error."""
+    return "error" if out.error else out.finish_reason
+
+
+def log_request(request: TokenizedRequest, state: RequestState, out: ipc.RequestOutput | None) -> None:
+    """The --log-requests line of a request that reached the scheduler; `out` is the last
+    output it got. One whose client left first ended in `abort`, the stages it never finished "-"."""
+    last = out if state.finished else None
+    rid = request.rid
+    fields = {
+        "rid": rid if rid.isprintable() and " " not in rid else json.dumps(rid),  # one line, one field
+        "trace_id": state.trace_id,
+        "status": status(last) if last else "abort",
+        "prompt_tokens": len(request.input_ids),
+        "completion_tokens": out.completion_tokens if out else 0,
+        "cached_tokens": out.cached_tokens if out else 0,
+        "e2e_ms": ms((state.end or time.perf_counter()) - state.created),
+        "ttft_ms": ms(state.first_token_time and state.first_token_time - state.created),
+        "queue_ms": ms(state.queue_seconds),
+        "prefill_ms": ms(last and last.prefill_seconds),
+        "decode_ms": ms(last and last.decode_seconds),
+        "detokenize_ms": ms(last and last.detokenize_seconds),
+    }
+    logger.info("request %s", " ".join(f"{key}={value}" for key, value in fields.items()))
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"

@@ -17,17 +17,20 @@ import socket
 import threading
 import time
 from collections import deque
+from urllib.parse import urlparse
 
 import zmq
 
 from loupe import ipc
 from loupe.process import yield_to_serving
 from loupe.tracing.settings import ExportSettings
+from loupe.tracing.tail import TailKeeper
 
 logger = logging.getLogger(__name__)
 STATS_EVERY_S = 1.0
 WARN_EVERY_S = 10.0
 SHUTDOWN_EXPORT_S = 5.0
+ENDPOINT_CHECK_S = 2.0
 
 
 def make_exporter(settings: ExportSettings):
@@ -69,6 +72,7 @@ class ExporterProcess:
         self.export_early_at = max(settings.max_export_batch_size, settings.max_queue_size // 2)
         self.wakeup = threading.Event()
         self.stopping = False
+        self.tail = TailKeeper()
         self.exported = self.dropped = self.failed = 0
         self.warned_dropped, self.last_warning = 0, 0.0
 
@@ -77,6 +81,7 @@ class ExporterProcess:
         A signal ends a wait at once (through the signal wake-up fd), so the loop wakes only
         for spans, the stats and signals."""
         yield_to_serving()
+        self.check_endpoint()
 
         def stop(*_) -> None:
             self.stopping = True
@@ -99,7 +104,8 @@ class ExporterProcess:
                 self.receive_all()
             now = time.monotonic()
             if now - last_stats >= STATS_EVERY_S:
-                stats = ipc.ExporterStats(self.exported, self.dropped, self.failed)
+                self.tail.expire(now)
+                stats = self.stats()
                 if stats != reported:
                     ipc.send(self.to_manager, stats)
                     reported = stats
@@ -109,7 +115,24 @@ class ExporterProcess:
         self.wakeup.set()
         worker.join(SHUTDOWN_EXPORT_S)
         self.exporter.shutdown()
-        ipc.send(self.to_manager, ipc.ExporterStats(self.exported, self.dropped, self.failed))
+        ipc.send(self.to_manager, self.stats())
+
+    def stats(self) -> ipc.ExporterStats:
+        return ipc.ExporterStats(self.exported, self.dropped, self.failed, dict(self.tail.kept),
+                                 dict(self.tail.discarded))
+
+    def check_endpoint(self) -> None:
+        """Say where spans go, and whether anything listens there now (a refused or unanswered
+        connection is the usual reason for a trace that never appears)."""
+        s = self.settings
+        logger.info("exporting spans over OTLP %s to %s", s.protocol, s.endpoint)
+        url = urlparse(s.endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), timeout=ENDPOINT_CHECK_S).close()
+        except OSError as e:
+            logger.warning("nothing answers at %s:%d (%s): spans will fail to export until the OTLP backend "
+                           "is up (check --otlp-endpoint)", url.hostname, port, e.strerror or e)
 
     def receive_all(self) -> None:
         while True:
@@ -120,19 +143,28 @@ class ExporterProcess:
             self.add(batch)
 
     def add(self, batch: ipc.SpanBatch) -> None:
-        """Queue the batch's spans (a fan-out counts one per request), as many as fit."""
+        """Queue the batch's spans (a fan-out counts one per request), as many as fit; hold
+        those of undecided traces until their verdict (tracing/tail.py)."""
         self.dropped += batch.dropped
         offset = batch.offset_ns
         spans = [(record, offset) for record in batch.spans]
         for fanout in batch.fanouts:
             spans.extend((fanout, offset, parent) for parent in fanout.parents)
-        room = max(0, self.settings.max_queue_size - len(self.queue))
+        if batch.undecided:
+            spans, dropped = self.tail.sort(spans, batch.undecided, self.room())
+            self.dropped += dropped
+            for trace_id, reason in batch.verdicts:
+                spans.extend(self.tail.settle(trace_id, reason))
+        room = self.room()
         if len(spans) > room:
             self.dropped += len(spans) - room
             del spans[room:]
         self.queue.extend(spans)
         if len(self.queue) >= self.export_early_at:
             self.wakeup.set()
+
+    def room(self) -> int:
+        return max(0, self.settings.max_queue_size - len(self.queue) - self.tail.num_held)
 
     def export_loop(self) -> None:
         """Every `schedule_delay` (sooner when the queue is half full, or when stopping), send

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 from opentelemetry.exporter.otlp.proto.http import trace_exporter as sdk_http
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, SpanFlags, Status
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -32,6 +32,10 @@ SPAN_SERVER, SPAN_INTERNAL = Span.SpanKind.SPAN_KIND_SERVER, Span.SpanKind.SPAN_
 # Every exported span is sampled (W3C flag 01); the context bits say whether the parent is remote.
 LOCAL_PARENT = 0x01 | SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 REMOTE_PARENT = LOCAL_PARENT | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
+# What Arize Phoenix (OpenInference) shows as a span's kind: the request is the LLM call,
+# the spans inside it steps of it.
+LLM_KIND = KeyValue(key="openinference.span.kind", value=AnyValue(string_value="LLM"))
+CHAIN_KIND = KeyValue(key="openinference.span.kind", value=AnyValue(string_value="CHAIN"))
 
 
 def set_value(target: AnyValue, value: object) -> None:
@@ -104,6 +108,9 @@ def encode_span(span: Span, record: SpanRecord, offset: int) -> None:
     if record.error:
         span.status.code = Status.StatusCode.STATUS_CODE_ERROR
         span.status.message = record.error
+    elif record.kind == SERVER:  # a request that succeeded says so; its inner spans stay unset
+        span.status.code = Status.StatusCode.STATUS_CODE_OK
+    span.attributes.append(LLM_KIND if record.kind == SERVER else CHAIN_KIND)
 
 
 def fanout_template(fanout: Fanout, offset: int) -> Span:
@@ -112,6 +119,7 @@ def fanout_template(fanout: Fanout, offset: int) -> Span:
                 end_time_unix_nano=fanout.end + offset, flags=LOCAL_PARENT)
     if fanout.attributes:
         set_attributes(span.attributes, fanout.attributes)
+    span.attributes.append(CHAIN_KIND)
     return span
 
 
@@ -119,7 +127,7 @@ class SpanEncoder:
     """Queued spans -> one ExportTraceServiceRequest (one resource, scope "loupe").
 
     A queued span is `(record, offset_ns)` for a SpanRecord, or
-    `(fanout, offset_ns, (trace_id, parent_span_id))` for one request of a Fanout.
+    `(fanout, offset_ns, (trace_id, parent_span_id, attributes or None))` for one request of a Fanout.
     """
 
     def __init__(self, resource_attributes: Mapping[str, object]) -> None:
@@ -139,7 +147,7 @@ class SpanEncoder:
             if len(item) == 2:
                 encode_span(add(), *item)
                 continue
-            fanout, offset, (trace_id, parent_id) = item
+            fanout, offset, (trace_id, parent_id, own_attributes) = item
             template = templates.get(id(fanout))
             if template is None:
                 template = templates[id(fanout)] = fanout_template(fanout, offset)
@@ -148,6 +156,8 @@ class SpanEncoder:
             span.trace_id = trace_id.to_bytes(16, "big")
             span.span_id = new_span_id().to_bytes(8, "big")
             span.parent_span_id = parent_id.to_bytes(8, "big")
+            if own_attributes:
+                set_attributes(span.attributes, own_attributes)
         return request
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import zmq
 
 from loupe import ipc
-from loupe.core import TraceContext
+from loupe.core import TraceContext, TraceDecision
 from loupe.tracing.ids import new_span_id
 
 SERVER, INTERNAL = 2, 1  # OpenTelemetry SpanKind values
@@ -45,13 +45,14 @@ class SpanRecord(NamedTuple):
 
 class Fanout(NamedTuple):
     """The same slice (say, one decode step) under each of `parents`, (trace_id, parent span
-    id) pairs: recorded once, turned into one span per request by the exporter."""
+    id, attributes of its own or None) triples: recorded once, turned into one span per
+    request by the exporter."""
 
     name: str
     start: int
     end: int
     attributes: dict
-    parents: list[tuple[int, int]]
+    parents: list[tuple[int, int, dict | None]]
 
 
 def host_id() -> str:
@@ -86,6 +87,8 @@ class Recorder:
         self.spans: list[tuple] = []
         self.fanouts: list[tuple] = []
         self.fanout_spans = 0
+        self.undecided: set[int] = set()  # traces in this batch that tail keeping may still discard
+        self.verdicts: list[tuple[int, str | None]] = []
         self.dropped = 0
         self.last_flush = time.perf_counter_ns()
         self.sock = zmq.Context.instance().socket(zmq.PUSH)
@@ -97,21 +100,31 @@ class Recorder:
         self.spans.append(record)
 
     def thread_span(self, ctx: TraceContext, span_id: int, start: int, end: int, attributes: dict | None = None,
-                    error: str | None = None) -> None:
+                    error: str | None = None, events: list | None = None) -> None:
         """This process's span under a request's root: its name and attributes say which process."""
         attrs = {**self.thread_attributes, **attributes} if attributes else self.thread_attributes
+        if ctx.decision == TraceDecision.UNDECIDED:
+            self.undecided.add(ctx.trace_id)
         self.spans.append(SpanRecord(ctx.trace_id, span_id, ctx.root_span_id, self.thread_name, start, end, attrs,
-                                     None, error, INTERNAL, ctx.tracestate))
+                                     events, error, INTERNAL, ctx.tracestate))
 
     def slice(self, ctx: TraceContext, parent_id: int, name: str, start: int, end: int,
               attributes: dict | None = None, span_id: int | None = None) -> None:
         """A stage or operation of a request under one of this process's spans."""
+        if ctx.decision == TraceDecision.UNDECIDED:
+            self.undecided.add(ctx.trace_id)
         self.spans.append(SpanRecord(ctx.trace_id, span_id or new_span_id(), parent_id, name, start, end,
                                      attributes, None, None, INTERNAL, ctx.tracestate))
 
-    def fanout(self, name: str, start: int, end: int, attributes: dict, parents: list[tuple[int, int]]) -> None:
+    def fanout(self, name: str, start: int, end: int, attributes: dict, parents: list[tuple]) -> None:
         self.fanouts.append(Fanout(name, start, end, attributes, parents))
         self.fanout_spans += len(parents)
+
+    def settle(self, trace_id: int, reason: str | None) -> None:
+        """The verdict on an undecided trace, once its root span is recorded: kept for `reason`
+        ("error", "slow"), or discarded (None), with every process's spans of it."""
+        self.undecided.add(trace_id)
+        self.verdicts.append((trace_id, reason))
 
     def maybe_flush(self) -> None:
         if len(self.spans) + self.fanout_spans >= FLUSH_AT_SPANS or (
@@ -123,10 +136,12 @@ class Recorder:
         self.last_flush = time.perf_counter_ns()
         if not (self.spans or self.fanouts or self.dropped):
             return
-        batch = ipc.SpanBatch(self.offset_ns, self.spans, self.fanouts, self.dropped)
+        batch = ipc.SpanBatch(self.offset_ns, self.spans, self.fanouts, self.dropped, self.undecided, self.verdicts)
         try:
             self.sock.send(ipc.encode(batch), zmq.NOBLOCK)
             self.dropped = 0
         except zmq.Again:  # the exporter is behind: drop, count, carry on serving
             self.dropped += len(self.spans) + self.fanout_spans
         self.spans, self.fanouts, self.fanout_spans = [], [], 0
+        if self.undecided:
+            self.undecided, self.verdicts = set(), []

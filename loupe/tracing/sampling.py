@@ -9,6 +9,9 @@ trace context to every process:
     otherwise                        the ratio, a pure function of the trace id: every loupe
                                      server decides the same trace alike (a PD pair, a
                                      router's workers)
+    not picked, with a keep rule     UNDECIDED: recorded, and exported only if the request
+                                     fails or runs slow (`verdict`, when its root span ends;
+                                     the exporter holds its spans until then: tracing/tail.py)
 
 The settings can change while serving (`POST /tracing`, `/set_trace_level`); requests that
 arrive afterwards follow them.
@@ -37,9 +40,12 @@ class TraceControl:
     level: int  # 0: off, 1-3: SPEC §5.4
     sampling_ratio: float = 1.0
     parent_based: bool = True
+    keep_errors: bool = False
+    keep_slower_than_ms: float | None = None
 
     @classmethod
-    def from_env(cls, level: int, ratio_flag: float | None) -> TraceControl:
+    def from_env(cls, level: int, ratio_flag: float | None, keep_errors: bool = False,
+                 keep_slower_than_ms: float | None = None) -> TraceControl:
         """OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, the --trace-sampling-ratio flag
         winning over the ratio they give; ValueError names a bad variable."""
         sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
@@ -54,20 +60,33 @@ class TraceControl:
                 ratio = -1.0
             if not 0 <= ratio <= 1:
                 raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio in [0, 1], got {raw!r}")
-        return cls(level, ratio if ratio_flag is None else ratio_flag, sampler.startswith("parentbased"))
+        return cls(level, ratio if ratio_flag is None else ratio_flag, sampler.startswith("parentbased"),
+                   keep_errors, keep_slower_than_ms)
 
     def decide(self, trace_id: int, parent_flags: int | None, wanted: bool | None = None) -> TraceDecision:
         """The decision for a new request: `parent_flags` from its caller's traceparent (None
         without one), `wanted` from its own metadata (None: no choice made)."""
-        if self.level == 0:
-            keep = False
-        elif wanted is not None:
-            keep = wanted
+        if self.level == 0 or wanted is False:
+            return TraceDecision.OFF
+        if wanted:
+            keep = True
         elif self.parent_based and parent_flags is not None:
             keep = bool(parent_flags & 1)
         else:
             keep = ratio_keeps(trace_id, self.sampling_ratio)
-        return TraceDecision.SAMPLED if keep else TraceDecision.OFF
+        if keep:
+            return TraceDecision.SAMPLED
+        tail_rules = self.keep_errors or self.keep_slower_than_ms is not None
+        return TraceDecision.UNDECIDED if tail_rules else TraceDecision.OFF
+
+    def verdict(self, failed: bool, seconds: float) -> str | None:
+        """Why an UNDECIDED request that took `seconds` end to end is kept ("error", "slow"),
+        or None: it is discarded."""
+        if failed and self.keep_errors:
+            return "error"
+        if self.keep_slower_than_ms is not None and seconds * 1000 > self.keep_slower_than_ms:
+            return "slow"
+        return None
 
     def update(self, changes: dict) -> None:
         """Apply `{name: value}` from an API call; ValueError naming the first bad one (and
@@ -79,11 +98,14 @@ class TraceControl:
             rule = {"level": ("an integer in 0..3", lambda v: type(v) is int and 0 <= v <= 3),
                     "sampling_ratio": ("a number in [0, 1]",
                                        lambda v: type(v) in (int, float) and 0 <= v <= 1),
-                    "parent_based": ("true or false", lambda v: type(v) is bool)}[name]
+                    "parent_based": ("true or false", lambda v: type(v) is bool),
+                    "keep_errors": ("true or false", lambda v: type(v) is bool),
+                    "keep_slower_than_ms": ("a number of milliseconds >= 0, or null",
+                                            lambda v: v is None or (type(v) in (int, float) and v >= 0))}[name]
             if not rule[1](value):
                 raise ValueError(name, f"{name} must be {rule[0]}, got {value!r}")
         for name, value in changes.items():
-            setattr(self, name, float(value) if name == "sampling_ratio" else value)
+            setattr(self, name, float(value) if type(value) is int and name != "level" else value)
 
     def settings(self) -> dict:
         return asdict(self)

@@ -108,9 +108,12 @@ class RequestTracer(ProcessTracer):
         ctx = start_context(control.level, traceparent, tracestate,
                             lambda trace_id, flags: control.decide(trace_id, flags, wanted))
         trace = RequestTrace(ctx, rid)
-        trace.attributes.update({"rid": rid, "gen_ai.request.id": rid, **attributes})
+        trace.attributes.update({"rid": rid, "gen_ai.request.id": rid, "gen_ai.response.id": rid,
+                                 "gen_ai.provider.name": "loupe", **attributes})
         if self.include_content and prompt is not None:
-            trace.attributes["gen_ai.prompt"] = prompt if isinstance(prompt, str) else json.dumps(prompt)
+            text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+            trace.attributes.update({"gen_ai.prompt": text, "input.value": text,
+                                     "gen_ai.input.messages": json.dumps(input_messages(prompt))})
         return trace
 
     def dispatched(self, trace: RequestTrace, request: TokenizedRequest, start: int) -> None:
@@ -160,17 +163,21 @@ class RequestTracer(ProcessTracer):
         if out is not None:
             attrs.update(usage_attributes(out))
             attrs["gen_ai.response.finish_reasons"] = [out.finish_reason or "abort"]
-            attrs["gen_ai.latency.time_in_queue"] = trace.queue_seconds
-            attrs["gen_ai.latency.time_in_model_prefill"] = out.prefill_seconds
-            attrs["gen_ai.latency.time_in_model_decode"] = out.decode_seconds
+            attrs["gen_ai.latency.time_in_queue"] = seconds(trace.queue_seconds)
+            attrs["gen_ai.latency.time_in_model_prefill"] = seconds(out.prefill_seconds)
+            attrs["gen_ai.latency.time_in_model_decode"] = seconds(out.decode_seconds)
             events.extend((name, wall - self.offset, a) for name, wall, a in out.events)
             if out.finish_reason == "abort" and error_type is None:
                 error_type, error = "aborted", "the request was aborted"
         if trace.first_token is not None:
-            attrs["gen_ai.latency.time_to_first_token"] = (trace.first_token - trace.start) / 1e9
-        attrs["gen_ai.latency.e2e"] = (end - trace.start) / 1e9
+            attrs["gen_ai.latency.time_to_first_token"] = seconds((trace.first_token - trace.start) / 1e9)
+        attrs["gen_ai.latency.e2e"] = seconds((end - trace.start) / 1e9)
         if self.include_content:
-            attrs["gen_ai.completion"] = out.text if out is not None and out.text is not None else "".join(trace.text)
+            text = out.text if out is not None and out.text is not None else "".join(trace.text)
+            message = {"role": "assistant", "parts": [{"type": "text", "content": text}],
+                       "finish_reason": out.finish_reason if out is not None and out.finish_reason else "error"}
+            attrs.update({"gen_ai.completion": text, "output.value": text,
+                          "gen_ai.output.messages": json.dumps([message])})
         if error_type:
             attrs["error.type"] = error_type
             events.append(("exception", end, {"exception.type": error_type, "exception.message": error or ""}))
@@ -178,12 +185,28 @@ class RequestTracer(ProcessTracer):
         rec.span(SpanRecord(ctx.trace_id, ctx.root_span_id, ctx.remote_parent_id, f"Req {trace.rid}", trace.start,
                             end, attrs, events, error if error_type else None, SERVER, ctx.tracestate,
                             ctx.remote_parent_id is not None))
+        if ctx.decision == TraceDecision.UNDECIDED:
+            rec.settle(ctx.trace_id, self.control.verdict(error_type is not None, (end - trace.start) / 1e9))
         if ctx.level >= 2:
             thread_id = new_span_id()
             rec.thread_span(ctx, thread_id, trace.start, end)
             for name, start, stop, slice_attrs in trace.slices:
                 rec.slice(ctx, thread_id, name, start, stop, slice_attrs)
         rec.maybe_flush()
+
+
+def seconds(value: float | None) -> float | None:
+    """A duration in seconds as people read it: to the microsecond."""
+    return None if value is None else round(value, 6)
+
+
+def input_messages(prompt: str | list) -> list[dict]:
+    """The prompt as OpenTelemetry GenAI input messages: a text, chat messages ({role, content})
+    or token ids."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return [{"role": m["role"], "parts": [{"type": "text", "content": m["content"]}]} for m in prompt]
+    text = prompt if isinstance(prompt, str) else json.dumps(prompt)
+    return [{"role": "user", "parts": [{"type": "text", "content": text}]}]
 
 
 def usage_attributes(out) -> dict:
@@ -203,10 +226,12 @@ def usage_attributes(out) -> dict:
 class SchedulerSpans:
     """Open spans of one request in the scheduler (level 2+)."""
 
-    __slots__ = ("ctx", "thread_id", "start", "stage", "stage_id", "stage_start", "stage_attrs", "handed_off")
+    __slots__ = ("ctx", "thread_id", "start", "stage", "stage_id", "stage_start", "stage_attrs", "handed_off",
+                 "events")
 
     def __init__(self, ctx: TraceContext, start: int):
         self.ctx, self.thread_id, self.start = ctx, new_span_id(), start
+        self.events: list = []  # `schedule` events, at level 3
         self.stage, self.stage_id, self.stage_start, self.stage_attrs = "queue", new_span_id(), start, {}
         self.handed_off: int | None = None  # prefill server: when it began waiting for its decode server
 
@@ -232,33 +257,51 @@ class SchedulerTracer(ProcessTracer):
             return
         if req.num_retractions == 0:
             at = time.time_ns()
-            req.events.append(("queue.admitted", at, {"queue_seconds": req.admit_time - req.arrival_time}))
+            req.events.append(("queue.admitted", at, {"queue_seconds": seconds(req.admit_time - req.arrival_time)}))
             hit = "prefix_cache.hit" if req.cached_tokens else "prefix_cache.miss"
             req.events.append((hit, at, {"cached_tokens": req.cached_tokens, "prompt_tokens": len(req.prompt_ids)}))
         if req.spans is not None:
             self._next_stage(req.spans, "prefill", {"num_tokens": req.seq_len, "cached_tokens": req.kv_len})
 
-    def forward(self, batch: list, num_new: list[int], start: int, end: int) -> None:
-        """One forward pass: a prefill_chunk span per chunk, one decode_step fan-out for the
-        decodes (level 3); stage changes for requests that got their first token."""
+    def forward(self, batch: list, num_new: list[int], start: int, end: int, batch_id: int,
+                num_decoding: int) -> None:
+        """One forward pass (`batch_id`: its number on this scheduler; the first `num_decoding`
+        entries of `batch` are decodes, the rest prefill chunks). At level 3: a
+        prefill_chunk span per chunk, a decode_step span per decoding request (with its step:
+        the request's n-th decode), and a `schedule` event on each request's thread span
+        saying what ran together. Stage changes for requests that got their first token."""
         decodes = []
         size = len(batch)
+        scheduled = None
         for req, n in zip(batch, num_new, strict=True):
             spans = req.spans
             if spans is None:
                 continue
-            if spans.stage == "decode":
-                if spans.ctx.level >= 3:
-                    decodes.append((spans.ctx.trace_id, spans.stage_id))
-            elif spans.ctx.level >= 3:
-                self.recorder.slice(spans.ctx, spans.stage_id, "prefill_chunk", start, end,
-                                    {"num_tokens": n, "start_position": req.kv_len - n, "batch_size": size})
+            if spans.ctx.level >= 3:
+                if scheduled is None:
+                    scheduled = self._schedule_event(batch, num_new, start, batch_id, num_decoding)
+                spans.events.append(scheduled)
+                if spans.stage == "decode":
+                    decodes.append((spans.ctx.trace_id, spans.stage_id, {"step": len(req.output_ids) - 1}))
+                    if spans.ctx.decision == TraceDecision.UNDECIDED:
+                        self.recorder.undecided.add(spans.ctx.trace_id)
+                else:
+                    self.recorder.slice(spans.ctx, spans.stage_id, "prefill_chunk", start, end,
+                                        {"num_tokens": n, "start_position": req.kv_len - n, "batch_id": batch_id,
+                                         "batch_size": size})
             handing_off = self.prefill_server and req.bootstrap
             if spans.stage == "prefill" and req.output_ids and req.kv_len >= req.seq_len - 1 and not handing_off:
                 self._next_stage(spans, "decode", {}, at=end)
         if decodes:
-            self.recorder.fanout("decode_step", start, end, {"batch_size": size}, decodes)
+            self.recorder.fanout("decode_step", start, end, {"batch_id": batch_id, "batch_size": size}, decodes)
         self.recorder.maybe_flush()
+
+    @staticmethod
+    def _schedule_event(batch: list, num_new: list[int], at: int, batch_id: int, num_decoding: int) -> tuple:
+        """One forward batch as an event: shared, as one tuple, by the traces of its requests."""
+        mode = "decode" if num_decoding == len(batch) else "prefill" if num_decoding == 0 else "mixed"
+        return ("schedule", at, {"batch_id": batch_id, "batch_size": len(batch), "mode": mode,
+                                 "num_tokens": sum(num_new)})
 
     def handed_off(self, req) -> None:
         """Prefill server: `req` has its first token and waits for its decode server's claim."""
@@ -318,7 +361,8 @@ class SchedulerTracer(ProcessTracer):
         self._close_stage(spans, end)
         self.recorder.thread_span(spans.ctx, spans.thread_id, spans.start, end,
                                   {"finish_reason": req.finish_reason.value},
-                                  error=f"aborted: {req.finish_reason.value}" if aborted else None)
+                                  error=f"aborted: {req.finish_reason.value}" if aborted else None,
+                                  events=spans.events or None)
 
     def _next_stage(self, spans: SchedulerSpans, stage: str, attrs: dict, at: int | None = None) -> None:
         at = now() if at is None else at
@@ -334,10 +378,10 @@ class SchedulerTracer(ProcessTracer):
 
 
 class DetokenizerSpans:
-    __slots__ = ("ctx", "start", "busy_ns", "num_tokens")
+    __slots__ = ("ctx", "start", "num_tokens")
 
     def __init__(self, ctx: TraceContext, start: int):
-        self.ctx, self.start, self.busy_ns, self.num_tokens = ctx, start, 0, 0
+        self.ctx, self.start, self.num_tokens = ctx, start, 0
 
 
 class DetokenizerTracer(ProcessTracer):
@@ -348,15 +392,15 @@ class DetokenizerTracer(ProcessTracer):
         """The state of a request's first output here; None when it records nothing here."""
         return DetokenizerSpans(ctx, start) if ctx is not None and ctx.level >= 2 else None
 
-    def converted(self, spans: DetokenizerSpans, start: int, end: int, num_tokens: int, finished: bool) -> None:
-        spans.busy_ns += end - start
+    def converted(self, spans: DetokenizerSpans, end: int, num_tokens: int, busy_seconds: float | None) -> None:
+        """`busy_seconds`: the request's detokenize time (RequestOutput.detokenize_seconds), on its last output."""
         spans.num_tokens += num_tokens
-        if not finished:
+        if busy_seconds is None:
             return
         thread_id = new_span_id()
         self.recorder.thread_span(spans.ctx, thread_id, spans.start, end)
         self.recorder.slice(spans.ctx, thread_id, "detokenize", spans.start, end,
-                            {"num_tokens": spans.num_tokens, "busy_seconds": spans.busy_ns / 1e9})
+                            {"num_tokens": spans.num_tokens, "busy_seconds": seconds(busy_seconds)})
 
 
 # ---- DP controller process -----------------------------------------------------------------

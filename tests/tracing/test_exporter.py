@@ -61,7 +61,7 @@ def record_request(recorder: Recorder, trace_id: int, n_steps: int = 3) -> None:
                              recorder.thread_attributes))
     recorder.span(SpanRecord(trace_id, 12, 11, "decode", t0 + 200, t0 + 3_000_000, error="boom"))
     for i in range(n_steps):
-        recorder.fanout("decode_step", t0 + 300 + i, t0 + 400 + i, {"step": i}, [(trace_id, 12)])
+        recorder.fanout("decode_step", t0 + 300 + i, t0 + 400 + i, {"batch_id": i}, [(trace_id, 12, {"step": i})])
 
 
 def record_spans(recorder: Recorder, count: int, first_id: int) -> None:
@@ -84,7 +84,8 @@ def test_spans_arrive_with_structure_and_times(protocol):
         spans = receiver.wait_for(lambda s: len(s) == 6)
         by_name = {s["name"]: s for s in spans}
         root = by_name["Req r1"]
-        assert root["parent_id"] is None and root["kind"] == 2 and root["attributes"] == {"rid": "r1"}
+        assert root["parent_id"] is None and root["kind"] == 2 and root["status"] == 1  # OK
+        assert root["attributes"] == {"rid": "r1", "openinference.span.kind": "LLM"}  # what Phoenix shows as kind
         assert root["trace_id"] == f"{0xABCDEF:032x}"
         assert abs(root["start"] - before) < 2e9 and root["end"] - root["start"] == 5_000_000
         assert root["events"][0]["name"] == "first_token" and root["events"][0]["time"] - root["start"] == 1_000_000
@@ -92,6 +93,7 @@ def test_spans_arrive_with_structure_and_times(protocol):
         thread = by_name[exporter.recorder.thread_name]
         assert thread["parent_id"] == f"{10:016x}" and thread["attributes"]["thread_label"] == "Test"
         assert by_name["decode"]["status"] == 2 and by_name["decode"]["status_message"] == "boom"
+        assert thread["status"] == 0 and thread["attributes"]["openinference.span.kind"] == "CHAIN"
         steps = [s for s in spans if s["name"] == "decode_step"]
         assert len(steps) == 3 and {s["parent_id"] for s in steps} == {f"{12:016x}"}
         assert len({s["span_id"] for s in spans}) == 6
@@ -224,11 +226,11 @@ def test_attribute_values_arrive_typed(in_process, protocol):
                   "sizes": (1, 2), "mixed": [True, 1.5], "empty": [], "huge": 2**70}
     export_now(proc, span(1, attributes=attributes))
     (got,) = receiver.wait_for(lambda s: len(s) == 1)
-    assert got["attributes"] == {**attributes, "sizes": [1, 2], "huge": str(2**70)}
+    assert got["attributes"] == {**attributes, "sizes": [1, 2], "huge": str(2**70), "openinference.span.kind": "CHAIN"}
     assert value_kinds(receiver) == {
         "text": "string_value", "flag": "bool_value", "count": "int_value", "ratio": "double_value",
         "reasons": "array_value", "sizes": "array_value", "mixed": "array_value", "empty": "array_value",
-        "huge": "string_value"}
+        "huge": "string_value", "openinference.span.kind": "string_value"}
     assert type(got["attributes"]["flag"]) is bool and type(got["attributes"]["mixed"][0]) is bool
 
 
@@ -246,7 +248,7 @@ def test_events_status_kind_parent_tracestate_and_flags(in_process):
     assert root["kind"] == 2 and decode["kind"] == 1  # SERVER, INTERNAL
     assert root["events"] == [{"name": "first_token", "time": OFFSET + 150, "attributes": {"completion_tokens": 1}},
                               {"name": "done", "time": OFFSET + 190, "attributes": {}}]
-    assert root["status"] == 0 and (decode["status"], decode["status_message"]) == (2, "boom")
+    assert root["status"] == 1 and (decode["status"], decode["status_message"]) == (2, "boom")  # OK, error
     assert root["trace_state"] == "vendor=1,other=x" and decode["trace_state"] == "" and odd["trace_state"] == ""
     assert decode["parent_id"] == f"{1:016x}"
     flags = {s.name: s.flags for s in receiver.requests[0].resource_spans[0].scope_spans[0].spans}
@@ -257,14 +259,16 @@ def test_events_status_kind_parent_tracestate_and_flags(in_process):
 
 def test_fanout_gives_each_request_its_own_span(in_process):
     proc, receiver = in_process()
-    parents = [(0x100 + i, 0x200 + i) for i in range(5)]
+    parents = [(0x100 + i, 0x200 + i, {"step": i} if i % 2 else None) for i in range(5)]
     export_now(proc, span(1), fanouts=[Fanout("decode_step", 300, 310, {"batch_size": 5}, parents),
                                        Fanout("decode_step", 320, 330, {"batch_size": 5}, parents[:2])])
     steps = [s for s in receiver.wait_for(lambda s: len(s) == 8) if s["name"] == "decode_step"]
     assert [(s["trace_id"], s["parent_id"]) for s in steps] == [
-        (f"{t:032x}", f"{p:016x}") for t, p in parents + parents[:2]]
+        (f"{t:032x}", f"{p:016x}") for t, p, _ in parents + parents[:2]]
     assert [(s["start"], s["end"]) for s in steps] == [(OFFSET + 300, OFFSET + 310)] * 5 + [(OFFSET + 320, OFFSET + 330)] * 2
-    assert all(s["attributes"] == {"batch_size": 5} and s["kind"] == 1 and s["events"] == [] for s in steps)
+    assert [s["attributes"] for s in steps] == [{"batch_size": 5, "openinference.span.kind": "CHAIN", **(own or {})}
+                                                for _, _, own in parents + parents[:2]]
+    assert all(s["kind"] == 1 and s["events"] == [] for s in steps)
     assert len({s["span_id"] for s in steps}) == 7 and f"{0:016x}" not in {s["span_id"] for s in steps}
 
 
@@ -289,7 +293,7 @@ def test_resource_names_the_service(in_process, monkeypatch):
 
 def test_queue_bound_counts_spans_of_fanouts_too(in_process):
     proc, _ = in_process(queue=5)
-    proc.add(ipc.SpanBatch(OFFSET, [span(1), span(2)], [Fanout("decode_step", 1, 2, {}, [(1, 2)] * 4)], 3))
+    proc.add(ipc.SpanBatch(OFFSET, [span(1), span(2)], [Fanout("decode_step", 1, 2, {}, [(1, 2, None)] * 4)], 3))
     assert len(proc.queue) == 5 and proc.dropped == 3 + 1
     proc.add(ipc.SpanBatch(OFFSET, [span(3)], [], 0))
     assert len(proc.queue) == 5 and proc.dropped == 5

@@ -22,7 +22,7 @@ def recorder_and_inbox(monkeypatch, tmp_path):
 
 def test_fanouts_count_one_span_per_request_towards_a_send(recorder_and_inbox):
     recorder, inbox = recorder_and_inbox
-    parents = [(1, p) for p in range(64)]
+    parents = [(1, p, None) for p in range(64)]
     steps = FLUSH_AT_SPANS // len(parents)
     for step in range(steps - 1):
         recorder.fanout("decode_step", step, step + 1, {"batch_size": 64}, parents)

@@ -220,6 +220,10 @@ def test_a_hanging_or_absent_backend_leaves_serving_alone(tiny_model_dir, logs, 
         failed = wait_metrics(absent, lambda m: m.get("loupe_tracing_spans_failed_total", 0) > 0, timeout=40)
         assert failed["loupe_tracing_spans_failed_total"] > 0
         assert "dropped" in slow.log()  # the periodic warning
+        # Where spans go, said at start, and that nothing answers there: the lines to look for.
+        assert f"exporting spans over OTLP grpc to http://127.0.0.1:{unused_port}" in absent.log()
+        assert f"nothing answers at 127.0.0.1:{unused_port}" in absent.log()
+        assert "nothing answers" not in slow.log()
     finally:
         slow.stop()
         absent.stop()

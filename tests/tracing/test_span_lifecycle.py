@@ -28,7 +28,7 @@ class CapturingRecorder(Recorder):
         for record in self.spans:
             assert record.start <= record.end, record.name
         return [{"trace": r.trace_id, "id": r.span_id, "parent": r.parent_id, "name": r.name,
-                 "attributes": r.attributes or {}, "error": r.error} for r in self.spans]
+                 "attributes": r.attributes or {}, "error": r.error, "events": r.events or []} for r in self.spans]
 
 
 def traced_scheduler(tiny_model_dir, tmp_path, **flags):
@@ -68,9 +68,19 @@ def test_finish_and_retraction_close_every_span(tiny_model_dir, tmp_path):
         if req.num_retractions:
             assert any(s["name"] == "queue" and s["attributes"].get("retracted") for s in spans)
             assert "retracted" in {e[0] for e in req.events}
-        steps = sum(1 for fanout in recorder.fanouts for t, _ in fanout.parents if t == i + 1)
+        steps = [(fanout.attributes["batch_id"], own["step"])
+                 for fanout in recorder.fanouts for t, _, own in fanout.parents if t == i + 1]
         # Every token but those sampled at the end of a prefill (one per admission) is a decode step.
-        assert len(req.output_ids) - 1 - req.num_retractions <= steps <= len(req.output_ids) - 1
+        assert len(req.output_ids) - 1 - req.num_retractions <= len(steps) <= len(req.output_ids) - 1
+        assert steps == sorted(steps) and len({b for b, _ in steps}) == len(steps)
+        assert steps[-1][1] == len(req.output_ids) - 1  # the request's n-th decode made its (n+1)-th token
+        # What ran with each step: a `schedule` event per batch the request was in, on its thread span.
+        (thread,) = [s for s in spans if s["name"].startswith("Scheduler")]
+        scheduled = {e[2]["batch_id"]: e[2] for e in thread["events"] if e[0] == "schedule"}
+        for batch_id, _ in steps:
+            assert scheduled[batch_id]["mode"] in ("decode", "mixed") and scheduled[batch_id]["batch_size"] >= 1
+        prefills = [s for s in spans if s["name"] == "prefill_chunk"]
+        assert all(scheduled[s["attributes"]["batch_id"]]["mode"] in ("prefill", "mixed") for s in prefills)
 
 
 def test_abort_and_shutdown_close_every_span(tiny_model_dir, tmp_path):

@@ -6,7 +6,7 @@ import secrets
 import httpx
 import openai
 import pytest
-from server_harness import LiveServer
+from server_harness import LiveServer, wait_metrics
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,8 @@ def test_the_level_changes_while_serving(server, receiver):
         return r.json()
 
     try:
-        assert set_level(2) == {"enabled": True, "level": 2, "sampling_ratio": 0.0, "parent_based": True}
+        assert set_level(2) == {"enabled": True, "level": 2, "sampling_ratio": 0.0, "parent_based": True,
+                                "keep_errors": False, "keep_slower_than_ms": None}
         at_two, _ = generate(server, metadata={"trace": "true"})
         names = {s["name"] for s in traced(receiver, at_two)}
         assert "decode" in names and "decode_step" not in names and "prefill_chunk" not in names
@@ -105,6 +106,7 @@ def test_the_level_changes_while_serving(server, receiver):
 @pytest.mark.parametrize("path,body,param", [("/set_trace_level", {"level": 7}, "level"),
                                              ("/set_trace_level", {"level": "high"}, "level"),
                                              ("/tracing", {"sampling_ratio": -0.5}, "sampling_ratio"),
+                                             ("/tracing", {"keep_slower_than_ms": -1}, "keep_slower_than_ms"),
                                              ("/tracing", {"colour": "red"}, "colour")])
 def test_bad_settings_are_refused_naming_them_and_change_nothing(server, path, body, param):
     before = httpx.get(server.url("/tracing"), trust_env=False).json()
@@ -117,3 +119,41 @@ def test_a_server_without_tracing_says_so(bundled_server):
     assert httpx.get(bundled_server.url("/tracing"), trust_env=False).json() == {"enabled": False}
     r = httpx.post(bundled_server.url("/set_trace_level"), json={"level": 3}, trust_env=False)
     assert r.status_code == 400 and r.json()["error"]["code"] == "tracing_disabled"
+
+
+def test_tail_keeping_exports_failed_and_slow_requests_whole_and_counts_the_rest(server, receiver):
+    def change(**settings) -> None:
+        r = httpx.post(server.url("/tracing"), json=settings, trust_env=False)
+        assert r.status_code == 200, r.text
+
+    change(keep_errors=True, keep_slower_than_ms=60_000)
+    try:
+        fast, flags = generate(server)  # neither failed nor slow: recorded, held, discarded
+        assert flags == "00"
+        body = {"text": "one two", "stream": True, "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
+        with httpx.stream("POST", server.url("/generate"), json=body, timeout=60, trust_env=False) as stream:
+            _, gone, _, flags = stream.headers["traceparent"].split("-")
+            for i, _ in enumerate(stream.iter_lines()):
+                if i > 4:
+                    break  # the client leaves: the request fails
+        assert flags == "00"
+        processes = ("Req ", "Tokenizer", "Scheduler", "Detokenizer")
+        spans = receiver.wait_for(lambda all_spans: {p for p in processes for s in all_spans
+                                                     if s["trace_id"] == gone and s["name"].startswith(p)}
+                                  == set(processes))
+        spans = [s for s in spans if s["trace_id"] == gone]
+        root = next(s for s in spans if s["name"].startswith("Req "))
+        assert root["status"] == 2 and root["attributes"]["error.type"] == "client_disconnected"
+        assert {"queue", "prefill", "decode", "decode_step"} <= {s["name"] for s in spans}
+
+        change(keep_slower_than_ms=0)  # now every request is slow enough
+        slow, flags = generate(server)
+        assert flags == "00"
+        assert {"tokenize", "queue", "prefill", "decode", "detokenize"} <= {s["name"] for s in traced(receiver, slow)}
+        assert_untraced(receiver, [fast], then_traced=slow)
+        want = {'loupe_tracing_traces_kept_total{reason="error"}': 1, 'loupe_tracing_traces_kept_total{reason="slow"}': 1,
+                'loupe_tracing_traces_discarded_total{reason="ok"}': 1}
+        samples = wait_metrics(server, lambda m: all(m.get(k, 0) >= v for k, v in want.items()))
+        assert all(samples.get(k, 0) >= v for k, v in want.items()), samples
+    finally:
+        change(keep_errors=False, keep_slower_than_ms=None)
