@@ -25,6 +25,7 @@ def main() -> None:
                         "the first project, 'default')")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     parser.add_argument("--out", default="phoenix-trace.png")
+    parser.add_argument("--wait", type=float, default=10.0, help="seconds to let the trace view render")
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -32,7 +33,7 @@ def main() -> None:
         browser = playwright.chromium.launch(executable_path=args.chromium, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1600, "height": 1000})
         page.goto(f"{args.phoenix}/projects/{args.project_id}/traces/{args.trace_id}", wait_until="networkidle")
-        time.sleep(2)  # the span tree renders after the data arrives
+        time.sleep(args.wait)  # the span tree renders a while after the page settles
         page.screenshot(path=args.out)
         browser.close()
     print(f"wrote {args.out}")

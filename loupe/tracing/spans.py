@@ -27,6 +27,8 @@ from loupe.tracing.recorder import SERVER, Recorder, SpanRecord
 from loupe.tracing.sampling import TraceControl
 
 MILESTONES = (1, 10, 100, 1000, 10000)
+NOT_RECORDED = "(not recorded: --trace-include-content records prompts and completions)"
+CONTENT_NOT_RECORDED = {"input.value": NOT_RECORDED, "output.value": NOT_RECORDED}
 T = TypeVar("T", bound="ProcessTracer")
 
 
@@ -114,6 +116,8 @@ class RequestTracer(ProcessTracer):
             text = prompt if isinstance(prompt, str) else json.dumps(prompt)
             trace.attributes.update({"gen_ai.prompt": text, "input.value": text,
                                      "gen_ai.input.messages": json.dumps(input_messages(prompt))})
+        elif not self.include_content:  # else Phoenix shows an input and output made up of other attributes
+            trace.attributes.update(CONTENT_NOT_RECORDED)
         return trace
 
     def dispatched(self, trace: RequestTrace, request: TokenizedRequest, start: int) -> None:

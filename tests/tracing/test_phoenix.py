@@ -266,7 +266,8 @@ def test_traces_land_in_phoenix(stack, protocol):
         version, header_trace, header_span, _flags = sent["traceparent"].split("-")
         assert (version, header_trace, header_span) == ("00", trace_id, root["context"]["span_id"]), \
             (where, sent["traceparent"], root["context"])
-        assert root["status_code"] != "ERROR", (where, root["status_message"])
+        assert root["status_code"] == "OK", (where, root["status_code"], root["status_message"])
+        assert attrs["gen_ai.response.id"] == sent["response"].id and attrs["gen_ai.provider.name"] == "loupe", where
 
         # usage: the response's numbers, under both the old and the current GenAI names
         assert attrs["gen_ai.operation.name"] == sent["operation"], where
@@ -318,6 +319,11 @@ def test_traces_land_in_phoenix(stack, protocol):
         assert chunks and all(s["parent_id"] == prefill for s in chunks), where
         assert usage.completion_tokens - 1 <= len(steps) <= usage.completion_tokens, (where, len(steps))
         assert all(s["parent_id"] == decode for s in steps), where
+        # readable: every span below the root has a kind, each decode step says which it is
+        assert {s["span_kind"] for s in spans if s is not root} == {"CHAIN"}, where
+        assert sorted(s["attributes"]["step"] for s in steps) == list(range(1, len(steps) + 1)), where
+        assert all(s["attributes"]["batch_size"] >= 1 and "batch_id" in s["attributes"] for s in steps), where
+        assert all(len(str(attrs[f"gen_ai.latency.{key}"])) <= 12 for key in ("e2e", "time_to_first_token")), where
 
 
 def test_a_prefill_decode_pair_and_the_router_make_one_trace_in_phoenix(stack, tiny_model_dir):

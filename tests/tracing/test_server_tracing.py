@@ -1,5 +1,6 @@
 """A live traced server on a tiny model, exporting to real OTLP receivers on loopback."""
 
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,13 @@ def test_level_1_is_the_root_alone_with_content_when_asked(traced, receiver):
     assert {e["name"] for e in root["events"]} >= {"queue.admitted", "prefix_cache.miss", "first_token"}
     assert root["attributes"]["gen_ai.prompt"] == "The capital of France is Paris. Hello, my name is"
     assert root["attributes"]["gen_ai.completion"] == r.json()["choices"][0]["text"]
+    a = root["attributes"]
+    assert (a["input.value"], a["output.value"]) == (a["gen_ai.prompt"], a["gen_ai.completion"])
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": a["gen_ai.prompt"]}]}]
+    (message,) = json.loads(a["gen_ai.output.messages"])
+    assert message == {"role": "assistant", "parts": [{"type": "text", "content": a["gen_ai.completion"]}],
+                       "finish_reason": "length"}
 
 
 def test_level_2_adds_thread_spans_and_major_stages(traced, receiver):
@@ -139,6 +147,8 @@ def test_propagation_and_root_attributes(traced, receiver):
     assert a["gen_ai.request.model"] == a["gen_ai.response.model"] == model_name(server)
     assert a["rid"] == a["gen_ai.request.id"] == r.json()["id"]
     assert "gen_ai.prompt" not in a and "gen_ai.completion" not in a  # no content unless asked
+    assert not {"gen_ai.input.messages", "gen_ai.output.messages"} & set(a)
+    assert a["input.value"] == a["output.value"] and "--trace-include-content" in a["input.value"]  # says so
     e2e = (root["end"] - root["start"]) / 1e9
     assert 0 <= a["gen_ai.latency.time_in_queue"] <= a["gen_ai.latency.time_to_first_token"] <= a["gen_ai.latency.e2e"]
     assert abs(a["gen_ai.latency.e2e"] - e2e) < 0.01
