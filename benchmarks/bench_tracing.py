@@ -46,7 +46,9 @@ from loupe.bench import run as run_load  # noqa: E402
 from loupe.core import TraceContext  # noqa: E402
 from loupe.tracing.ids import new_span_id  # noqa: E402
 from loupe.tracing.recorder import SERVER, Fanout, Recorder, SpanRecord  # noqa: E402
+from loupe.tracing.sampling import TraceControl  # noqa: E402
 from loupe.tracing.settings import ExportSettings  # noqa: E402
+from loupe.tracing.spans import RequestTracer  # noqa: E402
 
 
 def micro(n: int = 200_000) -> dict[str, float]:
@@ -68,10 +70,20 @@ def micro(n: int = 200_000) -> dict[str, float]:
     tuple_ns = (time.perf_counter_ns() - start) / n
     recorder.spans.clear()
     parents: list = []
+    events: list = []
+    scheduled = ("schedule", 0, {"batch_id": 1})
     start = time.perf_counter_ns()
     for i in range(n):
-        parents.append((1, i, None))
+        parents.append((1, i, i))
+        events.append(scheduled)
     fanout_ns = (time.perf_counter_ns() - start) / n
+    unsampled = RequestTracer(recorder, TraceControl(3, sampling_ratio=0.0), include_content=False)
+    root_attributes = {"gen_ai.operation.name": "chat", "gen_ai.response.model": "m", "gen_ai.request.model": "m"}
+    start = time.perf_counter_ns()
+    for _ in range(n // 10):
+        trace = unsampled.start("chatcmpl-1", None, None, root_attributes)
+        assert not trace.recording and trace.ctx.traceparent
+    unsampled_ns = (time.perf_counter_ns() - start) / (n // 10)
     tracer = None
     start = time.perf_counter_ns()
     for _ in range(n):
@@ -80,7 +92,9 @@ def micro(n: int = 200_000) -> dict[str, float]:
     off_ns = (time.perf_counter_ns() - start) / n
     return {"slice (Recorder.slice: span id, SpanRecord, clock)": span_ns,
             "the same as a plain tuple (former)": tuple_ns,
-            "decode step, per request (fan-out)": fanout_ns, "tracing off (one branch)": off_ns}
+            "decode step, per request (fan-out with its step; schedule event)": fanout_ns,
+            "tracing off (one branch)": off_ns,
+            "an unsampled request, all it costs (ids, decision, traceparent)": unsampled_ns}
 
 
 def level3_batch(rng: random.Random, t0: int, fanouts: int = 4, concurrency: int = 32) -> ipc.SpanBatch:
@@ -105,7 +119,7 @@ def level3_batch(rng: random.Random, t0: int, fanouts: int = 4, concurrency: int
                         ("detokenize", {"num_tokens": 128, "busy_seconds": 0.002})):
         spans.append(SpanRecord(trace_id, rng.getrandbits(64), thread, name, t0 + 1, t0 + 9, attrs))
     steps = [Fanout("decode_step", t0 + 10 * i, t0 + 10 * i + 9, {"batch_size": concurrency},
-              [(rng.getrandbits(128), rng.getrandbits(64), {"step": i}) for _ in range(concurrency)]) for i in range(fanouts)]
+              [(rng.getrandbits(128), rng.getrandbits(64), i) for _ in range(concurrency)]) for i in range(fanouts)]
     return ipc.SpanBatch(time.time_ns() - t0, spans, steps, 0)
 
 
@@ -300,6 +314,9 @@ SAMPLED = ["--trace-sampling-ratio", "0.01"]
 # Rules that keep next to nothing here (no request fails, none takes a minute): what is
 # measured is recording every request and holding its spans until the verdict discards them.
 KEEPING = [*SAMPLED, "--trace-keep-errors", "--trace-keep-slower-than-ms", "60000"]
+# Held spans may fill half the exporter's queue: at level 3 that needs about a span per token
+# of every request in flight (32 here, of up to ~250 tokens), which the default 2048 is not.
+HOLDING_ROOM = {"OTEL_BSP_MAX_QUEUE_SIZE": "16384"}
 
 
 def tracing_flags(level: int | None, *extra: str) -> list[str] | None:
@@ -313,6 +330,8 @@ def start_server(port: int, tracing: list[str] | None, otlp_port: int, model_thr
     if tracing is not None:
         flags += ["--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{otlp_port}", *tracing]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {}))
+    if tracing and "--trace-keep-errors" in tracing:
+        env.update(HOLDING_ROOM)
     return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

@@ -126,7 +126,7 @@ class FinishReason(enum.StrEnum):
 
 class TraceDecision(enum.IntEnum):
     """Whether a request's spans are recorded and exported. Made when the request arrives;
-    code that learns more later (how the request ended) may change it."""
+    an undecided request's fate is settled when it ends (tail keeping: tracing/tail.py)."""
 
     OFF = 0  # nothing is recorded, in any process
     UNDECIDED = 1  # recorded; exported or discarded once the root span has ended

@@ -92,7 +92,7 @@ class ExporterStats:
     dropped: int
     failed: int
     kept: dict = field(default_factory=dict)  # tail keeping: traces kept, by reason ("error", "slow")
-    discarded: dict = field(default_factory=dict)  # and discarded ("ok", "expired")
+    discarded: dict = field(default_factory=dict)  # and discarded ("ok", "no_room", "expired")
 
 
 # ---- to the span exporter ---------------------------------------------------------------------

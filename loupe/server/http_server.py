@@ -232,7 +232,7 @@ class OpenAIRoutes:
     def _tokenize(trace: RequestTrace | None, tokenize, text) -> list[int]:
         started = now()
         input_ids = tokenize(text)
-        if trace:
+        if trace and trace.recording:
             trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
         return input_ids
 

@@ -96,13 +96,14 @@ class TokenizerManager:
         state = self.states[rid] = RequestState(trace)
         dispatched = now()
         ipc.send(self.to_scheduler, request)
-        if trace:
+        recording = trace is not None and trace.recording  # an unsampled request costs this branch
+        if recording:
             self.tracer.dispatched(trace, request, dispatched)
         out = None
         try:
             while True:
                 out = await state.outputs.get()
-                if trace:
+                if recording:
                     self.tracer.received(trace, out)
                 yield out
                 if out.finish_reason is not None:
@@ -115,7 +116,7 @@ class TokenizerManager:
             self.states.pop(rid, None)
             if self.log_requests:
                 log_request(request, state, out)
-            if trace:
+            if recording:
                 self.tracer.finish_request(trace, out if state.finished else None)
 
     def abort(self, rid: str) -> None:

@@ -72,7 +72,7 @@ class ExporterProcess:
         self.export_early_at = max(settings.max_export_batch_size, settings.max_queue_size // 2)
         self.wakeup = threading.Event()
         self.stopping = False
-        self.tail = TailKeeper()
+        self.tail = TailKeeper(max_held=settings.max_queue_size // 2)
         self.exported = self.dropped = self.failed = 0
         self.warned_dropped, self.last_warning = 0, 0.0
 
@@ -193,6 +193,9 @@ class ExporterProcess:
 
     def warn_about_drops(self, now: float) -> None:
         if self.dropped > self.warned_dropped and now - self.last_warning >= WARN_EVERY_S:
-            logger.warning("dropped %d spans so far (queue of %d full: is the OTLP backend at %s slow or down?)",
-                           self.dropped, self.settings.max_queue_size, self.settings.endpoint)
+            given_up = self.tail.discarded["no_room"]
+            held = (f"; {given_up} traces held for the keep rules did not fit: raise OTEL_BSP_MAX_QUEUE_SIZE"
+                    if given_up else "")
+            logger.warning("dropped %d spans so far (queue of %d full: is the OTLP backend at %s slow or down?%s)",
+                           self.dropped, self.settings.max_queue_size, self.settings.endpoint, held)
             self.warned_dropped, self.last_warning = self.dropped, now

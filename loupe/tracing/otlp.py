@@ -127,7 +127,7 @@ class SpanEncoder:
     """Queued spans -> one ExportTraceServiceRequest (one resource, scope "loupe").
 
     A queued span is `(record, offset_ns)` for a SpanRecord, or
-    `(fanout, offset_ns, (trace_id, parent_span_id, attributes or None))` for one request of a Fanout.
+    `(fanout, offset_ns, (trace_id, parent_span_id, step or None))` for one request of a Fanout.
     """
 
     def __init__(self, resource_attributes: Mapping[str, object]) -> None:
@@ -147,7 +147,7 @@ class SpanEncoder:
             if len(item) == 2:
                 encode_span(add(), *item)
                 continue
-            fanout, offset, (trace_id, parent_id, own_attributes) = item
+            fanout, offset, (trace_id, parent_id, step) = item
             template = templates.get(id(fanout))
             if template is None:
                 template = templates[id(fanout)] = fanout_template(fanout, offset)
@@ -156,8 +156,9 @@ class SpanEncoder:
             span.trace_id = trace_id.to_bytes(16, "big")
             span.span_id = new_span_id().to_bytes(8, "big")
             span.parent_span_id = parent_id.to_bytes(8, "big")
-            if own_attributes:
-                set_attributes(span.attributes, own_attributes)
+            if step is not None:
+                kv = span.attributes.add()
+                kv.key, kv.value.int_value = "step", step
         return request
 
 

@@ -45,14 +45,14 @@ class SpanRecord(NamedTuple):
 
 class Fanout(NamedTuple):
     """The same slice (say, one decode step) under each of `parents`, (trace_id, parent span
-    id, attributes of its own or None) triples: recorded once, turned into one span per
-    request by the exporter."""
+    id, step) triples (the step: the request's own count of such slices, or None): recorded
+    once, turned into one span per request by the exporter."""
 
     name: str
     start: int
     end: int
     attributes: dict
-    parents: list[tuple[int, int, dict | None]]
+    parents: list[tuple[int, int, int | None]]
 
 
 def host_id() -> str:
@@ -140,8 +140,8 @@ class Recorder:
         try:
             self.sock.send(ipc.encode(batch), zmq.NOBLOCK)
             self.dropped = 0
+            if self.undecided:
+                self.undecided, self.verdicts = set(), []
         except zmq.Again:  # the exporter is behind: drop, count, carry on serving
-            self.dropped += len(self.spans) + self.fanout_spans
+            self.dropped += len(self.spans) + self.fanout_spans  # (verdicts go with the next batch)
         self.spans, self.fanouts, self.fanout_spans = [], [], 0
-        if self.undecided:
-            self.undecided, self.verdicts = set(), []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from loupe.core import FinishReason, TokenizedRequest, TraceContext, TraceDecision
@@ -85,13 +85,16 @@ class RequestTrace:
         """A tokenizer-process slice from `start` until now."""
         self.slices.append((name, start, now(), attributes))
 
-    def decide(self, decision: TraceDecision) -> None:
-        self.ctx = replace(self.ctx, decision=decision)
+    @property
+    def recording(self) -> bool:
+        """Whether the request's spans are recorded (sampled, or held for tail keeping); an
+        unsampled request's trace only answers with its traceparent."""
+        return self.ctx.decision != TraceDecision.OFF
 
     @property
     def carrier(self) -> TraceContext | None:
         """What the other processes get: nothing when the request is not recorded."""
-        return self.ctx if self.ctx.decision != TraceDecision.OFF else None
+        return self.ctx if self.recording else None
 
 
 class RequestTracer(ProcessTracer):
@@ -159,7 +162,7 @@ class RequestTracer(ProcessTracer):
         if trace.finished:
             return
         trace.finished = True
-        if trace.ctx.decision == TraceDecision.OFF:
+        if not trace.recording:
             return
         end = now()
         ctx, attrs, rec = trace.ctx, trace.attributes, self.recorder
@@ -286,7 +289,7 @@ class SchedulerTracer(ProcessTracer):
                     scheduled = self._schedule_event(batch, num_new, start, batch_id, num_decoding)
                 spans.events.append(scheduled)
                 if spans.stage == "decode":
-                    decodes.append((spans.ctx.trace_id, spans.stage_id, {"step": len(req.output_ids) - 1}))
+                    decodes.append((spans.ctx.trace_id, spans.stage_id, len(req.output_ids) - 1))
                     if spans.ctx.decision == TraceDecision.UNDECIDED:
                         self.recorder.undecided.add(spans.ctx.trace_id)
                 else:

@@ -4,6 +4,7 @@ import pytest
 import zmq
 
 from loupe import ipc
+from loupe.core import TraceContext, TraceDecision
 from loupe.tracing import recorder as recorder_module
 from loupe.tracing.recorder import FLUSH_AT_SPANS, Recorder, SpanRecord
 
@@ -47,3 +48,24 @@ def test_spans_wait_for_the_flush_interval_then_go_together(recorder_and_inbox):
     recorder.maybe_flush()
     assert inbox.poll(2000)
     assert [s.name for s in ipc.recv(inbox).spans] == ["a", "b"]
+
+
+def test_a_batch_names_its_undecided_traces_and_a_verdict_survives_a_full_socket(recorder_and_inbox, monkeypatch):
+    recorder, inbox = recorder_and_inbox
+    held, sampled = TraceContext(7, 70, 3, TraceDecision.UNDECIDED), TraceContext(8, 80, 3)
+    recorder.slice(held, 70, "queue", 0, 1)
+    recorder.slice(sampled, 80, "queue", 0, 1)
+    recorder.settle(7, "slow")
+
+    def full(*_):
+        raise zmq.Again()
+
+    monkeypatch.setattr(recorder.sock, "send", full)
+    recorder.flush()  # the exporter is behind: the spans are dropped and counted, the verdict waits
+    assert recorder.dropped == 2 and recorder.verdicts == [(7, "slow")]
+    monkeypatch.undo()
+    recorder.flush()
+    assert inbox.poll(2000)
+    batch = ipc.recv(inbox)
+    assert (batch.spans, batch.dropped, batch.undecided, batch.verdicts) == ([], 2, {7}, [(7, "slow")])
+    assert recorder.undecided == set() and recorder.verdicts == []

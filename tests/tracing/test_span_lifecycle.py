@@ -68,8 +68,8 @@ def test_finish_and_retraction_close_every_span(tiny_model_dir, tmp_path):
         if req.num_retractions:
             assert any(s["name"] == "queue" and s["attributes"].get("retracted") for s in spans)
             assert "retracted" in {e[0] for e in req.events}
-        steps = [(fanout.attributes["batch_id"], own["step"])
-                 for fanout in recorder.fanouts for t, _, own in fanout.parents if t == i + 1]
+        steps = [(fanout.attributes["batch_id"], step)
+                 for fanout in recorder.fanouts for t, _, step in fanout.parents if t == i + 1]
         # Every token but those sampled at the end of a prefill (one per admission) is a decode step.
         assert len(req.output_ids) - 1 - req.num_retractions <= len(steps) <= len(req.output_ids) - 1
         assert steps == sorted(steps) and len({b for b, _ in steps}) == len(steps)
@@ -123,16 +123,19 @@ def test_detokenizer_keeps_no_state_after_finish_or_abort(tiny_model_dir, tmp_pa
         assert last.text == detokenizer.tokenizer.decode([5, 6] + last.token_ids, skip_special_tokens=True)
 
 
-def test_the_trace_decision_can_change_until_the_request_ends(tmp_path):
-    tracer = RequestTracer(CapturingRecorder(tmp_path), TraceControl(level=3), include_content=False)
-    kept, dropped = (tracer.start(rid, None, None, {}) for rid in ("kept", "dropped"))
-    kept.decide(TraceDecision.UNDECIDED)
-    dropped.decide(TraceDecision.OFF)
-    assert dropped.carrier is None and dropped.ctx.traceparent.endswith("-00")
-    assert kept.carrier == kept.ctx and kept.ctx.decision == TraceDecision.UNDECIDED
-    kept.decide(TraceDecision.SAMPLED)
-    assert kept.ctx.traceparent.endswith("-01")
-    for trace in (kept, dropped):
-        tracer.finish(trace, None, "client_disconnected", "gone")
-    assert {s["trace"] for s in tracer.recorder.named()} == {kept.ctx.trace_id}
-    assert "Req kept" in {s["name"] for s in tracer.recorder.named()}
+def test_an_undecided_request_ends_with_its_verdict(tmp_path):
+    control = TraceControl(level=3, sampling_ratio=0.0, keep_errors=True)
+    tracer = RequestTracer(CapturingRecorder(tmp_path), control, include_content=False)
+    failed, fine, declined = (tracer.start(rid, None, None, {}, wanted=wanted)
+                              for rid, wanted in (("failed", None), ("fine", None), ("declined", False)))
+    assert failed.ctx.decision == fine.ctx.decision == TraceDecision.UNDECIDED
+    assert failed.carrier == failed.ctx and failed.ctx.traceparent.endswith("-00")  # recorded, not yet sampled
+    assert declined.carrier is None
+    tracer.finish(failed, None, "client_disconnected", "gone")
+    tracer.finish(fine, None)
+    tracer.finish(declined, None, "client_disconnected", "gone")
+    recorder = tracer.recorder
+    assert recorder.verdicts == [(failed.ctx.trace_id, "error"), (fine.ctx.trace_id, None)]
+    assert recorder.undecided == {failed.ctx.trace_id, fine.ctx.trace_id}  # the exporter holds their spans
+    assert {s["name"] for s in recorder.named()} >= {"Req failed", "Req fine"}
+    assert declined.ctx.trace_id not in {s["trace"] for s in recorder.named()}

@@ -74,7 +74,7 @@ def batch(spans: list, undecided: set, verdicts: list = (), fanout_parents: list
 
 def test_undecided_spans_wait_for_their_verdict_and_follow_it(exporter):
     exporter.add(batch([record(SAMPLED, 1), record(UNDECIDED, 2), record(KEPT, 3), record(DISCARDED, 4)],
-                       {UNDECIDED, KEPT, DISCARDED}, fanout_parents=[(KEPT, 3, {"step": 1}), (DISCARDED, 4, None)]))
+                       {UNDECIDED, KEPT, DISCARDED}, fanout_parents=[(KEPT, 3, 1), (DISCARDED, 4, None)]))
     assert queued(exporter) == [(SAMPLED, 1)] and exporter.tail.num_held == 5
     exporter.add(batch([record(KEPT, 5)], {KEPT, DISCARDED}, [(KEPT, "slow"), (DISCARDED, None)]))
     assert queued(exporter) == [(SAMPLED, 1), (KEPT, 3), (KEPT, 3), (KEPT, 5)]
@@ -85,14 +85,23 @@ def test_undecided_spans_wait_for_their_verdict_and_follow_it(exporter):
     assert (stats.kept, stats.discarded, stats.dropped) == ({"slow": 1}, {"ok": 1}, 0)
 
 
-def test_held_spans_count_against_the_queue_bound(exporter):
-    exporter.add(batch([record(SAMPLED, i) for i in range(8)], set()))
+def test_held_spans_count_against_the_queue_bound_and_a_trace_that_does_not_fit_is_given_up(exporter):
+    exporter.add(batch([record(SAMPLED, i) for i in range(8)], set()))  # room for 12 in all
     exporter.add(batch([record(UNDECIDED, i) for i in range(6)], {UNDECIDED}))
-    assert exporter.tail.num_held == 4 and exporter.dropped == 2  # room for 12 in all
-    exporter.add(batch([record(SAMPLED, 9)], set()))
-    assert len(exporter.queue) == 8 and exporter.dropped == 3
-    exporter.add(batch([], {UNDECIDED}, [(UNDECIDED, "error")]))
-    assert len(exporter.queue) == 12 and exporter.tail.num_held == 0 and exporter.stats().kept == {"error": 1}
+    assert exporter.tail.num_held == 0 and exporter.dropped == 6  # 4 fitted, then all 6 went
+    exporter.add(batch([record(UNDECIDED, 7)], {UNDECIDED}, [(UNDECIDED, "error")]))
+    assert exporter.dropped == 7 and len(exporter.queue) == 8  # nothing of it is kept in part
+    assert exporter.stats().discarded == {"no_room": 1} and exporter.stats().kept == {}
+
+
+def test_held_spans_fill_at_most_half_the_queue_so_sampled_ones_find_room(exporter):
+    exporter.add(batch([record(UNDECIDED, i) for i in range(7)], {UNDECIDED}))
+    assert exporter.tail.num_held == 0 and exporter.dropped == 7  # more than half of 12: given up
+    exporter.add(batch([record(KEPT, i) for i in range(6)], {KEPT}))
+    exporter.add(batch([record(SAMPLED, i) for i in range(7)], set()))
+    assert exporter.tail.num_held == 6 and len(exporter.queue) == 6 and exporter.dropped == 8
+    exporter.add(batch([], {KEPT}, [(KEPT, "slow")]))
+    assert len(exporter.queue) == 12 and exporter.tail.num_held == 0
 
 
 def test_a_trace_that_never_ends_is_discarded_as_expired(exporter, monkeypatch):
