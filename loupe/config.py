@@ -78,6 +78,8 @@ class ServerArgs:
     disable_radix_cache: bool = _flag(False, "do not reuse KV of shared prompt prefixes")
     random_seed: int = _flag(0, "seed for requests that do not give one")
     api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health")
+    max_request_body_mb: float = _flag(8.0, "largest request body accepted, in MB: a larger one gets a 413 "
+                                            "before anything reads it")
     enable_tracing: bool = _flag(False, "trace every request with OpenTelemetry", "--enable-trace")
     otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported (OTLP)", "--otlp-traces-endpoint")
     trace_level: Literal[0, 1, 2, 3] = _flag(3, "0: off (until raised with POST /set_trace_level); 1: root span "
@@ -134,6 +136,7 @@ class ServerArgs:
              "max_total_tokens", f"at least two pages ({2 * self.page_size} tokens)")
         need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")
         need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
+        need(self.max_request_body_mb > 0, "max_request_body_mb", "a number of MB > 0")
         need(0 < self.disaggregation_bootstrap_port < 65536, "disaggregation_bootstrap_port", "in 1..65535")
         need(self.disaggregation_timeout > 0, "disaggregation_timeout", "a number of seconds > 0")
         need(self.trace_sampling_ratio is None or 0 <= self.trace_sampling_ratio <= 1, "trace_sampling_ratio",

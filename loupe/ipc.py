@@ -93,6 +93,7 @@ class ExporterStats:
     failed: int
     kept: dict = field(default_factory=dict)  # tail keeping: traces kept, by reason ("error", "slow")
     discarded: dict = field(default_factory=dict)  # and discarded ("ok", "no_room", "expired")
+    pid: int = 0  # the exporter's: running totals start again with a restarted one
 
 
 # ---- to the span exporter ---------------------------------------------------------------------

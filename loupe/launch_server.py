@@ -39,6 +39,7 @@ from loupe.tracing.settings import ExportSettings, missing_packages
 
 logger = logging.getLogger("loupe")
 CHILD_STOP_SECONDS = 5
+EXPORTER_RESTARTS = 5  # a span exporter that keeps dying is left dead: serving comes first
 
 
 def served_model_name(args: ServerArgs) -> str:
@@ -129,9 +130,11 @@ class Supervisor:
         self.ctx = mp.get_context("spawn")
         self.log_level = args.log_level
         self.children: list[tuple[str, mp.Process, object]] = []
+        self.exporter_args = (ExporterProcess, tracing, endpoints)
+        self.exporter_restarts = 0
         serves_http = args.node_rank == 0
         if tracing is not None:  # first, so that the others' spans have somewhere to go
-            self.start("exporter", ExporterProcess, tracing, endpoints)
+            self.start("exporter", *self.exporter_args)
         if args.dp_size > 1 and serves_http:
             self.start("DP controller", DataParallelController, args, endpoints)
         for dp_rank in range(args.dp_size):
@@ -178,13 +181,31 @@ class Supervisor:
                 del pending[reader]
         return infos
 
-    def watch(self, on_death) -> None:
-        sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
-        ready = wait(list(sentinels))
-        if self.stopping:
-            return
-        name, proc = sentinels[ready[0]]
-        proc.join()
+    def watch(self, on_death, on_exporter_restart=None) -> None:
+        """Until a serving child dies (then `on_death(message, exit code)`) or the server
+        stops. The span exporter is not a serving child: when it dies it is started again
+        (spans sent meanwhile are dropped and counted), up to EXPORTER_RESTARTS times."""
+        while True:
+            sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
+            ready = wait(list(sentinels))
+            if self.stopping:
+                return
+            name, proc = sentinels[ready[0]]
+            proc.join()
+            if name != "exporter":
+                break
+            self.children = [child for child in self.children if child[1] is not proc]
+            if self.exporter_restarts == EXPORTER_RESTARTS:
+                logger.error("loupe: the span exporter (pid %d) died with exit code %s, %d times now; not "
+                             "starting it again: serving goes on, spans are no longer exported",
+                             proc.pid, proc.exitcode, EXPORTER_RESTARTS + 1)
+                continue
+            self.exporter_restarts += 1
+            logger.warning("loupe: the span exporter (pid %d) died with exit code %s; starting it again "
+                           "(spans sent meanwhile are dropped)", proc.pid, proc.exitcode)
+            self.start("exporter", *self.exporter_args)
+            if on_exporter_restart is not None:
+                on_exporter_restart()
         if proc.exitcode == EXIT_LOST_PEER:
             on_death(f"loupe: the {name} process (pid {proc.pid}) lost contact with another rank of its "
                      "replica (on another node, or stopped); shutting down", proc.exitcode)
@@ -254,7 +275,7 @@ def launch(args: ServerArgs) -> int:
         model = next(ready.info for ready in infos if isinstance(ready.info, ModelInfo))
         manager.set_ready(tokenizer, model)
         logger.info("serving %s at http://%s:%d", name, args.host, args.port)
-        supervisor.watch(fail)
+        supervisor.watch(fail, metrics.exporter_restarts.inc)
 
     threading.Thread(target=bring_up, name="supervisor", daemon=True).start()
     # uvicorn handles SIGINT/SIGTERM itself, then re-raises them under the handlers it found:

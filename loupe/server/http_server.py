@@ -14,6 +14,7 @@ from importlib.metadata import version
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loupe.config import ServerArgs
 from loupe.core import InvalidRequest, SamplingParams, TokenizedRequest
@@ -41,22 +42,56 @@ class ClientDisconnected(Exception):
 
 
 class GuardMiddleware:
-    """Answers a request itself when `refusal` gives a response (no API key, not ready).
+    """Answers a request itself when `refusal` gives a response (no API key, not ready, a
+    body over `max_body` bytes: 413 before anything reads or parses it).
 
     Plain ASGI on purpose: `@app.middleware("http")` wraps `receive` so that
     `request.is_disconnected()` never sees a client leave, and a non-streaming request
     whose client went away would then run to its end instead of being aborted."""
 
-    def __init__(self, app, refusal):
-        self.app, self.refusal = app, refusal
+    def __init__(self, app, refusal, max_body: int, error):
+        self.app, self.refusal, self.max_body, self.error = app, refusal, max_body, error
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            response = self.refusal(Request(scope))
+            request = Request(scope)
+            response = self.refusal(request)
+            if response is None and request.method == "POST":
+                response, receive = await self.bounded_body(request, receive)
             if response is not None:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def bounded_body(self, request: Request, receive):
+        """A 413 for a body larger than the limit, by its Content-Length or, without one, by
+        reading at most the limit; else None and a `receive` that gives the body as read."""
+        too_large = APIError(413, f"the request body is larger than {self.max_body} bytes "
+                                  "(--max-request-body-mb)", code="request_too_large")
+        length = request.headers.get("content-length")
+        if length is not None:
+            return (self.error(too_large) if length.isdigit() and int(length) > self.max_body else None), receive
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return Response(status_code=499), receive
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return self.error(too_large), receive
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # what comes after the body: a disconnect, say
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return None, replay
 
 
 def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, model_name: str) -> FastAPI:
@@ -79,7 +114,15 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
             return starting.response() if request.url.path in OPEN_ROUTES else api.error(starting)
         return None
 
-    app.add_middleware(GuardMiddleware, refusal=refusal)
+    app.add_middleware(GuardMiddleware, refusal=refusal, max_body=int(args.max_request_body_mb * 2**20),
+                       error=api.error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        """The framework's own refusals (unknown route, wrong method, a body it cannot
+        parse) in OpenAI's shape too; not counted as requests (a router probes routes
+        loupe does not have)."""
+        return APIError(exc.status_code, str(exc.detail)).response(getattr(exc, "headers", None))
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError):
@@ -231,7 +274,10 @@ class OpenAIRoutes:
     @staticmethod
     def _tokenize(trace: RequestTrace | None, tokenize, text) -> list[int]:
         started = now()
-        input_ids = tokenize(text)
+        try:
+            input_ids = tokenize(text)
+        except InvalidRequest as e:  # too long to fit, told by its size before tokenizing
+            raise APIError(400, str(e), param=e.param) from None
         if trace and trace.recording:
             trace.mark("tokenize", started, {"num_tokens": len(input_ids)})
         return input_ids
@@ -250,6 +296,7 @@ class OpenAIRoutes:
         return trace
 
     def _check_model_and_n(self, body: SamplingFields) -> None:
+        body.refuse_unsupported()
         if body.model != self.model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
@@ -295,6 +342,7 @@ class OpenAIRoutes:
         rid = body.rid or uuid.uuid4().hex
         prompt = body.text if body.text is not None else body.input_ids
         trace = self._start_trace(request, rid, "generate", body, prompt)
+        body.refuse_unsupported()
         if (body.text is None) == (body.input_ids is None):
             raise APIError(400, "give exactly one of text and input_ids", param="text")
         if rid in self.manager.states:

@@ -38,6 +38,8 @@ class Metrics:
         self.kv_transfer_bytes = Counter("loupe_kv_transfer_bytes", "Bytes of KV sent (prefill server) or received (decode server)", registry=r)
         self.kv_transfer_seconds = Histogram("loupe_kv_transfer_seconds", "Time to send or receive one request's KV", buckets=SHORT_BUCKETS, registry=r)
         self.kv_transfer_failures = Counter("loupe_kv_transfer_failures", "Requests whose KV exchange failed (no claim, no KV, mismatch)", registry=r)
+        self.exporter_restarts = Counter("loupe_tracing_exporter_restarts", "Times the span exporter process died "
+                                         "and was started again", registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
         self._replicas: dict[int, SchedulerStats] = {}
         self.open_requests = Gauge("loupe_open_requests", "Requests the HTTP side holds state for", registry=r)
@@ -53,8 +55,9 @@ class Metrics:
         self.kv_usage.set(used / max(total, 1))
 
     def set_exporter_stats(self, stats: ExporterStats) -> None:
-        """The exporter reports running totals; the counters advance by the difference."""
-        last = self._exporter_totals
+        """The exporter reports running totals; the counters advance by the difference (from
+        zero for a restarted exporter, which counts afresh)."""
+        last = self._exporter_totals if self._exporter_totals.pid == stats.pid else ExporterStats(0, 0, 0)
         self.spans_exported.inc(max(stats.exported - last.exported, 0))
         self.spans_dropped.inc(max(stats.dropped - last.dropped, 0))
         self.spans_failed.inc(max(stats.failed - last.failed, 0))

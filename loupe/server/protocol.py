@@ -20,18 +20,40 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
+    @property
+    def type(self) -> str:
+        return self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
     def body(self) -> dict:
-        return {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                "param": self.param, "code": self.code}
+        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
 
     def response(self, headers: dict | None = None) -> JSONResponse:
         return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
 
 
+# Parameters loupe does not implement, with the values that ask for nothing: any other
+# value is refused with a 400 naming the parameter, never ignored.
+UNSUPPORTED = {
+    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "function_call": ("none",), "response_format": ({"type": "text"},), "frequency_penalty": (0,),
+    "presence_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},), "best_of": (1,), "echo": (False,),
+    "suffix": ("",), "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
+    "return_logprob": (False,), "top_logprobs_num": (0,), "lora_path": (),
+}
+
+
 class StrictModel(BaseModel):
-    # Strict: a string where a number belongs is a 400, not silently converted. Unknown
-    # fields are accepted and ignored, as OpenAI clients send options loupe does not use.
+    # Strict: a string where a number belongs is a 400, not silently converted. Other
+    # fields are accepted (a router adds its own, clients send harmless ones such as `user`),
+    # except the parameters in UNSUPPORTED.
     model_config = ConfigDict(strict=True, extra="allow")
+
+    def refuse_unsupported(self) -> None:
+        """A 400 naming the first parameter given that loupe would otherwise ignore."""
+        for name, value in (self.model_extra or {}).items():
+            if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
+                raise APIError(400, f"{name} is not supported by this server", param=name,
+                               code="unsupported_parameter")
 
 
 class StreamOptions(StrictModel):

@@ -13,7 +13,14 @@ import zmq
 import zmq.asyncio
 
 from loupe import ipc
-from loupe.core import Bootstrap, ModelInfo, RequestLimits, TokenizedRequest, TraceDecision
+from loupe.core import (
+    Bootstrap,
+    InvalidRequest,
+    ModelInfo,
+    RequestLimits,
+    TokenizedRequest,
+    TraceDecision,
+)
 from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import FLUSH_EVERY_NS
 from loupe.tracing.spans import RequestTrace, RequestTracer, now
@@ -60,23 +67,34 @@ class TokenizerManager:
         self.tokenizer = None
         self.limits: RequestLimits | None = None
         self.model_info: dict = {}
+        self.max_prompt_chars = 0  # set with the tokenizer
         self.ready = False
         self.tracer = tracer
 
     def set_ready(self, tokenizer, model: ModelInfo) -> None:
         self.tokenizer, self.limits, self.model_info = tokenizer, model.limits, model.as_dict()
+        self.max_prompt_chars = model.limits.context_length * longest_token(tokenizer)
         self.ready = True
 
     # ---- tokenization ---------------------------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
+        self._check_size(len(text), "prompt")
         return self.tokenizer.encode(text)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
+        self._check_size(sum(len(m["content"]) for m in messages), "messages")
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def _check_size(self, num_chars: int, param: str) -> None:
+        """Refuse a text too long to fit the context before tokenizing it: no token covers
+        more than `longest_token` characters, so it needs at least chars / that many tokens."""
+        if num_chars > self.max_prompt_chars:
+            raise InvalidRequest(f"the {param} has {num_chars} characters: more than a context of "
+                                 f"{self.limits.context_length} tokens can hold", param)
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -195,6 +213,13 @@ class TokenizerManager:
             return None
         kept = self.tracer.control.verdict(status(out) in ("error", "abort"), now - trace.start / 1e9)
         return {"trace_id": state.trace_id} if kept else None
+
+
+def longest_token(tokenizer) -> int:
+    """Characters in the tokenizer's longest token (byte-level tokens count bytes, which is
+    at least as many as characters)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(token) for token in vocab), default=1) or 1
 
 
 def status(out: ipc.RequestOutput) -> str:

@@ -1,6 +1,7 @@
 """Bad requests get the right status and OpenAI's error shape, over raw HTTP."""
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -146,8 +147,47 @@ def test_unknown_model_is_404(http):
     assert_openai_error(r, 404, param="model")
 
 
-def test_unknown_route_is_404(http):
-    assert http.get("/v1/nothing-here").status_code == 404
+def test_the_frameworks_own_refusals_are_openai_shaped_too(http):
+    assert_openai_error(http.get("/v1/nothing-here"), 404)
+    assert_openai_error(http.get("/v1/chat/completions"), 405)
+    deep = "[" * 100_000 + "]" * 100_000  # parsing it recurses too deep
+    r = http.post("/v1/completions", content=deep, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and set(r.json()) == {"error"}, r.text
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("response_format", {"type": "json_object"}), ("frequency_penalty", 0.5), ("logit_bias", {"50256": -100}),
+])
+def test_parameters_loupe_does_not_implement_are_refused_not_ignored(http, field, value):
+    for path, body in (("/v1/chat/completions", chat_body(max_tokens=2)),
+                       ("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2})):
+        error = assert_openai_error(http.post(path, json={**body, field: value}), 400, param=field)
+        assert error["code"] == "unsupported_parameter"
+    # the values that ask for nothing, and fields loupe has no use for, are fine
+    harmless = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "frequency_penalty": 0,
+                "user": "someone", "store": False}
+    assert http.post("/v1/chat/completions", json={**chat_body(max_tokens=2), **harmless}).status_code == 200
+    r = http.post("/generate", json={"text": "Hi", "return_logprob": True, "sampling_params": {"max_new_tokens": 2}})
+    assert_openai_error(r, 400, param="return_logprob")
+
+
+def test_oversized_bodies_and_prompts_are_refused_by_size_before_tokenizing(http):
+    big = "word " * 2_000_000  # 10 MB
+    started = time.perf_counter()
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": big, "max_tokens": 2})
+    assert_openai_error(r, 413)
+    chunked = http.post("/generate", content=(b"x" * 2**20 for _ in range(10)),
+                        headers={"Content-Type": "application/json"})  # no Content-Length
+    assert_openai_error(chunked, 413)
+    long_text = "word " * 200_000  # 1 MB: under the body limit, far over the context
+    for path, body in (("/v1/completions", {"model": MODEL, "prompt": long_text, "max_tokens": 2}),
+                       ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": long_text}])),
+                       ("/generate", {"text": long_text})):
+        error = assert_openai_error(http.post(path, json=body), 400)
+        assert "characters" in error["message"], error
+    assert time.perf_counter() - started < 5  # nothing was tokenized
+    assert http.post("/v1/chat/completions", json=chat_body(max_tokens=2)).status_code == 200
 
 
 def test_bad_requests_do_not_disturb_a_concurrent_good_one(http, bundled_server):

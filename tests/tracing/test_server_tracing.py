@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -294,3 +295,37 @@ def test_concurrent_traced_requests_keep_their_own_traces(traced, receiver):
         assert names(spans).count("decode_step") == n - 1
         root = next(s for s in spans if s["name"].startswith("Req "))
         assert root["attributes"]["gen_ai.usage.completion_tokens"] == n
+
+
+def test_the_span_exporters_death_leaves_serving_alone_and_it_starts_again(tiny_model_dir, logs):
+    receiver = GrpcReceiver()
+    server = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
+                          env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
+    try:
+        exporter = int(re.search(r"\[exporter pid:(\d+)\]", server.log()).group(1))
+        results = []
+
+        def load():  # requests in flight while it dies
+            results.extend(complete(server, max_tokens=16).status_code for _ in range(6))
+
+        worker = threading.Thread(target=load)
+        worker.start()
+        time.sleep(0.5)
+        os.kill(exporter, signal.SIGKILL)
+        worker.join(120)
+        assert results == [200] * 6, results
+        assert f"the span exporter (pid {exporter}) died" in server.log()
+        samples = wait_metrics(server, lambda m: m.get("loupe_tracing_exporter_restarts_total") == 1)
+        assert samples["loupe_tracing_exporter_restarts_total"] == 1
+        after = complete(server)  # traced, exported by the new exporter
+        assert after.status_code == 200
+        trace_id = after.headers["traceparent"].split("-")[1]
+        spans = receiver.wait_for(lambda s: any(x["trace_id"] == trace_id and x["name"].startswith("Req ")
+                                                for x in s), timeout=30)
+        assert spans
+        exported = wait_metrics(server, lambda m: m.get("loupe_tracing_spans_exported_total", 0) > 0)
+        assert exported["loupe_tracing_spans_exported_total"] > 0
+        assert httpx.get(server.url("/health"), timeout=5).status_code == 200
+    finally:
+        server.stop()
+        receiver.stop()
