@@ -51,6 +51,7 @@ class RequestOutput:
     stop: list[str] | None = None  # the request's stop strings, on the first output
     trace: TraceContext | None = None  # on the first output of a traced request
     error: str | None = None  # why the request failed (its KV never came, say), on its last output
+    error_code: str = "kv_transfer_failed"  # or "engine_unavailable": a serving process died
     # On the last output:
     prefill_seconds: float = 0.0  # admission to first token
     decode_seconds: float = 0.0  # first token to the end

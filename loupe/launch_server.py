@@ -262,6 +262,8 @@ def launch(args: ServerArgs) -> int:
     def fail(message: str, *_child_exit_code) -> None:  # node 0 exits 1 whatever the child's code
         logger.error(message)
         supervisor.exit_code = 1
+        if manager.loop is not None:  # the requests in flight are answered, with what happened
+            manager.loop.call_soon_threadsafe(manager.fail_all, message.removeprefix("loupe: "))
         server.should_exit = True
 
     def bring_up() -> None:

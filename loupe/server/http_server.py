@@ -412,9 +412,10 @@ def finish_reason(out: RequestOutput) -> str:
 
 
 def raise_if_failed(out: RequestOutput) -> None:
-    """A request that failed in the engine (its KV never came from the prefill server, say)."""
+    """A request that failed in the engine: its KV never came from the prefill server (502),
+    or a serving process died (503)."""
     if out.error:
-        raise APIError(502, out.error, code="kv_transfer_failed")
+        raise APIError(503 if out.error_code == "engine_unavailable" else 502, out.error, code=out.error_code)
 
 
 def native_body(rid: str, text: str, out: RequestOutput, output_ids: list[int] | None = None) -> dict:

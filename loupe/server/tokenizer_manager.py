@@ -15,6 +15,7 @@ import zmq.asyncio
 from loupe import ipc
 from loupe.core import (
     Bootstrap,
+    FinishReason,
     InvalidRequest,
     ModelInfo,
     RequestLimits,
@@ -68,6 +69,7 @@ class TokenizerManager:
         self.limits: RequestLimits | None = None
         self.model_info: dict = {}
         self.max_prompt_chars = 0  # set with the tokenizer
+        self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP server's, once it runs
         self.ready = False
         self.tracer = tracer
 
@@ -155,6 +157,16 @@ class TokenizerManager:
         if trace is not None:
             self.tracer.finish(trace, None, error_type, message)
 
+    def fail_all(self, message: str) -> None:
+        """Answer every request in flight with an error (a serving process died: nothing else
+        will answer them). Call on the event loop's thread."""
+        now = time.perf_counter()
+        for rid, state in list(self.states.items()):
+            if not state.finished:
+                out = ipc.RequestOutput(rid, [], FinishReason.ABORT, error=message, error_code="engine_unavailable")
+                self._observe(state, out, now)
+                state.outputs.put_nowait(out)
+
     async def flush_spans_periodically(self) -> None:
         while self.tracer is not None:
             await asyncio.sleep(FLUSH_EVERY_NS / 1e9)
@@ -162,6 +174,7 @@ class TokenizerManager:
 
     async def run_inbox(self) -> None:
         """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
+        self.loop = asyncio.get_running_loop()
         while True:
             message = ipc.decode(await self.inbox.recv())
             if isinstance(message, ipc.SchedulerStats):
@@ -193,7 +206,7 @@ class TokenizerManager:
             m.kv_transfers.inc()
             m.kv_transfer_bytes.inc(out.kv_bytes)
             m.kv_transfer_seconds.observe(out.kv_seconds)
-        if out.error:
+        if out.error and out.error_code == "kv_transfer_failed":
             m.kv_transfer_failures.inc()
         if out.finish_reason is not None:
             state.end = now

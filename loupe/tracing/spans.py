@@ -153,7 +153,7 @@ class RequestTracer(ProcessTracer):
         if out is None:
             self.finish(trace, None, "client_disconnected", "the client went away")
         elif out.error:
-            self.finish(trace, out, "kv_transfer_failed", out.error)
+            self.finish(trace, out, out.error_code, out.error)
         else:
             self.finish(trace, out)
 

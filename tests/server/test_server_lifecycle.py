@@ -9,6 +9,7 @@ import threading
 import time
 
 import httpx
+import psutil
 import pytest
 from server_harness import REPO, free_port, server_command, server_env
 
@@ -57,18 +58,41 @@ def test_a_signal_during_start_up_is_not_a_failed_start(launch):
     assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
 
 
-def test_scheduler_death_stops_server_non_zero(launch, tiny_flags):
+@pytest.mark.parametrize("victim", ["scheduler", "detokenizer"])
+def test_a_serving_process_death_answers_every_request_and_stops_the_server(launch, tiny_flags, victim):
     server = launch(*tiny_flags).wait_ready()
-    found = re.search(r"\[scheduler pid:(\d+)\]", server.log())
-    assert found, server.log()
-    scheduler_pid = int(found.group(1))
-    assert scheduler_pid in server.descendants()
-    os.kill(scheduler_pid, signal.SIGKILL)
+    scheduler = int(re.search(r"\[scheduler pid:(\d+)\]", server.log()).group(1))
+    children = psutil.Process(server.proc.pid).children()
+    others = [p.pid for p in children if p.pid != scheduler and "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(others) == 1, others  # the detokenizer: no tracing, so no exporter
+    pid = scheduler if victim == "scheduler" else others[0]
+    answers = []
+
+    def request():
+        body = {"text": "one two three", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
+        try:
+            r = httpx.post(server.url("/generate"), json=body, timeout=30, trust_env=False)
+            answers.append((r.status_code, r.json()))
+        except httpx.HTTPError as e:
+            answers.append((None, repr(e)))
+
+    workers = [threading.Thread(target=request) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1.5)  # all four running
+    os.kill(pid, signal.SIGKILL)
+    for worker in workers:
+        worker.join(30)
     code = server.wait_exit(10)
-    assert code is not None, f"the main process still runs 10 s after its scheduler died:\n{server.log()}"
+    assert code is not None, f"the main process still runs 10 s after its {victim} died:\n{server.log()}"
     assert code != 0
+    assert len(answers) == 4, answers
+    for status, body in answers:  # answered, in OpenAI's shape, saying what happened
+        assert status == 503, (status, body)
+        assert body["error"]["code"] == "engine_unavailable" and victim in body["error"]["message"], body
     log = server.log()
-    assert re.search(r"scheduler.*(died|exit)", log), log
+    assert len(re.findall(rf"the {victim} process \(pid {pid}\) died", log)) == 1, log
+    assert "Traceback" not in log, log
     assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
 
 
