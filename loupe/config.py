@@ -102,6 +102,8 @@ class ServerArgs:
         "nixl-cu12==1.5.1) writes it page by page into the decode server's memory, tcp sends it as ZMQ frames")
     disaggregation_timeout: float = _flag(60.0, "seconds a prefill server holds a request's KV for its decode "
                                                 "server, and a decode server waits for it, before failing it")
+    shutdown_timeout: float = _flag(30.0, "on SIGTERM, seconds running requests may take to finish while new "
+                                          "ones get 503; then they are answered with an error and the server exits")
     log_level: Literal["debug", "info", "warning", "error"] = _flag("info", "log verbosity")
     log_requests: bool = _flag(False, "log one line per finished request: its trace id, status, token counts "
                                       "and stage latencies")
@@ -137,6 +139,7 @@ class ServerArgs:
         need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")
         need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
         need(self.max_request_body_mb > 0, "max_request_body_mb", "a number of MB > 0")
+        need(self.shutdown_timeout >= 0, "shutdown_timeout", "a number of seconds >= 0")
         need(0 < self.disaggregation_bootstrap_port < 65536, "disaggregation_bootstrap_port", "in 1..65535")
         need(self.disaggregation_timeout > 0, "disaggregation_timeout", "a number of seconds > 0")
         need(self.trace_sampling_ratio is None or 0 <= self.trace_sampling_ratio <= 1, "trace_sampling_ratio",

@@ -232,6 +232,29 @@ class Supervisor:
                 before_exporter()
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains first: new requests get 503 (and /health says so), the
+    running ones get --shutdown-timeout to finish. Ctrl-C (SIGINT) stops at once, as before."""
+
+    def __init__(self, config: uvicorn.Config, manager, timeout: float):
+        super().__init__(config)
+        self.manager, self.timeout = manager, timeout
+
+    def handle_exit(self, sig: int, frame) -> None:
+        loop = self.manager.loop
+        if sig != signal.SIGTERM or self.manager.draining or loop is None or not self.manager.ready:
+            super().handle_exit(sig, frame)
+            return
+        self.manager.draining = True  # at once: the drain itself starts on the loop
+        loop.call_soon_threadsafe(lambda: loop.create_task(self.drain_then_exit(sig)))
+
+    async def drain_then_exit(self, sig: int) -> None:
+        try:
+            await self.manager.drain(self.timeout)
+        finally:
+            super().handle_exit(sig, None)
+
+
 def launch(args: ServerArgs) -> int:
     """Serve until a signal or a child's death; returns the process exit code."""
     configure_logging(args.log_level, "loupe")
@@ -257,7 +280,7 @@ def launch(args: ServerArgs) -> int:
     name = served_model_name(args)
     app = create_app(manager, args, metrics, name)
     config = uvicorn.Config(app, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, manager, args.shutdown_timeout)
 
     def fail(message: str, *_child_exit_code) -> None:  # node 0 exits 1 whatever the child's code
         logger.error(message)

@@ -108,6 +108,8 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
             given = request.headers.get("authorization", "")
             if not secrets.compare_digest(given.encode(), f"Bearer {args.api_key}".encode()):
                 return api.error(APIError(401, "missing or wrong API key", code="invalid_api_key"))
+        if manager.draining and request.url.path != "/metrics":
+            return api.error(APIError(503, "the server is shutting down", code="draining"), {"Retry-After": "1"})
         if not manager.ready and request.url.path != "/metrics":
             starting = APIError(503, "the server is starting: the model is not loaded yet")
             # Health probes while starting are expected, not refused requests: not counted.

@@ -27,6 +27,8 @@ from loupe.tracing.recorder import FLUSH_EVERY_NS
 from loupe.tracing.spans import RequestTrace, RequestTracer, now
 
 logger = logging.getLogger(__name__)
+DRAIN_POLL_S = 0.05
+DRAIN_ANSWER_S = 2.0  # for the error answers to leave
 
 
 @dataclass
@@ -70,6 +72,7 @@ class TokenizerManager:
         self.model_info: dict = {}
         self.max_prompt_chars = 0  # set with the tokenizer
         self.loop: asyncio.AbstractEventLoop | None = None  # the HTTP server's, once it runs
+        self.draining = False  # SIGTERM: no new requests, the running ones finish
         self.ready = False
         self.tracer = tracer
 
@@ -166,6 +169,21 @@ class TokenizerManager:
                 out = ipc.RequestOutput(rid, [], FinishReason.ABORT, error=message, error_code="engine_unavailable")
                 self._observe(state, out, now)
                 state.outputs.put_nowait(out)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests and wait up to `timeout` seconds for the running ones to end;
+        answer those still running with an error."""
+        self.draining = True
+        logger.info("draining: %d requests running, new ones refused; waiting up to %g s", len(self.states), timeout)
+        deadline = self.loop.time() + timeout
+        while self.states and self.loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.states:
+            logger.warning("%d requests still running after %g s; answering them with an error",
+                           len(self.states), timeout)
+            self.fail_all(f"the server is shutting down and the request did not finish within {timeout:g} s")
+            while self.states and self.loop.time() < deadline + DRAIN_ANSWER_S:
+                await asyncio.sleep(DRAIN_POLL_S)
 
     async def flush_spans_periodically(self) -> None:
         while self.tracer is not None:

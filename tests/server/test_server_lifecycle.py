@@ -16,7 +16,7 @@ from server_harness import REPO, free_port, server_command, server_env
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
-    server = launch(*tiny_flags).wait_ready()
+    server = launch(*tiny_flags, "--shutdown-timeout", 1).wait_ready()
     children = server.descendants()
     assert len(children) >= 2, "expected at least the scheduler and detokenizer processes"
     # A request in flight must not hold the shutdown up for long.
@@ -43,6 +43,52 @@ def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
     assert not left, f"processes left after {sig.name}: {left}\n{server.log()}"
     assert code == 0, f"exit code {code} after {sig.name}:\n{server.log()}"
     worker.join(10)
+
+
+def test_sigterm_drains_running_requests_and_refuses_new_ones(launch, tiny_flags):
+    server = launch(*tiny_flags, "--shutdown-timeout", 30).wait_ready()
+    answers = {}
+
+    def request(name: str, max_new_tokens: int):
+        body = {"text": "one two three", "sampling_params": {"max_new_tokens": max_new_tokens, "ignore_eos": True}}
+        answers[name] = httpx.post(server.url("/generate"), json=body, timeout=60, trust_env=False)
+
+    running = threading.Thread(target=request, args=("running", 400))
+    running.start()
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    request("late", 4)
+    health = httpx.get(server.url("/health"), timeout=5, trust_env=False)
+    running.join(60)
+    code = server.wait_exit(30)
+    assert answers["running"].status_code == 200, answers["running"].text  # it was let finish
+    assert answers["running"].json()["meta_info"]["completion_tokens"] == 400
+    late = answers["late"]
+    assert late.status_code == 503 and late.json()["error"]["code"] == "draining" and late.headers["retry-after"]
+    assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
+    assert code == 0, server.log()
+    assert "draining: 1 requests running" in server.log()
+    assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
+
+
+def test_sigterm_answers_what_outlasts_the_shutdown_timeout(launch, tiny_flags):
+    server = launch(*tiny_flags, "--shutdown-timeout", 0.5).wait_ready()
+    answers = []
+    body = {"text": "one two three", "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+
+    def request():
+        answers.append(httpx.post(server.url("/generate"), json=body, timeout=60, trust_env=False))
+
+    worker = threading.Thread(target=request)
+    worker.start()
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    worker.join(30)
+    assert server.wait_exit(20) == 0, server.log()
+    (answer,) = answers
+    assert answer.status_code == 503 and "did not finish within 0.5 s" in answer.json()["error"]["message"]
+    assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
 
 
 def test_a_signal_during_start_up_is_not_a_failed_start(launch):
