@@ -1,6 +1,7 @@
 """Process lifecycle: signals stop everything, a dead child stops the server, and bad
 start-up input fails fast with one clear line."""
 
+import json
 import os
 import re
 import signal
@@ -46,28 +47,21 @@ def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
 
 
 def test_sigterm_drains_running_requests_and_refuses_new_ones(launch, tiny_flags):
-    server = launch(*tiny_flags, "--shutdown-timeout", 30).wait_ready()
-    answers = {}
-
-    def request(name: str, max_new_tokens: int):
-        body = {"text": "one two three", "sampling_params": {"max_new_tokens": max_new_tokens, "ignore_eos": True}}
-        answers[name] = httpx.post(server.url("/generate"), json=body, timeout=60, trust_env=False)
-
-    running = threading.Thread(target=request, args=("running", 400))
-    running.start()
-    time.sleep(0.5)
-    server.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
-    request("late", 4)
-    health = httpx.get(server.url("/health"), timeout=5, trust_env=False)
-    running.join(60)
-    code = server.wait_exit(30)
-    assert answers["running"].status_code == 200, answers["running"].text  # it was let finish
-    assert answers["running"].json()["meta_info"]["completion_tokens"] == 400
-    late = answers["late"]
+    server = launch(*tiny_flags, "--shutdown-timeout", 60).wait_ready()
+    body = {"text": "one two three", "stream": True, "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+    with httpx.stream("POST", server.url("/generate"), json=body, timeout=60, trust_env=False) as running:
+        lines = running.iter_lines()
+        next(lines)  # it runs
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        late = httpx.post(server.url("/generate"), json={"text": "hi", "sampling_params": {"max_new_tokens": 2}},
+                          timeout=10, trust_env=False)
+        health = httpx.get(server.url("/health"), timeout=5, trust_env=False)
+        events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    assert events[-1]["meta_info"]["completion_tokens"] == 1000  # it was let finish
     assert late.status_code == 503 and late.json()["error"]["code"] == "draining" and late.headers["retry-after"]
     assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
-    assert code == 0, server.log()
+    assert server.wait_exit(30) == 0, server.log()
     assert "draining: 1 requests running" in server.log()
     assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
 
