@@ -306,7 +306,7 @@ def test_the_span_exporters_death_leaves_serving_alone_and_it_starts_again(tiny_
         results = []
 
         def load():  # requests in flight while it dies
-            results.extend(complete(server, max_tokens=16).status_code for _ in range(6))
+            results.extend(complete(server, max_tokens=200).status_code for _ in range(6))
 
         worker = threading.Thread(target=load)
         worker.start()
@@ -314,7 +314,10 @@ def test_the_span_exporters_death_leaves_serving_alone_and_it_starts_again(tiny_
         os.kill(exporter, signal.SIGKILL)
         worker.join(120)
         assert results == [200] * 6, results
-        assert f"the span exporter (pid {exporter}) died" in server.log()
+        deadline = time.monotonic() + 10
+        while f"the span exporter (pid {exporter}) died" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert f"the span exporter (pid {exporter}) died" in server.log(), server.log()
         samples = wait_metrics(server, lambda m: m.get("loupe_tracing_exporter_restarts_total") == 1)
         assert samples["loupe_tracing_exporter_restarts_total"] == 1
         after = complete(server)  # traced, exported by the new exporter
