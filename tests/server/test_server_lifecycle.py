@@ -12,7 +12,7 @@ import time
 import httpx
 import psutil
 import pytest
-from server_harness import REPO, free_port, server_command, server_env
+from server_harness import REPO, free_port, server_command, server_env, wait_metrics
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -109,7 +109,7 @@ def test_a_serving_process_death_answers_every_request_and_stops_the_server(laun
     answers = []
 
     def request():
-        body = {"text": "one two three", "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
+        body = {"text": "one two three", "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
         try:
             r = httpx.post(server.url("/generate"), json=body, timeout=30, trust_env=False)
             answers.append((r.status_code, r.json()))
@@ -119,8 +119,9 @@ def test_a_serving_process_death_answers_every_request_and_stops_the_server(laun
     workers = [threading.Thread(target=request) for _ in range(4)]
     for worker in workers:
         worker.start()
-    time.sleep(1.5)  # all four running
-    os.kill(pid, signal.SIGKILL)
+    running = wait_metrics(server, lambda m: m.get("loupe_num_running_reqs") == 4, timeout=10)
+    assert running["loupe_num_running_reqs"] == 4
+    os.kill(pid, signal.SIGKILL)  # all four in flight
     for worker in workers:
         worker.join(30)
     code = server.wait_exit(10)
