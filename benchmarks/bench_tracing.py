@@ -323,15 +323,13 @@ def tracing_flags(level: int | None, *extra: str) -> list[str] | None:
     return None if level is None else ["--trace-level", str(level), *extra]
 
 
-def start_server(port: int, tracing: list[str] | None, otlp_port: int, model_threads: int | None = None
-                 ) -> subprocess.Popen:
-    """A server on the bundled model: tracing off (None) or on with these flags."""
+def start_server(port: int, tracing: list[str] | None, otlp_port: int, model_threads: int | None = None,
+                 env: dict | None = None) -> subprocess.Popen:
+    """A server on the bundled model: tracing off (None) or on with these flags (and `env`)."""
     flags = ["--port", str(port)]
     if tracing is not None:
         flags += ["--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{otlp_port}", *tracing]
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {}))
-    if tracing and "--trace-keep-errors" in tracing:
-        env.update(HOLDING_ROOM)
+    env = dict(os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {}))
     return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -445,8 +443,10 @@ def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], mo
     configs = {"off": None, **{f"level {level}": tracing_flags(level) for level in levels}}
     if sampling:  # at level 3, the costliest to record
         configs.update({"ratio 0.01": tracing_flags(3, *SAMPLED), "0.01+keep": tracing_flags(3, *KEEPING)})
+    envs = {"0.01+keep": HOLDING_ROOM}
     ports = {name: 31100 + i for i, name in enumerate(configs)}
-    servers = {name: start_server(ports[name], flags, otlp_port, model_threads) for name, flags in configs.items()}
+    servers = {name: start_server(ports[name], flags, otlp_port, model_threads, envs.get(name))
+               for name, flags in configs.items()}
     results: dict[str, list[dict]] = {name: [] for name in configs}
     try:
         for name in configs:
@@ -469,7 +469,7 @@ def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], mo
                       file=sys.stderr)
         time.sleep(2)  # the last batches leave
         spans = {name: span_counts(ports[name]) for name in configs if configs[name] is not None}
-        kept = {name: tail_counts(ports[name]) for name in configs if configs[name] and "--trace-keep-errors" in configs[name]}
+        kept = {name: tail_counts(ports[name]) for name in envs if name in configs}
     finally:
         for proc in servers.values():
             proc.terminate()

@@ -181,6 +181,15 @@ class LiveServer:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
+    def wait_log(self, text: str, timeout: float) -> bool:
+        """Whether `text` appears in the log within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
 
 @atexit.register
 def _stop_all() -> None:

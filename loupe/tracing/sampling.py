@@ -27,6 +27,15 @@ from loupe.core import TraceDecision
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
 ID_SPACE = 1 << 64
+# What each setting changed while serving must be: (said in the refusal, the check).
+RULES = {
+    "level": ("an integer in 0..3", lambda v: type(v) is int and 0 <= v <= 3),
+    "sampling_ratio": ("a number in [0, 1]", lambda v: type(v) in (int, float) and 0 <= v <= 1),
+    "parent_based": ("true or false", lambda v: type(v) is bool),
+    "keep_errors": ("true or false", lambda v: type(v) is bool),
+    "keep_slower_than_ms": ("a number of milliseconds >= 0, or null",
+                            lambda v: v is None or (type(v) in (int, float) and v >= 0)),
+}
 
 
 def ratio_keeps(trace_id: int, ratio: float) -> bool:
@@ -91,19 +100,13 @@ class TraceControl:
     def update(self, changes: dict) -> None:
         """Apply `{name: value}` from an API call; ValueError naming the first bad one (and
         nothing is changed then)."""
-        unknown = sorted(set(changes) - set(asdict(self)))
+        unknown = sorted(set(changes) - set(RULES))
         if unknown:
             raise ValueError(unknown[0], f"unknown tracing setting {unknown[0]!r}")
         for name, value in changes.items():
-            rule = {"level": ("an integer in 0..3", lambda v: type(v) is int and 0 <= v <= 3),
-                    "sampling_ratio": ("a number in [0, 1]",
-                                       lambda v: type(v) in (int, float) and 0 <= v <= 1),
-                    "parent_based": ("true or false", lambda v: type(v) is bool),
-                    "keep_errors": ("true or false", lambda v: type(v) is bool),
-                    "keep_slower_than_ms": ("a number of milliseconds >= 0, or null",
-                                            lambda v: v is None or (type(v) in (int, float) and v >= 0))}[name]
-            if not rule[1](value):
-                raise ValueError(name, f"{name} must be {rule[0]}, got {value!r}")
+            said, holds = RULES[name]
+            if not holds(value):
+                raise ValueError(name, f"{name} must be {said}, got {value!r}")
         for name, value in changes.items():
             setattr(self, name, float(value) if type(value) is int and name != "level" else value)
 

@@ -88,9 +88,7 @@ def test_sigterm_answers_what_outlasts_the_shutdown_timeout(launch, tiny_flags):
 def test_a_signal_during_start_up_is_not_a_failed_start(launch):
     """Ctrl-C while the model loads is the user's choice: exit 0, no "cannot start" error."""
     server = launch()  # the bundled model: the HTTP server is up seconds before it is loaded
-    deadline = time.monotonic() + 30
-    while "Application startup complete" not in server.log() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    server.wait_log("Application startup complete", 30)
     assert "serving" not in server.log(), "the server was ready before the signal"
     server.proc.send_signal(signal.SIGINT)
     code = server.wait_exit(20)

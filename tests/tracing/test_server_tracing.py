@@ -314,10 +314,7 @@ def test_the_span_exporters_death_leaves_serving_alone_and_it_starts_again(tiny_
         os.kill(exporter, signal.SIGKILL)
         worker.join(120)
         assert results == [200] * 6, results
-        deadline = time.monotonic() + 10
-        while f"the span exporter (pid {exporter}) died" not in server.log() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert f"the span exporter (pid {exporter}) died" in server.log(), server.log()
+        assert server.wait_log(f"the span exporter (pid {exporter}) died", 10), server.log()
         samples = wait_metrics(server, lambda m: m.get("loupe_tracing_exporter_restarts_total") == 1)
         assert samples["loupe_tracing_exporter_restarts_total"] == 1
         after = complete(server)  # traced, exported by the new exporter
