@@ -7,6 +7,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 # NIXL's UCX also uses the machine's external interface unless told otherwise: the tests'
 # prefill and decode servers (and their KV) stay on loopback.
 os.environ.setdefault("UCX_NET_DEVICES", "lo")
+# The tests' OTLP gRPC receivers run in this process, and the harness forks (preexec_fn) to start
+# servers and the router. gRPC's fork handlers then run in the child between fork and exec and can
+# abort it ("epoll_wait error: Bad file descriptor"); the children exec at once and need none of them.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 from tiny_models import write_tiny_model  # noqa: E402
 
