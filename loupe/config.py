@@ -78,6 +78,10 @@ class ServerArgs:
     disable_radix_cache: bool = _flag(False, "do not reuse KV of shared prompt prefixes")
     random_seed: int = _flag(0, "seed for requests that do not give one")
     api_key: str | None = _flag(None, "require `Authorization: Bearer <key>` on every route but /health")
+    max_queued_requests: int = _flag(256, "requests that may wait beyond --max-running-requests (x --dp-size): "
+                                          "past that, new ones get 503 with Retry-After at once")
+    cors_allow_origins: str | None = _flag(None, "comma-separated origins a browser may call the API from "
+                                                 "(\"*\": any); without it, no CORS headers are sent")
     max_request_body_mb: float = _flag(8.0, "largest request body accepted, in MB: a larger one gets a 413 "
                                             "before anything reads it")
     enable_tracing: bool = _flag(False, "trace every request with OpenTelemetry", "--enable-trace")
@@ -138,6 +142,10 @@ class ServerArgs:
              "max_total_tokens", f"at least two pages ({2 * self.page_size} tokens)")
         need(self.context_length is None or self.context_length >= 2, "context_length", "an integer >= 2")
         need(self.api_key is None or self.api_key != "", "api_key", "non-empty")
+        need(isinstance(self.max_queued_requests, int) and self.max_queued_requests >= 0, "max_queued_requests",
+             "an integer >= 0")
+        need(self.cors_allow_origins is None or bool(self.allowed_origins), "cors_allow_origins",
+             "one or more origins, comma-separated")
         need(self.max_request_body_mb > 0, "max_request_body_mb", "a number of MB > 0")
         need(self.shutdown_timeout >= 0, "shutdown_timeout", "a number of seconds >= 0")
         need(0 < self.disaggregation_bootstrap_port < 65536, "disaggregation_bootstrap_port", "in 1..65535")
@@ -149,6 +157,15 @@ class ServerArgs:
         need(self.disaggregation_mode == "null" or self.tp_size * self.pp_size * self.dp_size * self.nnodes == 1,
              "disaggregation_mode", "null with --tp-size, --pp-size, --dp-size or --nnodes above 1 "
              "(a disaggregated server runs one rank)")
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        return [o.strip() for o in (self.cors_allow_origins or "").split(",") if o.strip()]
+
+    @property
+    def max_in_flight(self) -> int:
+        """Generation requests the HTTP server holds at once: those that can run, plus the queue."""
+        return self.max_running_requests * self.dp_size + self.max_queued_requests
 
     @property
     def ranks_per_node(self) -> int:

@@ -233,8 +233,8 @@ class Supervisor:
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, but SIGTERM drains first: new requests get 503 (and /health says so), the
-    running ones get --shutdown-timeout to finish. Ctrl-C (SIGINT) stops at once, as before."""
+    """uvicorn, but SIGTERM or Ctrl-C drains first: new requests get 503 (and /health says
+    so), the running ones get --shutdown-timeout to finish. A second signal stops without waiting."""
 
     def __init__(self, config: uvicorn.Config, manager, timeout: float):
         super().__init__(config)
@@ -242,7 +242,7 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:
         loop = self.manager.loop
-        if sig != signal.SIGTERM or self.manager.draining or loop is None or not self.manager.ready:
+        if self.manager.draining or loop is None or not self.manager.ready:
             super().handle_exit(sig, frame)
             return
         self.manager.draining = True  # at once: the drain itself starts on the loop

@@ -13,6 +13,7 @@ from importlib.metadata import version
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,8 @@ from loupe.server.tokenizer_manager import TokenizerManager
 from loupe.tracing.spans import RequestTrace, now
 
 OPEN_ROUTES = {"/health"}  # answered without an API key
+GENERATION_ROUTES = {"/v1/chat/completions", "/v1/completions", "/generate"}  # bounded by --max-queued-requests
+MAX_HEADERS, MAX_HEADER_BYTES = 100, 32 * 1024
 DISCONNECT_POLL_SECONDS = 0.5
 HEALTH_GENERATE_TIMEOUT = 30
 
@@ -42,26 +45,56 @@ class ClientDisconnected(Exception):
 
 
 class GuardMiddleware:
-    """Answers a request itself when `refusal` gives a response (no API key, not ready, a
-    body over `max_body` bytes: 413 before anything reads or parses it).
+    """Answers a request itself when its headers are malformed or too large (and closes the
+    connection), when `refusal` gives a response (no API key, not ready), when
+    `max_in_flight` generation requests are already held (503 with Retry-After: a bounded
+    queue, not an unbounded wait), or for a body over `max_body` bytes (413 before anything
+    reads or parses it).
 
     Plain ASGI on purpose: `@app.middleware("http")` wraps `receive` so that
     `request.is_disconnected()` never sees a client leave, and a non-streaming request
     whose client went away would then run to its end instead of being aborted."""
 
-    def __init__(self, app, refusal, max_body: int, error):
+    def __init__(self, app, refusal, max_body: int, max_in_flight: int, error):
         self.app, self.refusal, self.max_body, self.error = app, refusal, max_body, error
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0  # generation requests between arrival and their last byte sent
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            request = Request(scope)
-            response = self.refusal(request)
-            if response is None and request.method == "POST":
-                response, receive = await self.bounded_body(request, receive)
-            if response is not None:
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        generation = request.method == "POST" and request.url.path in GENERATION_ROUTES
+        bad_headers = self.malformed(scope["headers"])
+        response = self.error(bad_headers, {"Connection": "close"}) if bad_headers else self.refusal(request)
+        if response is None and generation and self.in_flight >= self.max_in_flight:
+            response = self.error(APIError(503, f"the server is at capacity ({self.max_in_flight} requests running "
+                                                "or queued); retry later", code="overloaded"), {"Retry-After": "1"})
+        if response is None and request.method == "POST":
+            response, receive = await self.bounded_body(request, receive)
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        self.in_flight += generation
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= generation
+
+    @staticmethod
+    def malformed(headers: list[tuple[bytes, bytes]]) -> APIError | None:
+        """What is wrong with headers the HTTP parser let through: too many or too large (it
+        refuses those only when they arrive in pieces), or both Content-Length and
+        Transfer-Encoding, which a proxy in front may read otherwise (request smuggling)."""
+        if len(headers) > MAX_HEADERS or sum(len(name) + len(value) for name, value in headers) > MAX_HEADER_BYTES:
+            return APIError(431, f"the request headers are too large (at most {MAX_HEADERS} headers, "
+                                 f"{MAX_HEADER_BYTES} bytes)", code="headers_too_large")
+        names = {name for name, _ in headers}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            return APIError(400, "a request may not have both Content-Length and Transfer-Encoding",
+                            code="ambiguous_length")
+        return None
 
     async def bounded_body(self, request: Request, receive):
         """A 413 for a body larger than the limit, by its Content-Length or, without one, by
@@ -117,7 +150,11 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
         return None
 
     app.add_middleware(GuardMiddleware, refusal=refusal, max_body=int(args.max_request_body_mb * 2**20),
-                       error=api.error)
+                       max_in_flight=args.max_in_flight, error=api.error)
+    if args.allowed_origins:  # added last, so outermost: a browser's preflight needs no API key
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "traceparent", "tracestate"],
+                           expose_headers=["traceparent"])
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException):

@@ -174,7 +174,8 @@ class TokenizerManager:
         """Refuse new requests and wait up to `timeout` seconds for the running ones to end;
         answer those still running with an error."""
         self.draining = True
-        logger.info("draining: %d requests running, new ones refused; waiting up to %g s", len(self.states), timeout)
+        logger.info("draining: %d requests running, new ones refused; waiting up to %g s (a second Ctrl-C or "
+                    "SIGTERM stops without waiting)", len(self.states), timeout)
         deadline = self.loop.time() + timeout
         while self.states and self.loop.time() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
