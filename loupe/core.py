@@ -8,6 +8,8 @@ import enum
 import math
 from dataclasses import dataclass, field, fields
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
 
 class InvalidRequest(ValueError):
     """A request that cannot run; `param` names the field at fault."""
@@ -28,6 +30,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: bool = False  # report each output token's logprob (runner/sampler.py token_logprobs)
+    top_logprobs: int = 0  # and this many most likely tokens at each position
 
     @classmethod
     def from_dict(cls, params: dict | None) -> SamplingParams:
@@ -66,10 +70,35 @@ class SamplingParams:
         check(isinstance(self.stop_token_ids, list) and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
               "stop_token_ids", "a list of token ids")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean")
+        check(isinstance(self.logprobs, bool), "logprobs", "a boolean")
+        check(is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs",
+              f"an integer in [0, {MAX_TOP_LOGPROBS}]")
+        check(self.logprobs or self.top_logprobs == 0, "top_logprobs", "0 unless logprobs is true")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class TokenLogprob:
+    """One output token's log-probability under the model's own distribution (the log-softmax
+    of the raw logits, before temperature and the top-k/top-p/min-p filters), and the most
+    likely tokens at its position, best first (as many as the request's `top_logprobs`)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
+
+
+def native_logprobs(logprobs: list[TokenLogprob], top: bool, text=lambda token_id: None) -> dict:
+    """The `meta_info` fields of the native API (SGLang's shape): `output_token_logprobs` as
+    [logprob, token id, text] triples, and with `top` `output_top_logprobs`, a list of such
+    triples per position. `text(token_id)` gives each token's text, or None."""
+    meta = {"output_token_logprobs": [[lp.logprob, lp.token_id, text(lp.token_id)] for lp in logprobs]}
+    if top:
+        meta["output_top_logprobs"] = [[[value, token, text(token)] for token, value in lp.top] for lp in logprobs]
+    return meta
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import zmq
 
 from loupe import ipc
 from loupe.config import ServerArgs
+from loupe.core import TokenLogprob
 from loupe.stops import final_text, held_back
 from loupe.tracing.spans import DetokenizerTracer, open_tracer
 
@@ -61,6 +62,7 @@ class DetokenizerProcess:
         self.tokens = ipc.bind(ctx, zmq.PULL, endpoints.detokenizer)
         self.to_manager = ipc.connect(ctx, zmq.PUSH, endpoints.manager)
         self.states: dict[str, IncrementalText] = {}
+        self.token_texts: dict[int, str] = {}  # token id -> its text alone (for logprobs)
 
     def run_forever(self) -> None:
         try:
@@ -87,6 +89,8 @@ class DetokenizerProcess:
             state = self.states[out.rid] = IncrementalText(self.tokenizer, out.stop)
             if self.tracer:
                 state.spans = self.tracer.started(out.trace, start)
+        if out.logprobs:
+            out.token_texts = self.texts_of(out.logprobs)
         if out.finish_reason is None:
             out.text_delta = state.add(out.token_ids)
         else:
@@ -98,3 +102,14 @@ class DetokenizerProcess:
             out.detokenize_seconds = state.busy_ns / 1e9
         if state.spans is not None:
             self.tracer.converted(state.spans, end, len(out.token_ids), out.detokenize_seconds)
+
+    def texts_of(self, logprobs: list[TokenLogprob]) -> dict[int, str]:
+        """The text of each token in `logprobs` (chosen and top), decoded alone: special tokens
+        shown, a part of a multi-byte character as U+FFFD."""
+        texts = {}
+        for token in {t for lp in logprobs for t in (lp.token_id, *(top for top, _ in lp.top))}:
+            text = self.token_texts.get(token)
+            if text is None:
+                text = self.token_texts[token] = self.tokenizer.decode([token])
+            texts[token] = text
+        return texts

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
-from loupe.core import TokenizedRequest
+from loupe.core import TokenizedRequest, native_logprobs
 from loupe.distributed.parallel import Comm
 from loupe.runner.worker import Worker
 from loupe.scheduler.request import Req
@@ -30,8 +30,12 @@ class Engine:
         prompt: str | list[str] | None = None,
         sampling_params: dict | list[dict] | None = None,
         input_ids: list[int] | list[list[int]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
     ) -> dict | list[dict]:
-        """Generate for one prompt (returns a dict) or a list of them (returns a list)."""
+        """Generate for one prompt (returns a dict) or a list of them (returns a list). With
+        `return_logprob`, `meta_info` holds `output_token_logprobs` (and with `top_logprobs_num`,
+        `output_top_logprobs`) as /generate gives them, token texts left None."""
         if (prompt is None) == (input_ids is None):
             raise ValueError("give exactly one of prompt and input_ids")
         single = isinstance(prompt, str) or (input_ids is not None and (not input_ids or isinstance(input_ids[0], int)))
@@ -43,6 +47,8 @@ class Engine:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(id_lists)
         if len(params) != len(id_lists):
             raise ValueError(f"got {len(params)} sampling_params for {len(id_lists)} prompts")
+        if return_logprob or top_logprobs_num:
+            params = [{**(p or {}), "logprobs": return_logprob, "top_logprobs": top_logprobs_num} for p in params]
         # Validate every request before queueing any, so a bad one changes nothing.
         requests = [TokenizedRequest.validated(f"engine-{next(self._ids)}", ids, p, self.worker.limits)
                     for ids, p in zip(id_lists, params, strict=True)]
@@ -53,7 +59,7 @@ class Engine:
         return outputs[0] if single else outputs
 
     def _output(self, req: Req) -> dict:
-        return {
+        output = {
             "text": final_text(self.tokenizer, req.output_ids, req.finish_reason, req.matched_stop),
             "output_ids": list(req.output_ids),
             "meta_info": {
@@ -65,6 +71,9 @@ class Engine:
                 "matched_stop": req.matched_stop,
             },
         }
+        if req.sampling.logprobs:
+            output["meta_info"].update(native_logprobs(req.output_logprobs, req.sampling.top_logprobs > 0))
+        return output
 
     def shutdown(self) -> None:
         self.scheduler = self.worker = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from loupe.core import FinishReason, KVLayout, TraceContext
+from loupe.core import FinishReason, KVLayout, TokenLogprob, TraceContext
 
 # ---- to the scheduler (TokenizedRequest is in loupe.core) ---------------------------------------
 
@@ -42,6 +42,7 @@ class RequestOutput:
 
     rid: str
     token_ids: list[int]  # new since the previous output
+    logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asked for them
     finish_reason: FinishReason | None = None  # None while running
     matched_stop: int | str | None = None
     prompt_tokens: int = 0
@@ -62,6 +63,7 @@ class RequestOutput:
     text_delta: str = ""  # new text since the previous output of this request
     text: str | None = None  # the whole final text, on the last output
     detokenize_seconds: float | None = None  # on the last output: the detokenizer's busy time for this request
+    token_texts: dict[int, str] | None = None  # with `logprobs`: the text of each token id in them, alone
 
 
 @dataclass
@@ -128,9 +130,9 @@ class KVClaim:
 
 @dataclass
 class KVHeader:
-    """Prefill -> decode server: the first token, and (tcp) the K and V frames that follow
-    ([layers, num_tokens, heads, dim] each), or (nixl) that the write into the decode server's
-    pages has completed; or alone, an error."""
+    """Prefill -> decode server: the first token (with its logprobs, if the request asked), and
+    (tcp) the K and V frames that follow ([layers, num_tokens, heads, dim] each), or (nixl) that
+    the write into the decode server's pages has completed; or alone, an error."""
 
     room: int
     first_token: int = -1
@@ -138,6 +140,7 @@ class KVHeader:
     error: str | None = None
     num_bytes: int = 0  # nixl: what was written, and how long it took
     seconds: float = 0.0
+    first_logprob: TokenLogprob | None = None
 
 
 # ---- where each process listens ------------------------------------------------------------------

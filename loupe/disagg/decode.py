@@ -6,7 +6,8 @@ to the prefill server's bootstrap port. With `tcp` it writes the K and V that co
 those pages; with `nixl` the prefill server writes them there itself, and the request's KV
 has arrived once both NIXL's notification and the prefill server's header have come. With
 the first token the prefill server sampled, the request then joins the running batch as a
-decode; nothing waits for the network meanwhile. A request whose KV does not come within the
+decode (with its logprobs, when the request asked: the prefill server computed them);
+nothing waits for the network meanwhile. A request whose KV does not come within the
 timeout, or whose prefill server answers with an error, fails.
 """
 
@@ -107,6 +108,11 @@ class DecodeIntake:
 
     def _arrived(self, req, header: ipc.KVHeader, start: int, end: int | None = None) -> None:
         req.output_ids.append(header.first_token)
+        if req.sampling.logprobs:
+            if header.first_logprob is None:
+                req.error = "the prefill server sent no logprobs for the first token"
+            else:
+                req.output_logprobs.append(header.first_logprob)
         req.kv_transfer = (start, end or time.perf_counter_ns())
         req.kv_bytes = header.num_bytes or req.kv_bytes
 

@@ -3,7 +3,7 @@
 A request that came with bootstrap fields runs its prompt here like any other, samples its
 first token, and then waits, pages held, until the decode server given the same room claims
 it (`KVClaim` on the bootstrap port). Its prompt's K and V then move: with `tcp` as two ZMQ
-frames after a `KVHeader` with the first token; with `nixl` written straight into the pages
+frames after a `KVHeader` with the first token (and its logprobs, if asked); with `nixl` written straight into the pages
 the decode server named, the header following once the write has completed. Then the
 scheduler releases its pages (into the prefix cache) and answers it. A claim may come before
 the prompt has run (the router sends both servers the request at once): it waits. A request
@@ -39,6 +39,11 @@ def claim_problem(layout: KVLayout, backend: str, claim: ipc.KVClaim) -> str | N
         return (f"the prefill server's KV layout is {layout} and the decode server's is {claim.layout}: "
                 "both must serve the same model with the same --page-size and --dtype")
     return None
+
+
+def first_logprob(req):
+    """The first token's logprobs, if the request asked (the decode server reports them)."""
+    return req.output_logprobs[0] if req.output_logprobs else None
 
 
 class PrefillHandoff:
@@ -119,7 +124,7 @@ class PrefillHandoff:
             start = time.perf_counter_ns()
             slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
             k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
-            header = ipc.KVHeader(claim.room, req.output_ids[0], n)
+            header = ipc.KVHeader(claim.room, req.output_ids[0], n, first_logprob=first_logprob(req))
             self.sock.send_multipart([identity, ipc.encode(header), k, v], copy=False)
             req.kv_bytes, req.kv_transfer = k.nbytes + v.nbytes, (start, time.perf_counter_ns())
         self.done.append(req)
@@ -132,7 +137,8 @@ class PrefillHandoff:
                 pages = -(-len(req.prompt_ids) // self.layout.page_size)
                 req.kv_bytes, req.kv_transfer = 2 * self.layout.num_layers * pages * self.nixl.page_bytes, (start, end)
                 self._reply(identity, ipc.KVHeader(room, req.output_ids[0], len(req.prompt_ids),
-                                                   num_bytes=req.kv_bytes, seconds=(end - start) / 1e9))
+                                                   num_bytes=req.kv_bytes, seconds=(end - start) / 1e9,
+                                                   first_logprob=first_logprob(req)))
             else:
                 req.error = f"the NIXL write of room {room} to the decode server failed"
                 self._reply(identity, ipc.KVHeader(room, error=req.error))

@@ -6,7 +6,7 @@ so makes the same batching decisions, in lockstep; only the model differs: tenso
 ranks hold a slice of every layer, pipeline stages hold a run of whole layers. The driver
 (TP 0, PP 0) takes requests from the tokenizer manager and shares them with the others at
 the start of every step (`share`); the last stage's sampled tokens go to every rank
-(`share_tokens`). With one rank every collective is a no-op.
+(`share_tokens`), and their logprobs when a request asked (`share_from_last_stage`). With one rank every collective is a no-op.
 """
 
 from __future__ import annotations
@@ -150,6 +150,15 @@ class Comm:
             count, dtype=torch.long, device=self.device)
         dist.broadcast(t, src=source)
         return t.tolist()
+
+    def share_from_last_stage(self, value: object) -> object:
+        """A Python object of the last stage's TP 0 (the sampled tokens' logprobs), on every rank
+        (with one stage, each rank already has its own)."""
+        if self.ranks.pp_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=(self.ranks.pp_size - 1) * self.ranks.tp_size, group=self.cpu_group)
+        return box[0]
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` of all ranks (e.g. KV cache size: every rank must use the same)."""

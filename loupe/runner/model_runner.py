@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
-from loupe.core import SamplingParams
+from loupe.core import SamplingParams, TokenLogprob
 from loupe.model.loader import LoadedModel
 from loupe.runner.attention import AttentionGroup, ForwardBatch, KVCache
-from loupe.runner.sampler import sample
+from loupe.runner.sampler import sample, token_logprobs
 
 
 class Sequence(Protocol):
@@ -22,6 +22,32 @@ class Sequence(Protocol):
     output_ids: list[int]
     sampling: SamplingParams
     generator: torch.Generator
+
+
+class Sampled(NamedTuple):
+    """One forward pass's result, request by request (in the order the batch gave them)."""
+
+    tokens: list[int | None]  # the next token; None for a prefill still going
+    logprobs: list[TokenLogprob | None] | None  # of that token, where asked; None if none asked
+
+
+def requested_logprobs(logits: torch.Tensor, tokens: list[int], reqs: list[Sequence]) -> list[TokenLogprob | None]:
+    """The logprobs of the rows whose request asked for them; None for the others."""
+    rows = [i for i, r in enumerate(reqs) if r.sampling.logprobs]
+    found = token_logprobs(logits[rows], [tokens[i] for i in rows], [reqs[i].sampling.top_logprobs for i in rows])
+    result: list[TokenLogprob | None] = [None] * len(reqs)
+    for i, logprob in zip(rows, found, strict=True):
+        result[i] = logprob
+    return result
+
+
+def in_order(order: list[int], sampled_rows: list[int], values: list) -> list:
+    """`values` (one per sampled row of the sorted batch) placed at each request's position in
+    the batch as given, None for the requests that sampled nothing."""
+    result = [None] * len(order)
+    for row, value in zip(sampled_rows, values, strict=True):
+        result[order[row]] = value
+    return result
 
 
 class ModelRunner:
@@ -37,9 +63,10 @@ class ModelRunner:
         self.device = device
 
     @torch.inference_mode()
-    def forward(self, reqs: list[Sequence], num_new: list[int]) -> list[int | None]:
+    def forward(self, reqs: list[Sequence], num_new: list[int]) -> Sampled:
         """Compute `num_new[i]` more tokens of each request's KV. Returns the sampled next
-        token of each request whose input this completes, None for unfinished prefills."""
+        token of each request whose input this completes (None for unfinished prefills), and
+        its logprobs if it asked for them."""
         order = sorted(range(len(reqs)), key=lambda i: num_new[i] != 1)  # single queries first
         reqs = [reqs[i] for i in order]
         num_new = [num_new[i] for i in order]
@@ -59,20 +86,21 @@ class ModelRunner:
             if req.kv_len + n == req.seq_len:
                 ends.append(offset - 1)
                 sampling.append(i)
-        results: list[int | None] = [None] * len(reqs)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] | None = None  # only when a request here asked
         if sampling:
-            tokens = None
+            chosen = [reqs[i] for i in sampling]
+            wants_logprobs = any(r.sampling.logprobs for r in chosen)
+            sampled = found = None
             if ranks.is_last_stage:
                 logits = self.model.compute_logits(hidden[ends])
-                chosen = [reqs[i] for i in sampling]
-                tokens = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
-            tokens = self.comm.share_tokens(tokens, len(sampling))
-            for i, token in zip(sampling, tokens, strict=True):
-                results[i] = token
-        unordered: list[int | None] = [None] * len(reqs)
-        for i, token in zip(order, results, strict=True):
-            unordered[i] = token
-        return unordered
+                sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
+                if wants_logprobs:
+                    found = requested_logprobs(logits, sampled, chosen)
+            tokens = self.comm.share_tokens(sampled, len(sampling))
+            if wants_logprobs:
+                logprobs = in_order(order, sampling, self.comm.share_from_last_stage(found))
+        return Sampled(in_order(order, sampling, tokens), logprobs)
 
     def _prepare(self, reqs: list[Sequence], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
         input_ids: list[int] = []

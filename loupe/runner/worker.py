@@ -18,7 +18,7 @@ from loupe.core import KVLayout, ModelInfo, RequestLimits
 from loupe.distributed.parallel import Comm, Ranks
 from loupe.model.loader import LoadedModel, load_model
 from loupe.runner.attention import KVCache
-from loupe.runner.model_runner import ModelRunner, Sequence
+from loupe.runner.model_runner import ModelRunner, Sampled, Sequence
 
 CPU_KV_BUDGET_BYTES = 2 << 30
 
@@ -69,9 +69,10 @@ class Worker:
             budget = min(available // 10, CPU_KV_BUDGET_BYTES) // ranks_per_node
         return max(budget // per_token, 4 * self.page_size)
 
-    def forward(self, reqs: list[Sequence], num_new: list[int]) -> list[int | None]:
+    def forward(self, reqs: list[Sequence], num_new: list[int]) -> Sampled:
         """Compute `num_new[i]` more tokens of each request's KV; the next token of each
-        request whose input this completes, None for a prefill still going."""
+        request whose input this completes (None for a prefill still going), and its logprobs
+        where the request asked for them."""
         return self.runner.forward(reqs, num_new)
 
     @property

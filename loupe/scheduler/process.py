@@ -140,6 +140,7 @@ class SchedulerProcess:
         out = ipc.RequestOutput(
             rid=req.rid,
             token_ids=[] if aborted else req.output_ids[-1:],
+            logprobs=(req.output_logprobs[-1:] if not aborted else []) if req.sampling.logprobs else None,
             finish_reason=req.finish_reason,
             matched_stop=req.matched_stop,
             prompt_tokens=len(req.prompt_ids),

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from loupe.core import FinishReason, TokenizedRequest
+from loupe.core import FinishReason, TokenizedRequest, TokenLogprob
 
 
 class Req:
@@ -17,6 +17,7 @@ class Req:
         self.rid = request.rid
         self.prompt_ids = request.input_ids
         self.output_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprob] = []  # one per output token, when the request asked
         self.sampling = request.sampling
         self.generator = torch.Generator().manual_seed(self.sampling.seed if self.sampling.seed is not None else seed)
         self.arrival_time = time.perf_counter()

@@ -23,7 +23,7 @@ import time
 from collections import deque
 
 from loupe.config import SchedulerSettings
-from loupe.core import FinishReason, TokenizedRequest
+from loupe.core import FinishReason, TokenizedRequest, TokenLogprob
 from loupe.disagg.decode import DecodeIntake
 from loupe.disagg.prefill import PrefillHandoff
 from loupe.runner.worker import Worker
@@ -111,9 +111,9 @@ class Scheduler:
         if batch:
             reqs, num_new = [r for r, _ in batch], [n for _, n in batch]
             started = time.perf_counter_ns() if self.tracer else 0
-            tokens = self.worker.forward(reqs, num_new)
+            sampled = self.worker.forward(reqs, num_new)
             self.num_forward_steps += 1
-            computed = self.postprocess(reqs, num_new, tokens)
+            computed = self.postprocess(reqs, num_new, sampled.tokens, sampled.logprobs)
             if self.tracer:
                 self.tracer.forward(reqs, num_new, started, time.perf_counter_ns(), self.num_forward_steps,
                                     self.num_decoding)
@@ -155,16 +155,20 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, reqs: list[Req], num_new: list[int], tokens: list[int | None]) -> list[Req]:
-        """Count the computed KV, take each sampled token and check whether it ends its request."""
+    def postprocess(self, reqs: list[Req], num_new: list[int], tokens: list[int | None],
+                    logprobs: list[TokenLogprob | None] | None = None) -> list[Req]:
+        """Count the computed KV, take each sampled token (and its logprobs, where asked) and
+        check whether it ends its request."""
         updated = []
-        for req, n, token in zip(reqs, num_new, tokens, strict=True):
+        for i, (req, n, token) in enumerate(zip(reqs, num_new, tokens, strict=True)):
             req.kv_len += n
             if token is None:
                 continue
             if not req.output_ids:
                 req.first_token_time = time.perf_counter()
             req.output_ids.append(token)
+            if logprobs is not None and logprobs[i] is not None:
+                req.output_logprobs.append(logprobs[i])
             req.finish_reason, req.matched_stop = self.stops.check(req.sampling, req.output_ids, req.seq_len)
             updated.append(req)
         return updated

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import secrets
 import time
@@ -18,7 +19,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loupe.config import ServerArgs
-from loupe.core import InvalidRequest, SamplingParams, TokenizedRequest
+from loupe.core import (
+    InvalidRequest,
+    SamplingParams,
+    TokenizedRequest,
+    TokenLogprob,
+    native_logprobs,
+)
 from loupe.ipc import RequestOutput
 from loupe.server.metrics import Metrics
 from loupe.server.protocol import (
@@ -349,7 +356,8 @@ class OpenAIRoutes:
             max_tokens = max(min(limits.context_length, limits.max_total_tokens) - len(input_ids), 1)
         validated = self._validated(rid, input_ids, body.sampling_dict(max_tokens), body, trace, openai_names=True)
         outputs = self.manager.generate(validated, trace)
-        fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()))
+        fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()),
+                           validated.sampling.logprobs)
         headers = trace_headers(trace)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -386,19 +394,29 @@ class OpenAIRoutes:
             raise APIError(400, "give exactly one of text and input_ids", param="text")
         if rid in self.manager.states:
             raise APIError(400, f"request id {rid!r} is already in use", param="rid")
+        for name in ("logprobs", "top_logprobs"):  # asked for at the top level here, as in SGLang
+            if name in body.sampling_params:
+                raise APIError(400, f"sampling_params.{name}: use return_logprob and top_logprobs_num",
+                               param=f"sampling_params.{name}")
+        if body.top_logprobs_num and not body.return_logprob:
+            raise APIError(400, "top_logprobs_num needs return_logprob: true", param="top_logprobs_num")
+        params = {**body.sampling_params, "logprobs": body.return_logprob, "top_logprobs": body.top_logprobs_num}
         input_ids = body.input_ids if body.text is None else self._tokenize(trace, self.manager.encode, body.text)
-        outputs = self.manager.generate(self._validated(rid, input_ids, body.sampling_params, body, trace), trace)
+        outputs = self.manager.generate(self._validated(rid, input_ids, params, body, trace), trace)
         if body.stream:
-            return sse(native_stream(rid, outputs), outputs, trace_headers(trace))
+            return sse(native_stream(rid, outputs, body), outputs, trace_headers(trace))
         final = await last_output(outputs, request)
-        return JSONResponse(native_body(rid, final.text, final), headers=trace_headers(trace))
+        meta = native_logprob_meta(body, final.logprobs, final.token_texts) if body.return_logprob else None
+        return JSONResponse(native_body(rid, final.text, final, logprobs=meta), headers=trace_headers(trace))
 
 
 class OpenAIFormat:
     """Shapes outputs as OpenAI chat.completion(.chunk) or text_completion objects."""
 
-    def __init__(self, rid: str, model: str, chat: bool, created: int):
+    def __init__(self, rid: str, model: str, chat: bool, created: int, logprobs: bool = False):
         self.rid, self.model, self.chat, self.created = rid, model, chat, created
+        self.logprobs = logprobs  # whether the request asked for them
+        self.text_offset = 0  # completions: where the next token's text starts in the whole text
 
     def _object(self, kind: str, choices: list, usage: dict | None = None) -> dict:
         obj = {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
@@ -407,34 +425,72 @@ class OpenAIFormat:
         return obj
 
     def response(self, out: RequestOutput) -> dict:
-        reason = finish_reason(out)
+        reason, logprobs = finish_reason(out), self.logprobs_of(out)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs,
+                      "finish_reason": reason}
             return self._object("chat.completion", [choice], usage(out))
-        choice = {"index": 0, "text": out.text, "finish_reason": reason, "logprobs": None}
+        choice = {"index": 0, "text": out.text, "finish_reason": reason, "logprobs": logprobs}
         return self._object("text_completion", [choice], usage(out))
 
-    def chunk(self, text: str | None, reason: str | None, first: bool = False) -> dict:
+    def chunk(self, text: str | None, reason: str | None, first: bool = False, logprobs: dict | None = None) -> dict:
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": reason}])
-        return self._object("text_completion", [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}])
+            delta = {"role": "assistant", "content": ""} if first else (
+                {"content": text or ""} if text or logprobs else {})
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            return self._object("chat.completion.chunk", [choice])
+        return self._object("text_completion", [{"index": 0, "text": text or "", "finish_reason": reason,
+                                                 "logprobs": logprobs}])
+
+    def logprobs_of(self, out: RequestOutput) -> dict | None:
+        """The `logprobs` of a choice for the tokens of `out`, in OpenAI's shape; None if not asked."""
+        if not self.logprobs:
+            return None
+        logprobs, texts = out.logprobs or [], out.token_texts or {}
+        if self.chat:
+            return chat_logprobs(logprobs, texts)
+        shaped = completion_logprobs(logprobs, texts, self.text_offset)
+        self.text_offset += sum(len(token) for token in shaped["tokens"])
+        return shaped
 
     async def stream(self, outputs: AsyncIterator[RequestOutput], include_usage: bool) -> AsyncIterator[dict]:
+        """A chunk per output with new text (or, when asked, new tokens' logprobs: text held back
+        as the possible start of a stop string comes in a later chunk than its tokens')."""
         if self.chat:
             yield self.chunk(None, None, first=True)
         async for out in outputs:
             raise_if_failed(out)
+            logprobs = self.logprobs_of(out) if out.logprobs else None
+            if out.text_delta or logprobs:
+                yield self.chunk(out.text_delta, None, logprobs=logprobs)
             if out.finish_reason is None:
-                if out.text_delta:
-                    yield self.chunk(out.text_delta, None)
                 continue
-            if out.text_delta:
-                yield self.chunk(out.text_delta, None)
             yield self.chunk(None, finish_reason(out))
             if include_usage:
                 obj = self._object("chat.completion.chunk" if self.chat else "text_completion", [], usage(out))
                 yield obj
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], texts: dict[int, str]) -> dict:
+    """A chat choice's `logprobs`: each token's text, logprob, UTF-8 bytes and top alternatives."""
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = texts[token_id]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(*top) for top in lp.top]}
+                        for lp in logprobs]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], texts: dict[int, str], text_offset: int) -> dict:
+    """A completion choice's `logprobs`, the legacy API's shape: parallel lists of the tokens'
+    texts, logprobs, {text: logprob} of the top tokens and the chosen one, and where each
+    token's text starts (counting from `text_offset`)."""
+    tokens = [texts[lp.token_id] for lp in logprobs]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=text_offset)) if tokens else []
+    top = [{texts[token]: value for token, value in lp.top} | {texts[lp.token_id]: lp.logprob} for lp in logprobs]
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in logprobs], "top_logprobs": top,
+            "text_offset": offsets}
 
 
 def usage(out: RequestOutput) -> dict:
@@ -457,31 +513,49 @@ def raise_if_failed(out: RequestOutput) -> None:
         raise APIError(503 if out.error_code == "engine_unavailable" else 502, out.error, code=out.error_code)
 
 
-def native_body(rid: str, text: str, out: RequestOutput, output_ids: list[int] | None = None) -> dict:
+def native_body(rid: str, text: str, out: RequestOutput, output_ids: list[int] | None = None,
+                logprobs: dict | None = None) -> dict:
     meta = {"id": rid, "prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
-            "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "matched_stop": out.matched_stop}
+            "cached_tokens": out.cached_tokens, "finish_reason": out.finish_reason, "matched_stop": out.matched_stop,
+            **(logprobs or {})}
     return {"text": text, "output_ids": output_ids if output_ids is not None else out.token_ids, "meta_info": meta}
 
 
-async def native_stream(rid: str, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
-    """Each event holds the text and token ids so far, as other engines' native APIs do."""
-    text, ids = "", []
+def native_logprob_meta(body: GenerateRequest, logprobs: list[TokenLogprob], texts: dict[int, str] | None) -> dict:
+    """`output_token_logprobs` (and `output_top_logprobs`) as /generate was asked for them."""
+    text = (texts or {}).get if body.return_text_in_logprobs else lambda token_id: None
+    return native_logprobs(logprobs, body.top_logprobs_num > 0, text)
+
+
+async def native_stream(rid: str, outputs: AsyncIterator[RequestOutput], body: GenerateRequest) -> AsyncIterator[dict]:
+    """Each event holds the text, token ids and (if asked) logprobs so far, as other engines'
+    native APIs do."""
+    text, ids, logprobs, texts = "", [], [], {}
     async for out in outputs:
         raise_if_failed(out)
         ids.extend(out.token_ids)
         text = out.text if out.text is not None else text + out.text_delta
-        yield native_body(rid, text, out, list(ids))
+        meta = None
+        if body.return_logprob:
+            logprobs.extend(out.logprobs or [])
+            texts.update(out.token_texts or {})
+            meta = native_logprob_meta(body, logprobs, texts)
+        yield native_body(rid, text, out, list(ids), meta)
 
 
 async def last_output(outputs: AsyncIterator[RequestOutput], request: Request) -> RequestOutput:
     """Run a request to its end; abort it if the client goes away meanwhile."""
 
     async def consume() -> RequestOutput:
-        ids, last = [], None
+        ids, logprobs, texts, last = [], [], {}, None
         async for out in outputs:
             ids.extend(out.token_ids)
+            logprobs.extend(out.logprobs or [])
+            texts.update(out.token_texts or {})
             last = out
         last.token_ids = ids
+        if last.logprobs is not None:
+            last.logprobs, last.token_texts = logprobs, texts
         return last
 
     task = asyncio.ensure_future(consume())

@@ -7,7 +7,7 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from loupe.core import Bootstrap
+from loupe.core import MAX_TOP_LOGPROBS, Bootstrap
 
 
 class APIError(Exception):
@@ -34,11 +34,11 @@ class APIError(Exception):
 # Parameters loupe does not implement, with the values that ask for nothing: any other
 # value is refused with a 400 naming the parameter, never ignored.
 UNSUPPORTED = {
-    "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+    "tools": ([],), "tool_choice": ("none",), "functions": ([],),
     "function_call": ("none",), "response_format": ({"type": "text"},), "frequency_penalty": (0,),
     "presence_penalty": (0,), "repetition_penalty": (1,), "logit_bias": ({},), "best_of": (1,), "echo": (False,),
     "suffix": ("",), "audio": (), "modalities": (["text"],), "prediction": (), "web_search_options": (),
-    "return_logprob": (False,), "top_logprobs_num": (0,), "lora_path": (),
+    "logprob_start_len": (-1,), "token_ids_logprob": (), "lora_path": (),
 }
 
 
@@ -109,8 +109,12 @@ class SamplingFields(RequestExtras):
         return {
             "max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "top_k": self.top_k, "min_p": self.min_p, "seed": self.seed, "stop": self.stop,
-            "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos,
+            "stop_token_ids": self.stop_token_ids, "ignore_eos": self.ignore_eos, **self.logprob_params(),
         }
+
+    def logprob_params(self) -> dict:
+        """`logprobs` and `top_logprobs` as SamplingParams takes them (each endpoint spells them its way)."""
+        return {}
 
 
 class TextPart(StrictModel):
@@ -132,11 +136,20 @@ class ChatCompletionRequest(SamplingFields):
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs: true
+
+    def logprob_params(self) -> dict:
+        return {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0}
 
 
 class CompletionRequest(SamplingFields):
     model: str
     prompt: str | list[int] | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)  # the legacy API's: the chosen token's, and the top N's
+
+    def logprob_params(self) -> dict:
+        return {"logprobs": self.logprobs is not None, "top_logprobs": self.logprobs or 0}
 
 
 class GenerateRequest(RequestExtras):
@@ -145,6 +158,9 @@ class GenerateRequest(RequestExtras):
     sampling_params: dict = Field(default_factory=dict)
     stream: bool = False
     rid: str | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)  # needs return_logprob
+    return_text_in_logprobs: bool = False
 
 
 class TraceLevel(StrictModel):

@@ -32,9 +32,9 @@ def pair(folder: str, timeout: float = 10.0, decode_timeout: float = 10.0, backe
     return prefill, decode, port
 
 
-def submit(eng: Engine, rid: str, prompt: str, port: int, room: int):
+def submit(eng: Engine, rid: str, prompt: str, port: int, room: int, params: dict = GREEDY):
     ids = eng.tokenizer.encode(prompt)
-    return eng.scheduler.add_request(TokenizedRequest(rid, ids, SamplingParams(**GREEDY),
+    return eng.scheduler.add_request(TokenizedRequest(rid, ids, SamplingParams(**params),
                                                       bootstrap=Bootstrap("127.0.0.1", port, room)))
 
 
@@ -79,6 +79,28 @@ def test_decode_continues_from_the_prefill_servers_kv_exactly(tiny_model_dir, ba
     redo = submit(decode, "d-again", PROMPTS[0], port, room=200)
     run(prefill, decode)
     assert again.cached_tokens > 0 and redo.output_ids == reference[0]
+
+
+def test_the_first_tokens_logprobs_come_from_the_prefill_server(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    asked = {**GREEDY, "logprobs": True, "top_logprobs": 3}
+    single = engine(folder).generate(PROMPTS[0], GREEDY, return_logprob=True, top_logprobs_num=3)["meta_info"]
+    prefill, decode, port = pair(folder)
+    submit(prefill, "p", PROMPTS[0], port, room=300, params=asked)
+    decoded = submit(decode, "d", PROMPTS[0], port, room=300, params=asked)
+    run(prefill, decode)
+    assert decoded.error is None
+    assert [lp.token_id for lp in decoded.output_logprobs] == [t for _, t, _ in single["output_token_logprobs"]]
+    assert [lp.logprob for lp in decoded.output_logprobs] == pytest.approx(
+        [v for v, _, _ in single["output_token_logprobs"]], abs=1e-5)
+    assert [[t for t, _ in lp.top] for lp in decoded.output_logprobs] == [
+        [t for _, t, _ in top] for top in single["output_top_logprobs"]]
+    # A prefill server that computed none (the two were given different requests): a clear failure.
+    submit(prefill, "p2", PROMPTS[1], port, room=301)
+    missing = submit(decode, "d2", PROMPTS[1], port, room=301, params=asked)
+    run(prefill, decode)
+    assert "no logprobs for the first token" in missing.error and missing.finish_reason == "abort"
+    assert_nothing_held(decode)
 
 
 def test_a_room_the_prefill_server_never_gets_fails_and_frees_the_pages(tiny_model_dir):

@@ -3,12 +3,10 @@
 import time
 
 import torch
-import transformers
+from reference_models import bundled_reference
 
 from loupe import Engine
 from loupe.core import SamplingParams, TokenizedRequest
-from loupe.model.gguf_loader import bundled_model_path
-from loupe.model.loader import read_checkpoint
 from loupe.scheduler.request import Req
 
 
@@ -16,11 +14,7 @@ def test_bundled_model_matches_transformers():
     started = time.perf_counter()
     engine = Engine(dtype="float32")
     load_seconds = time.perf_counter() - started
-    hf_config, state_dict, tokenizer = read_checkpoint(bundled_model_path())
-    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
-    reference = transformers.LlamaForCausalLM(config).eval()
-    reference.load_state_dict(state_dict, strict=False)
-    reference.tie_weights()
+    reference, tokenizer = bundled_reference()
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]

@@ -156,7 +156,7 @@ def test_the_frameworks_own_refusals_are_openai_shaped_too(http):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("logprobs", True), ("top_logprobs", 3), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("echo", True), ("best_of", 2), ("tools", [{"type": "function", "function": {"name": "f"}}]),
     ("response_format", {"type": "json_object"}), ("frequency_penalty", 0.5), ("logit_bias", {"50256": -100}),
 ])
 def test_parameters_loupe_does_not_implement_are_refused_not_ignored(http, field, value):
@@ -165,11 +165,11 @@ def test_parameters_loupe_does_not_implement_are_refused_not_ignored(http, field
         error = assert_openai_error(http.post(path, json={**body, field: value}), 400, param=field)
         assert error["code"] == "unsupported_parameter"
     # the values that ask for nothing, and fields loupe has no use for, are fine
-    harmless = {"logprobs": False, "tools": [], "response_format": {"type": "text"}, "frequency_penalty": 0,
+    harmless = {"echo": False, "tools": [], "response_format": {"type": "text"}, "frequency_penalty": 0,
                 "user": "someone", "store": False}
     assert http.post("/v1/chat/completions", json={**chat_body(max_tokens=2), **harmless}).status_code == 200
-    r = http.post("/generate", json={"text": "Hi", "return_logprob": True, "sampling_params": {"max_new_tokens": 2}})
-    assert_openai_error(r, 400, param="return_logprob")
+    r = http.post("/generate", json={"text": "Hi", "lora_path": "x", "sampling_params": {"max_new_tokens": 2}})
+    assert_openai_error(r, 400, param="lora_path")
 
 
 def test_oversized_bodies_and_prompts_are_refused_by_size_before_tokenizing(http):
