@@ -14,7 +14,12 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 EXIT_LOST_PEER = 3  # a rank whose peers went away (another node stopped or died)
+EXIT_PARENT_DIED = 4
+# Sent by the kernel to each child when the main process dies. A catchable signal, so that
+# the child can say why it stops; every child returns to Python within a step.
+PARENT_DIED = signal.SIGUSR1
 logger = logging.getLogger(__name__)
 
 
@@ -47,17 +52,29 @@ def run_child(name: str, log_level: str, ready: Connection, build: Callable[...,
 
 
 def setup_child(name: str, log_level: str = "info") -> None:
-    """Die with the parent (no orphans), leave Ctrl-C to the parent, log with our name."""
+    """Die with the parent (no orphans), leave Ctrl-C to the parent, log with our name and
+    take it as the process name (what ps, top and psutil show; Linux keeps 15 bytes)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, PARENT_DIED)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
     except OSError:  # not Linux: the child still exits when its parent's pipes close
         pass
+    parent = os.getppid()
+    signal.signal(PARENT_DIED, lambda *_: parent_died(parent))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, exit_quietly)
     # Once exiting (the supervisor's SIGTERM can land in another library's exit handler),
     # a SIGTERM must not raise into that handler: we are on the way out already.
     atexit.register(signal.signal, signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level, name)
+
+
+def parent_died(parent: int) -> None:
+    """The main process is gone (killed: it would have stopped us itself otherwise), and with
+    it the HTTP server and the tokenizer: say so, since nothing else can, and go."""
+    logger.error("loupe: the main process (pid %d) died; stopping", parent)
+    os._exit(EXIT_PARENT_DIED)
 
 
 def exit_quietly(*_) -> None:

@@ -166,7 +166,8 @@ class TokenizerManager:
         now = time.perf_counter()
         for rid, state in list(self.states.items()):
             if not state.finished:
-                out = ipc.RequestOutput(rid, [], FinishReason.ABORT, error=message, error_code="engine_unavailable")
+                out = ipc.RequestOutput(rid, [], finish_reason=FinishReason.ABORT, error=message,
+                                        error_code="engine_unavailable")
                 self._observe(state, out, now)
                 state.outputs.put_nowait(out)
 

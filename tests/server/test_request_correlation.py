@@ -134,7 +134,7 @@ def test_the_detokenize_span_reports_the_time_the_last_output_carries(tiny_model
     detokenizer.tracer = DetokenizerTracer(recorder)
     ctx = TraceContext(trace_id=1, root_span_id=2, level=2)
     outputs = [ipc.RequestOutput("r", [5], trace=ctx), ipc.RequestOutput("r", [6]),
-               ipc.RequestOutput("r", [7], FinishReason.LENGTH)]
+               ipc.RequestOutput("r", [7], finish_reason=FinishReason.LENGTH)]
     started = time.perf_counter()
     for out in outputs:
         detokenizer.convert(out)

@@ -135,6 +135,42 @@ def test_a_serving_process_death_answers_every_request_and_stops_the_server(laun
     assert not server.wait_all_gone(5), f"processes left: {server.alive_pids()}"
 
 
+def test_the_main_process_death_leaves_no_request_hanging_and_no_process(launch, tiny_flags):
+    """The HTTP server and the tokenizer live in the main process: killed, it cannot answer,
+    but its clients see their connections end at once, and every child says why it stops."""
+    server = launch(*tiny_flags).wait_ready()
+    children = server.descendants()
+    outcomes = []
+
+    def request():
+        body = {"text": "one two three", "stream": True,
+                "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+        try:
+            with httpx.stream("POST", server.url("/generate"), json=body, timeout=60, trust_env=False) as r:
+                for _ in r.iter_lines():
+                    pass
+            outcomes.append("finished")
+        except httpx.HTTPError as e:
+            outcomes.append(type(e).__name__)
+
+    workers = [threading.Thread(target=request) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    wait_metrics(server, lambda m: m.get("loupe_num_running_reqs") == 4, timeout=10)
+    killed = time.monotonic()
+    server.proc.kill()
+    for worker in workers:
+        worker.join(max(0.1, killed + 10 - time.monotonic()))
+    assert not any(worker.is_alive() for worker in workers), "a client still waits 10 s after the kill"
+    assert len(outcomes) == 4 and "finished" not in outcomes, outcomes
+    left = server.wait_all_gone(10)
+    assert not left, f"processes left after the main process died: {left}\n{server.log()}"
+    log = server.log()
+    lines = re.findall(rf"\[(\w+) pid:\d+\] ERROR loupe: the main process \(pid {server.proc.pid}\) died", log)
+    assert "scheduler" in lines and "detokenizer" in lines and len(lines) == len(set(lines)), log
+    assert len(children) >= 2 and "Traceback" not in log, log
+
+
 def run_server_expecting_failure(*args, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
     result = subprocess.run(server_command(*args), capture_output=True, text=True, timeout=timeout,
