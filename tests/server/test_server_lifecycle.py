@@ -15,6 +15,18 @@ import pytest
 from server_harness import REPO, free_port, server_command, server_env, wait_metrics
 
 
+def stream_long(server, on_line=lambda: None) -> str:
+    """Stream a 1000-token /generate request to its end: "finished", or the error that ended it."""
+    body = {"text": "one two three", "stream": True, "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
+    try:
+        with httpx.stream("POST", server.url("/generate"), json=body, timeout=60, trust_env=False) as r:
+            for _ in r.iter_lines():
+                on_line()
+        return "finished"
+    except httpx.HTTPError as e:
+        return type(e).__name__
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
     server = launch(*tiny_flags, "--shutdown-timeout", 1).wait_ready()
@@ -22,18 +34,7 @@ def test_signal_stops_main_process_and_children(launch, tiny_flags, sig):
     assert len(children) >= 2, "expected at least the scheduler and detokenizer processes"
     # A request in flight must not hold the shutdown up for long.
     streaming = threading.Event()
-
-    def long_request():
-        body = {"text": "one two three", "stream": True,
-                "sampling_params": {"max_new_tokens": 900, "ignore_eos": True}}
-        try:
-            with httpx.stream("POST", server.url("/generate"), json=body, timeout=30, trust_env=False) as r:
-                for _ in r.iter_lines():
-                    streaming.set()
-        except httpx.HTTPError:
-            pass
-
-    worker = threading.Thread(target=long_request, daemon=True)
+    worker = threading.Thread(target=stream_long, args=(server, streaming.set), daemon=True)
     worker.start()
     assert streaming.wait(30)
     start = time.monotonic()
@@ -139,19 +140,7 @@ def test_the_main_process_death_leaves_no_request_hanging_and_no_process(launch,
     server = launch(*tiny_flags).wait_ready()
     children = server.descendants()
     outcomes = []
-
-    def request():
-        body = {"text": "one two three", "stream": True,
-                "sampling_params": {"max_new_tokens": 1000, "ignore_eos": True}}
-        try:
-            with httpx.stream("POST", server.url("/generate"), json=body, timeout=60, trust_env=False) as r:
-                for _ in r.iter_lines():
-                    pass
-            outcomes.append("finished")
-        except httpx.HTTPError as e:
-            outcomes.append(type(e).__name__)
-
-    workers = [threading.Thread(target=request) for _ in range(4)]
+    workers = [threading.Thread(target=lambda: outcomes.append(stream_long(server))) for _ in range(4)]
     for worker in workers:
         worker.start()
     wait_metrics(server, lambda m: m.get("loupe_num_running_reqs") == 4, timeout=10)
