@@ -87,6 +87,7 @@ class SchedulerStats:
     kv_total_tokens: int
     num_received: int = 0  # requests received, ever (the DP controller counts those in transit)
     dp_rank: int = 0
+    kv_cached_tokens: int = 0  # evictable prefix-cache pages, in tokens (neither free nor held)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ExporterStats:
     kept: dict = field(default_factory=dict)  # tail keeping: traces kept, by reason ("error", "slow")
     discarded: dict = field(default_factory=dict)  # and discarded ("ok", "no_room", "expired")
     pid: int = 0  # the exporter's: running totals start again with a restarted one
+    queued: int = 0  # spans waiting now: queued for export, or held for a tail verdict
 
 
 # ---- to the span exporter ---------------------------------------------------------------------

@@ -21,3 +21,16 @@ def test_sigterm_while_exiting_adds_no_traceback():
     _, stderr = child.communicate(timeout=10)
     assert child.returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_child_takes_its_name_as_the_process_name():
+    """ps, top and psutil show a child by the name it logs with (setup_child)."""
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert psutil.Process(child.pid).name() == "child"
+    finally:
+        child.kill()
+        child.communicate(timeout=10)

@@ -279,6 +279,11 @@ class KVManager:
         used_pages = self.pool.num_pages - 1 - len(self.pool.free_pages) - self.tree.evictable_pages
         return used_pages * self.page_size
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of KV the prefix tree keeps for reuse and could evict (no request holds them)."""
+        return self.tree.evictable_pages * self.page_size
+
     def _hold(self, req, row: int, node: Node, pages: list[int]) -> None:
         self.tree.lock(node)
         req.row, req.prefix_node, req.pages, req.num_tree_pages = row, node, list(pages), len(pages)

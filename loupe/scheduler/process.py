@@ -161,7 +161,7 @@ class SchedulerProcess:
     def send_stats(self) -> None:
         s = self.scheduler
         stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv.used_tokens, s.worker.limits.max_total_tokens,
-                                   self.num_received, self.ranks.dp_rank)
+                                   self.num_received, self.ranks.dp_rank, s.kv.cached_tokens)
         if stats != self.last_stats:
             for sock in self.stats_to:
                 ipc.send(sock, stats)

@@ -28,9 +28,13 @@ class Metrics:
         self.num_running = Gauge("loupe_num_running_reqs", "Requests admitted to the running batch", registry=r)
         self.num_waiting = Gauge("loupe_num_waiting_reqs", "Requests waiting for admission", registry=r)
         self.kv_used_tokens = Gauge("loupe_kv_used_tokens", "KV cache tokens held by requests (not evictable)", registry=r)
+        self.kv_cached_tokens = Gauge("loupe_kv_cached_tokens", "KV cache tokens the prefix cache keeps "
+                                      "(evictable; neither free nor held by requests)", registry=r)
         self.kv_usage = Gauge("loupe_kv_cache_usage", "Fraction of the KV cache held by requests", registry=r)
         self.spans_exported = Counter("loupe_tracing_spans_exported", "Spans accepted by the OTLP backend", registry=r)
         self.spans_dropped = Counter("loupe_tracing_spans_dropped", "Spans dropped: the export queue was full", registry=r)
+        self.spans_queued = Gauge("loupe_tracing_spans_queued", "Spans in the exporter now: queued for "
+                                  "export or held for a tail verdict", registry=r)
         self.spans_failed = Counter("loupe_tracing_spans_failed", "Spans lost to failed exports", registry=r)
         self.traces_kept = Counter("loupe_tracing_traces_kept", "Unsampled traces kept whole by a tail rule", ["reason"], registry=r)
         self.traces_discarded = Counter("loupe_tracing_traces_discarded", "Unsampled traces held and then discarded", ["reason"], registry=r)
@@ -52,6 +56,7 @@ class Metrics:
         self.num_waiting.set(sum(s.num_waiting for s in replicas))
         used, total = sum(s.kv_used_tokens for s in replicas), sum(s.kv_total_tokens for s in replicas)
         self.kv_used_tokens.set(used)
+        self.kv_cached_tokens.set(sum(s.kv_cached_tokens for s in replicas))
         self.kv_usage.set(used / max(total, 1))
 
     def set_exporter_stats(self, stats: ExporterStats) -> None:
@@ -65,6 +70,7 @@ class Metrics:
                                      (self.traces_discarded, stats.discarded, last.discarded)):
             for reason, total in now.items():
                 counter.labels(reason=reason).inc(max(total - before.get(reason, 0), 0))
+        self.spans_queued.set(stats.queued)
         self._exporter_totals = stats
 
     def render(self, accept: str = "") -> tuple[bytes, str]:

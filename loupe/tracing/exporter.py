@@ -119,7 +119,7 @@ class ExporterProcess:
 
     def stats(self) -> ipc.ExporterStats:
         return ipc.ExporterStats(self.exported, self.dropped, self.failed, dict(self.tail.kept),
-                                 dict(self.tail.discarded), os.getpid())
+                                 dict(self.tail.discarded), os.getpid(), len(self.queue) + self.tail.num_held)
 
     def check_endpoint(self) -> None:
         """Say where spans go, and whether anything listens there now (a refused or unanswered

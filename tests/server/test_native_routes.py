@@ -93,7 +93,8 @@ def test_metrics(bundled_server, http):
     for family in ("loupe_requests_total", "loupe_prompt_tokens_total", "loupe_generation_tokens_total",
                    "loupe_time_to_first_token_seconds", "loupe_e2e_request_latency_seconds",
                    "loupe_queue_time_seconds", "loupe_num_running_reqs", "loupe_num_waiting_reqs",
-                   "loupe_kv_used_tokens", "loupe_kv_cache_usage"):
+                   "loupe_kv_used_tokens", "loupe_kv_cache_usage", "loupe_kv_cached_tokens",
+                   "loupe_tracing_spans_queued"):
         assert f"# TYPE {family} " in r.text or f"# TYPE {family.removesuffix('_total')} " in r.text, family
     assert delta('loupe_requests_total{status="length"}') == 1
     assert delta("loupe_prompt_tokens_total") == full["meta_info"]["prompt_tokens"]

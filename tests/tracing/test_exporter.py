@@ -169,10 +169,13 @@ def test_shutdown_flushes_what_is_queued():
     exporter = Exporter(f"127.0.0.1:{receiver.port}", delay_ms=60_000, batch=1000)
     try:
         record_spans(exporter.recorder, 7, first_id=50)
-        time.sleep(0.5)
+        stats = exporter.wait_stats(lambda s: s.queued == 7, timeout=5)  # the stats count them waiting
+        assert stats is not None and stats.queued == 7 and stats.exported == 0, stats
         assert receiver.spans() == []  # nothing is due for a minute
         exporter.stop()
         assert len(receiver.spans()) == 7
+        last = exporter.wait_stats(lambda s: s.exported == 7, timeout=5)  # sent as it exits
+        assert last is not None and last.exported == 7 and last.queued == 0, last
     finally:
         receiver.stop()
 
