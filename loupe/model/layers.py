@@ -7,6 +7,7 @@ to know which tokens belong to which request, and it asks the `ForwardBatch` for
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,10 +35,20 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+# oneDNN, and ideep above it, keep the matmul they build for each input shape, 1024 of each
+# by default at ~0.6 MB apiece. Nearly every prefill step has a row count of its own, so a
+# serving scheduler grew by 0.4 GB in 20 minutes, and would to ~0.7 GB (BENCHMARKS.md, soak);
+# decoding reuses a few shapes every step, which stay in a smaller cache at no cost in speed.
+MATMUL_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
+
+
 def pack_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear of a CPU model for a PackedLinear; how many were swapped."""
+    """Swap every nn.Linear of a CPU model for a PackedLinear; how many were swapped. Bounds
+    oneDNN's shape caches unless the environment sets them (read at the process's first matmul)."""
     if not torch.backends.mkldnn.is_available():
         return 0
+    for name, capacity in MATMUL_CACHE_CAPACITY.items():
+        os.environ.setdefault(name, capacity)
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
