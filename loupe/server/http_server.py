@@ -15,7 +15,7 @@ from importlib.metadata import version
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loupe.config import ServerArgs
@@ -28,6 +28,21 @@ from loupe.core import (
 )
 from loupe.ipc import RequestOutput
 from loupe.server.metrics import Metrics
+from loupe.server.openapi import (
+    METRICS_TEXT,
+    ChatCompletion,
+    ChatCompletionChunk,
+    GenerateResponse,
+    ModelInfoResponse,
+    ModelList,
+    ServerInfo,
+    Status,
+    TextCompletion,
+    TextCompletionChunk,
+    TracingSettings,
+    answers,
+    install_openapi,
+)
 from loupe.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -135,8 +150,9 @@ class GuardMiddleware:
 
 
 def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, model_name: str) -> FastAPI:
-    app = FastAPI(title="loupe", docs_url=None, redoc_url=None)
+    app = FastAPI(title="loupe", version=version("loupe"), docs_url=None, redoc_url=None)
     api = OpenAIRoutes(manager, metrics, model_name, args.disaggregation_mode)
+    install_openapi(app, [model_name], lambda: manager.limits, OPEN_ROUTES if args.api_key else None)
 
     @app.on_event("startup")
     async def start_background_tasks() -> None:
@@ -177,6 +193,11 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
             manager.end_trace_with_error(trace, exc.TYPES.get(exc.status, "server_error"), exc.message)
         return api.error(exc, trace_headers(trace))
 
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        """A bug: still an answer in OpenAI's shape (the traceback goes to the log)."""
+        return api.error(APIError(500, "internal server error", code="internal_error"))
+
     @app.exception_handler(ClientDisconnected)
     async def on_disconnect(request: Request, exc: ClientDisconnected):
         return Response(status_code=499)  # nobody is there to read it
@@ -191,12 +212,13 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
         message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
         return api.error(APIError(400, message, param=field))
 
-    @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
+    @app.get("/health", responses=answers(Status))
+    async def health() -> dict:
+        """Up and serving (503 while starting or draining)."""
+        return {"status": "ok"}
 
-    @app.get("/health_generate")
-    async def health_generate() -> Response:
+    @app.get("/health_generate", responses=answers(Status))
+    async def health_generate() -> dict:
         outputs = manager.generate(TokenizedRequest(f"health-{uuid.uuid4().hex}", manager.encode("ping") or [0],
                                                     SamplingParams(max_new_tokens=1)))
 
@@ -207,59 +229,59 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
         try:
             await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT)
         except TimeoutError:
-            return api.error(APIError(503, f"no token generated in {HEALTH_GENERATE_TIMEOUT} s"))
+            raise APIError(503, f"no token generated in {HEALTH_GENERATE_TIMEOUT} s") from None
         finally:
             await outputs.aclose()
-        return Response(status_code=200)
+        return {"status": "ok"}
 
-    @app.get("/tracing")
+    @app.get("/tracing", responses=answers(TracingSettings))
     async def tracing() -> dict:
         """Whether requests are traced: the level, the sampling, the keep rules."""
         return api.tracing_settings()
 
-    @app.post("/tracing")
+    @app.post("/tracing", responses=answers(TracingSettings, 400))
     async def change_tracing(changes: dict) -> dict:
         """Change the tracing settings while serving; requests that arrive afterwards follow them."""
         return api.change_tracing(changes)
 
-    @app.post("/set_trace_level")
+    @app.post("/set_trace_level", responses=answers(TracingSettings, 400))
     async def set_trace_level(body: TraceLevel) -> dict:
         """0 (off) to 3, for the requests that arrive afterwards."""
         return api.change_tracing({"level": body.level})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=METRICS_TEXT)
     async def prometheus(request: Request) -> Response:
         body, content_type = metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 
-    @app.get("/model_info")
-    @app.get("/get_model_info")
+    @app.get("/model_info", responses=answers(ModelInfoResponse))
+    @app.get("/get_model_info", responses=answers(ModelInfoResponse))
     async def model_info() -> dict:
         return {"served_model_name": model_name, "is_generation": True, **manager.model_info}
 
-    @app.get("/server_info")
-    @app.get("/get_server_info")
+    @app.get("/server_info", responses=answers(ServerInfo))
+    @app.get("/get_server_info", responses=answers(ServerInfo))
     async def server_info() -> dict:
         """What a router or an operator asks of a worker: its flags (the API key left out),
         the model it serves, and loupe's version."""
         flags = {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"}
         return {**flags, "served_model_name": model_name, **manager.model_info, "version": version("loupe")}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=answers(ModelList))
     async def models() -> dict:
         card = {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "loupe",
                 "root": manager.model_info.get("model_path"), "max_model_len": manager.limits.context_length}
         return {"object": "list", "data": [card]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=answers(ChatCompletion, 400, 404, 502, stream=ChatCompletionChunk))
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         return await api.chat(body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=answers(TextCompletion, 400, 404, 502, stream=TextCompletionChunk))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await api.completions(body, request)
 
-    @app.post("/generate")
+    @app.post("/generate", responses=answers(GenerateResponse, 400, 502, stream=GenerateResponse))
     async def generate(body: GenerateRequest, request: Request) -> Response:
         return await api.generate(body, request)
 
@@ -299,6 +321,10 @@ class OpenAIRoutes:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         trace = self._start_trace(request, rid, "chat", body, messages)
         self._check_model_and_n(body)
+        if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
+            # One would be ignored, unchecked: refused instead, as any parameter loupe would not honour.
+            raise APIError(400, "max_tokens and max_completion_tokens differ: give one (max_tokens is its "
+                           "older name)", param="max_tokens")
         try:
             input_ids = self._tokenize(trace, self.manager.apply_chat_template, messages)
         except ValueError as e:

@@ -5,7 +5,7 @@ import torch
 
 from loupe import Engine
 from loupe.core import SamplingParams
-from loupe.runner.sampler import filtered_probs
+from loupe.runner.sampler import filtered_probs, sample
 
 PROMPT = "The capital of France is"
 
@@ -69,6 +69,21 @@ def test_filters_drop_the_right_tokens():
     assert keep() == [True, True, True, True]
     mixed = filtered_probs(logits.repeat(2, 1), [SamplingParams(top_k=1), SamplingParams(top_k=-1)])
     assert (mixed > 0).sum(dim=1).tolist() == [1, 4]
+
+
+@pytest.mark.parametrize("extreme", [{"temperature": 1e-300}, {"temperature": 1e-40}, {"top_k": 2**64},
+                                     {"top_p": 1e-300}])
+def test_extreme_valid_values_still_draw_a_token(extreme):
+    """Values validation accepts but float32 or int64 cannot hold (found by the API fuzz: each
+    crashed the scheduler): a tiny temperature or top_p keeps the likeliest token, a huge top_k
+    limits nothing."""
+    params = SamplingParams(**extreme)
+    params.validate()
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    probs = filtered_probs(logits, [params])[0]
+    assert torch.isfinite(probs).all() and probs.sum() > 0 and probs.argmax() == 1
+    token = sample(logits, [params], [torch.Generator().manual_seed(0)])[0]
+    assert 0 <= token < 3
 
 
 @pytest.mark.parametrize("name,value", [
