@@ -181,10 +181,10 @@ class Supervisor:
                 del pending[reader]
         return infos
 
-    def watch(self, on_death, on_exporter_restart=None) -> None:
+    def watch(self, on_death, on_exporter_death=None) -> None:
         """Until a serving child dies (then `on_death(message, exit code)`) or the server
-        stops. The span exporter is not a serving child: when it dies it is started again
-        (spans sent meanwhile are dropped and counted), up to EXPORTER_RESTARTS times."""
+        stops. The span exporter is not a serving child: when it dies (then
+        `on_exporter_death(restarted)`) it is started again, up to EXPORTER_RESTARTS times."""
         while True:
             sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
             ready = wait(list(sentinels))
@@ -195,17 +195,18 @@ class Supervisor:
             if name != "exporter":
                 break
             self.children = [child for child in self.children if child[1] is not proc]
-            if self.exporter_restarts == EXPORTER_RESTARTS:
+            restart = self.exporter_restarts < EXPORTER_RESTARTS
+            if restart:
+                self.exporter_restarts += 1
+                logger.warning("loupe: the span exporter (pid %d) died with exit code %s; starting it again "
+                               "(the spans it held are lost, counted as dropped)", proc.pid, proc.exitcode)
+                self.start("exporter", *self.exporter_args)
+            else:
                 logger.error("loupe: the span exporter (pid %d) died with exit code %s, %d times now; not "
                              "starting it again: serving goes on, spans are no longer exported",
                              proc.pid, proc.exitcode, EXPORTER_RESTARTS + 1)
-                continue
-            self.exporter_restarts += 1
-            logger.warning("loupe: the span exporter (pid %d) died with exit code %s; starting it again "
-                           "(spans sent meanwhile are dropped)", proc.pid, proc.exitcode)
-            self.start("exporter", *self.exporter_args)
-            if on_exporter_restart is not None:
-                on_exporter_restart()
+            if on_exporter_death is not None:
+                on_exporter_death(restart)
         if proc.exitcode == EXIT_LOST_PEER:
             on_death(f"loupe: the {name} process (pid {proc.pid}) lost contact with another rank of its "
                      "replica (on another node, or stopped); shutting down", proc.exitcode)
@@ -300,7 +301,7 @@ def launch(args: ServerArgs) -> int:
         model = next(ready.info for ready in infos if isinstance(ready.info, ModelInfo))
         manager.set_ready(tokenizer, model)
         logger.info("serving %s at http://%s:%d", name, args.host, args.port)
-        supervisor.watch(fail, metrics.exporter_restarts.inc)
+        supervisor.watch(fail, metrics.exporter_died)
 
     threading.Thread(target=bring_up, name="supervisor", daemon=True).start()
     # uvicorn handles SIGINT/SIGTERM itself, then re-raises them under the handlers it found:

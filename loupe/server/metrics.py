@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
@@ -72,6 +74,15 @@ class Metrics:
                 counter.labels(reason=reason).inc(max(total - before.get(reason, 0), 0))
         self.spans_queued.set(stats.queued)
         self._exporter_totals = stats
+
+    def exporter_died(self, restarted: bool) -> None:
+        """The spans the dead exporter held, as it last reported them, are lost: count them."""
+        self.spans_dropped.inc(self._exporter_totals.queued)
+        self.spans_queued.set(0)
+        # Its pid stays: a report of its own still on the way changes no total again.
+        self._exporter_totals = dataclasses.replace(self._exporter_totals, queued=0)
+        if restarted:
+            self.exporter_restarts.inc()
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics and their content type: OpenMetrics, which alone shows the latency
