@@ -36,9 +36,9 @@ class PackedLinear(nn.Module):
 
 
 # oneDNN, and ideep above it, keep the matmul they build for each input shape, 1024 of each
-# by default at ~0.6 MB apiece. Nearly every prefill step has a row count of its own, so a
-# serving scheduler grew by 0.4 GB in 20 minutes, and would to ~0.7 GB (BENCHMARKS.md, soak);
-# decoding reuses a few shapes every step, which stay in a smaller cache at no cost in speed.
+# by default at 0.6 MB or more apiece. Nearly every prefill step has a row count of its own,
+# so a serving scheduler grew by 0.4 GB in 20 minutes and was still growing (BENCHMARKS.md,
+# soak); decoding reuses a few shapes every step, which stay in a smaller cache at no cost.
 MATMUL_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 
