@@ -180,9 +180,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class ModelInfoResponse(BaseModel):
+class ServedModel(BaseModel):
     served_model_name: str
-    is_generation: bool
     model_path: str
     device: str
     dtype: str
@@ -191,17 +190,14 @@ class ModelInfoResponse(BaseModel):
     context_length: int
 
 
-class ServerInfo(BaseModel):
+class ModelInfoResponse(ServedModel):
+    is_generation: bool
+
+
+class ServerInfo(ServedModel):
     """The server's flags (all but --api-key, by their Python names), what it serves, and
     loupe's version."""
 
-    served_model_name: str
-    model_path: str
-    device: str
-    dtype: str
-    load_seconds: float
-    max_total_tokens: int
-    context_length: int
     version: str
 
 
