@@ -321,14 +321,13 @@ class OpenAIRoutes:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         trace = self._start_trace(request, rid, "chat", body, messages)
         self._check_model_and_n(body)
-        if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
-            # One would be ignored, unchecked: refused instead, as any parameter loupe would not honour.
-            raise APIError(400, "max_tokens and max_completion_tokens differ: give one (max_tokens is its "
-                           "older name)", param="max_tokens")
         try:
             input_ids = self._tokenize(trace, self.manager.apply_chat_template, messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
+        if body.max_tokens is not None and max_tokens != body.max_tokens:
+            # max_completion_tokens wins, as in OpenAI's API; the older max_tokens is still checked, not ignored.
+            self._validated(rid, input_ids, body.sampling_dict(body.max_tokens), body, trace, openai_names=True)
         return await self._openai(body, request, rid, input_ids, max_tokens, trace)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
