@@ -72,7 +72,11 @@ def setup_child(name: str, log_level: str = "info") -> None:
 
 def parent_died(parent: int) -> None:
     """The main process is gone (killed: it would have stopped us itself otherwise), and with
-    it the HTTP server and the tokenizer: say so, since nothing else can, and go."""
+    it the HTTP server and the tokenizer: say so, since nothing else can, and go. The signal
+    also comes when only the thread that started us ends (a span exporter started again by
+    the supervisor's thread, at shutdown): the parent is still ours then, and we stay."""
+    if os.getppid() == parent:
+        return
     logger.error("loupe: the main process (pid %d) died; stopping", parent)
     os._exit(EXIT_PARENT_DIED)
 
