@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -60,7 +61,9 @@ class Receiver:
             if predicate(spans):
                 return spans
             time.sleep(0.1)
-        raise AssertionError(f"spans never satisfied the condition; got {len(self.spans())} spans")
+        spans = self.spans()
+        names = Counter(f"{s['name']} (trace {s['trace_id'][:8]})" for s in spans)
+        raise AssertionError(f"spans never satisfied the condition; got {len(spans)} spans: {dict(names)}")
 
     def export_count(self) -> int:
         with self.lock:

@@ -60,7 +60,7 @@ def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
             return {"http_request", "kv_transfer", "kv_receive", "decode_step"} <= names and sum(
                 s["name"].startswith("Req ") for s in mine) == 2
 
-        spans = [s for s in receiver.wait_for(whole) if s["trace_id"] == trace_id]
+        spans = [s for s in receiver.wait_for(whole, timeout=40) if s["trace_id"] == trace_id]
     finally:
         router.stop()
     router_span = next(s for s in spans if s["name"] == "http_request" and s["parent_id"] is None)
