@@ -85,7 +85,7 @@ def test_the_router_spreads_requests_over_loupe_servers_under_its_own_span(worke
             by_id = {s["span_id"]: s for s in spans}
             return all(span_id in by_id and by_id[span_id]["parent_id"] in by_id for _, span_id in roots)
 
-        spans = receiver.wait_for(complete)  # before the router stops: it sends its spans every few seconds
+        spans = receiver.wait_for(complete, timeout=60)  # before the router stops: it sends its spans every few seconds
     finally:
         router.stop()
     after = [sum(v for k, v in read_metrics(s).items() if k.startswith("loupe_requests_total")) for s in workers]

@@ -140,10 +140,11 @@ def test_the_main_process_death_leaves_no_request_hanging_and_no_process(launch,
     server = launch(*tiny_flags).wait_ready()
     children = server.descendants()
     outcomes = []
-    workers = [threading.Thread(target=lambda: outcomes.append(stream_long(server))) for _ in range(4)]
+    streaming = [threading.Event() for _ in range(4)]
+    workers = [threading.Thread(target=lambda e=e: outcomes.append(stream_long(server, e.set))) for e in streaming]
     for worker in workers:
         worker.start()
-    wait_metrics(server, lambda m: m.get("loupe_num_running_reqs") == 4, timeout=10)
+    assert all(event.wait(30) for event in streaming)  # all four stream: killed in the middle of them
     killed = time.monotonic()
     server.proc.kill()
     for worker in workers:
