@@ -12,6 +12,13 @@ def client(bundled_server):
         yield c
 
 
+@pytest.fixture(scope="module")
+def http(bundled_server):
+    """An httpx client of the shared bundled-model server."""
+    with bundled_server.client() as c:
+        yield c
+
+
 @pytest.fixture
 def launch(server_logs):
     """Factory: start a server with the given flags (not waited on); all stopped at teardown."""

@@ -15,12 +15,6 @@ TINY_KV = 48
 
 
 @pytest.fixture(scope="module")
-def http(bundled_server):
-    with bundled_server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def auth_server(launch_module):
     """A tiny model with an API key, a small context, and a KV cache smaller still."""
     return launch_module("--context-length", TINY_CONTEXT, "--max-total-tokens", TINY_KV,

@@ -13,12 +13,6 @@ TOP = 5
 
 
 @pytest.fixture(scope="module")
-def http(bundled_server):
-    with bundled_server.client() as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def france(http):
     """(prompt ids, /generate's answer with logprobs) for the chat prompt, greedy."""
     reference, tokenizer = bundled_reference()

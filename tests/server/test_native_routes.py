@@ -1,16 +1,9 @@
 """Native routes: /generate (text and input_ids, plain and streamed), /health_generate,
 /get_model_info and the Prometheus /metrics, on the bundled model."""
 
-import pytest
 from server_harness import BUNDLED_NAME, read_metrics, sse_events
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def http(bundled_server):
-    with bundled_server.client() as c:
-        yield c
 
 
 def generate(http, **body):
