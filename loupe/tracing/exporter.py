@@ -34,9 +34,13 @@ ENDPOINT_CHECK_S = 2.0
 
 
 def make_exporter(settings: ExportSettings):
-    """An OTLP exporter of built requests: loupe's own gRPC sender, or the SDK's HTTP one.
-    Headers, timeout, compression and certificates come from the SDK's env vars; an
-    https:// endpoint means TLS."""
+    """An OTLP exporter of built requests: loupe's own gRPC sender, the SDK's HTTP one, or
+    OTLP JSON lines to a file (a file:// endpoint). Headers, timeout, compression and
+    certificates come from the SDK's env vars; an https:// endpoint means TLS."""
+    if settings.protocol == "file":
+        from loupe.tracing.file_export import FileExporter, file_path
+
+        return FileExporter(file_path(settings.endpoint), settings.file_max_bytes, settings.file_backups)
     if settings.protocol == "grpc":
         from loupe.tracing.grpc_export import GrpcExporter
 
@@ -125,6 +129,11 @@ class ExporterProcess:
         """Say where spans go, and whether anything listens there now (a refused or unanswered
         connection is the usual reason for a trace that never appears)."""
         s = self.settings
+        if s.protocol == "file":
+            from loupe.tracing.file_export import file_path
+
+            logger.info("writing spans as OTLP JSON lines to %s", os.path.abspath(file_path(s.endpoint)))
+            return
         logger.info("exporting spans over OTLP %s to %s", s.protocol, s.endpoint)
         url = urlparse(s.endpoint)
         port = url.port or (443 if url.scheme == "https" else 80)

@@ -25,16 +25,20 @@ def first_env(*names: str, default: str) -> str:
 @dataclass(frozen=True)
 class ExportSettings:
     endpoint: str
-    protocol: str  # "grpc" | "http/protobuf"
+    protocol: str  # "grpc" | "http/protobuf" | "file" (chosen by a file:// endpoint)
     schedule_delay_ms: int
     max_export_batch_size: int
     max_queue_size: int
+    file_max_bytes: int = 100 * 2**20  # a file:// endpoint's file is rotated past this size (0: never)
+    file_backups: int = 10  # rotated files kept
 
     @classmethod
     def from_env(cls, endpoint: str) -> ExportSettings:
         """Raises ValueError naming the variable of a bad value."""
         protocol = first_env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL", default="grpc")
-        if protocol not in ("grpc", "http/protobuf"):
+        if endpoint.strip().startswith("file://"):  # the scheme decides, whatever the protocol variable says
+            protocol = "file"
+        elif protocol not in ("grpc", "http/protobuf"):
             raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be grpc or http/protobuf, got {protocol!r}")
         values = {}
         for key, names, default in (
@@ -43,15 +47,23 @@ class ExportSettings:
             ("max_export_batch_size", ("LOUPE_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE",
                                        "SGLANG_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), "64"),
             ("max_queue_size", ("OTEL_BSP_MAX_QUEUE_SIZE",), "2048"),
+            ("file_max_bytes", ("LOUPE_OTLP_FILE_MAX_MB",), "100"),
+            ("file_backups", ("LOUPE_OTLP_FILE_BACKUPS",), "10"),
         ):
             raw = first_env(*names, default=default)
             try:
                 values[key] = int(raw)
             except ValueError:
                 values[key] = -1
-            if values[key] < (0 if key == "schedule_delay_ms" else 1):
+            if values[key] < (0 if key in ("schedule_delay_ms", "file_max_bytes", "file_backups") else 1):
                 name = next((n for n in names if os.environ.get(n)), names[0])
                 raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+        values["file_max_bytes"] *= 2**20
+        if protocol == "file":
+            from loupe.tracing.file_export import check_writable, file_path
+
+            check_writable(file_path(endpoint.strip()))
+            return cls(endpoint.strip(), protocol, **values)
         return cls(normalize_endpoint(endpoint, protocol), protocol, **values)
 
 
