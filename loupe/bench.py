@@ -24,12 +24,15 @@ class Result:
     e2e: float = 0.0
     output_tokens: int = 0
     error: str = ""
+    asked_tokens: int = 0
 
 
-def make_prompts(n: int, seed: int) -> list[tuple[str, int]]:
-    """(prompt, max_tokens) pairs: 20-60 words, 16-160 output tokens, reproducible."""
+def make_prompts(n: int, seed: int, max_tokens: int | None = None) -> list[tuple[str, int]]:
+    """(prompt, max_tokens) pairs: 20-60 words, 16-160 output tokens (or all `max_tokens`), reproducible:
+    the prompts of a seed are the same either way."""
     rng = random.Random(seed)
-    return [(" ".join(rng.choices(WORDS, k=rng.randint(20, 60))), rng.randint(16, 160)) for _ in range(n)]
+    pairs = [(" ".join(rng.choices(WORDS, k=rng.randint(20, 60))), rng.randint(16, 160)) for _ in range(n)]
+    return [(prompt, max_tokens or drawn) for prompt, drawn in pairs]
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
@@ -53,12 +56,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     except httpx.HTTPError as e:
         return Result(False, error=f"{type(e).__name__}: {e}")
     e2e = time.perf_counter() - start
-    return Result(True, ttft if ttft is not None else e2e, e2e, tokens)
+    return Result(True, ttft if ttft is not None else e2e, e2e, tokens, asked_tokens=max_tokens)
 
 
 async def run(base_url: str, model: str, concurrency: int, num_requests: int, seed: int,
-              api_key: str | None) -> dict:
-    prompts = make_prompts(num_requests, seed)
+              api_key: str | None, max_tokens: int | None = None) -> dict:
+    prompts = make_prompts(num_requests, seed, max_tokens)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
     limit = asyncio.Semaphore(concurrency)
@@ -93,9 +96,13 @@ def summarize(results: list[Result], wall: float, concurrency: int) -> dict:
         "wall_s": round(wall, 2),
         "request_throughput": round(len(ok) / wall, 3),
         "output_tokens_per_s": round(sum(r.output_tokens for r in ok) / wall, 1),
+        # answers whose reported completion_tokens differ from max_tokens (ignore_eos not honoured?)
+        "wrong_lengths": sum(r.output_tokens != r.asked_tokens for r in ok),
         "ttft_p50_s": round(statistics.median(ttft), 4) if ttft else None,
+        "ttft_p90_s": round(percentile(ttft, 0.90), 4),
         "ttft_p99_s": round(percentile(ttft, 0.99), 4),
         "e2e_p50_s": round(statistics.median(e2e), 4) if e2e else None,
+        "e2e_p90_s": round(percentile(e2e, 0.90), 4),
         "e2e_p99_s": round(percentile(e2e, 0.99), 4),
     }
 
@@ -107,13 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight at once")
     parser.add_argument("--num-requests", type=int, default=None, help="default: 4 x concurrency")
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and lengths")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="every answer this long (default: each drawn from 16-160)")
     parser.add_argument("--api-key", default=None, help="bearer key, if the server wants one")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     model = args.model or httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers).json()["data"][0]["id"]
     num = args.num_requests or 4 * args.concurrency
-    summary = asyncio.run(run(args.base_url, model, args.concurrency, num, args.seed, args.api_key))
+    summary = asyncio.run(run(args.base_url, model, args.concurrency, num, args.seed, args.api_key,
+                              args.max_tokens))
     if args.json:
         print(json.dumps(summary))
         return
