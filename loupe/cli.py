@@ -1,4 +1,5 @@
-"""`loupe serve [flags]` starts a server; `loupe bench [flags]` measures a running one."""
+"""`loupe serve [flags]` starts a server; `loupe bench [flags]` measures a running one;
+`loupe traces summary|show|export|plot FILE…` looks at the spans a server wrote to a file."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"serve": "loupe.launch_server", "bench": "loupe.bench"}
+    commands = {"serve": "loupe.launch_server", "bench": "loupe.bench", "traces": "loupe.traces.commands"}
     if not argv or argv[0] not in commands:
-        print("usage: loupe {serve,bench} [flags]   (loupe COMMAND --help for the flags)", file=sys.stderr)
+        print("usage: loupe {serve,bench,traces} [flags]   (loupe COMMAND --help for the flags)", file=sys.stderr)
         sys.exit(2)
     module = __import__(commands[argv[0]], fromlist=["main"])
     module.main(argv[1:])

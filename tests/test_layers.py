@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "loupe"
 LEVELS = [  # bottom first, as drawn in docs/architecture.md
     {"core", "config", "distributed"},
     {"ipc", "stops", "process"},
-    {"tracing"},
+    {"tracing", "traces"},
     {"model"},
     {"runner"},
     {"disagg"},

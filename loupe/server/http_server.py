@@ -355,7 +355,8 @@ class OpenAIRoutes:
 
     def _start_trace(self, request: Request, rid: str, operation: str, body, prompt) -> RequestTrace | None:
         """Open the request's trace; kept on `request.state` so an error response can end it."""
-        attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name}
+        attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name,
+                      "http.route": request.url.path}
         if not isinstance(body, GenerateRequest):
             attributes["gen_ai.request.model"] = body.model
         if self.role != "null":

@@ -1,0 +1,128 @@
+"""`loupe traces summary | show | export | plot FILE…`: look at the OTLP JSON lines a server
+wrote with `--otlp-endpoint file:///path/traces.jsonl`, without a tracing backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+from loupe.traces import perfetto
+from loupe.traces.reader import SpanFile, read_files, total_bytes
+from loupe.traces.requests import all_requests
+
+PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
+WIDTH_OFF_TERMINAL = 150  # columns of output to a file or pipe (rich would take 80): ids stay whole
+
+
+def load(paths: list[str], console: Console) -> SpanFile:
+    """Read the files, with a progress bar when they are large; one line and exit 1 when there is
+    nothing to read."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SystemExit(f"loupe traces: no such file: {missing[0]}")
+    size = total_bytes(paths)
+    if size < PROGRESS_FROM_BYTES or not console.is_terminal:
+        spans = read_files(paths)
+    else:
+        columns = (TextColumn("reading spans"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            task = progress.add_task("read", total=size)
+            spans = read_files(paths, lambda n: progress.advance(task, n))
+    if spans.bad_lines:
+        console.print(f"[yellow]skipped {spans.bad_lines} lines that are not OTLP JSON[/yellow]")
+    if not spans.traces:
+        raise SystemExit("loupe traces: no spans in " + ", ".join(paths))
+    return spans
+
+
+def summary(args: argparse.Namespace, console: Console) -> None:
+    from loupe.traces.summary import summarize, tables
+
+    spans = load(args.files, console)
+    requests = all_requests(spans.traces)
+    result = summarize(requests, args.slowest)
+    if args.json:
+        print(json.dumps({"files": args.files, "traces": len(spans.traces), **result}, indent=2))
+        return
+    console.print(f"{len(requests)} requests in {len(spans.traces)} traces from {len(args.files)} file(s)")
+    for table in tables(result):
+        console.print(table)
+
+
+def show(args: argparse.Namespace, console: Console) -> None:
+    from loupe.traces.waterfall import find_trace, waterfall
+
+    spans = load(args.files, console)
+    trace_id = find_trace(spans.traces, args.trace_id)
+    console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold))
+
+
+def export(args: argparse.Namespace, console: Console) -> None:
+    spans = load(args.files, console)
+    traces = spans.traces
+    if args.trace_id:
+        from loupe.traces.waterfall import find_trace
+
+        trace_id = find_trace(traces, args.trace_id)
+        traces = {trace_id: traces[trace_id]}
+    with open(args.output, "w") as f:
+        json.dump(perfetto.trace_events(traces), f, separators=(",", ":"))
+    console.print(f"wrote {args.output}: {len(traces)} traces; open it at https://ui.perfetto.dev or chrome://tracing")
+
+
+def plot(args: argparse.Namespace, console: Console) -> None:
+    from loupe.traces.plot import plot as draw
+
+    spans = load(args.files, console)
+    drawn = draw(all_requests(spans.traces), args.output)
+    console.print(f"wrote {args.output}: {drawn} requests")
+
+
+def parser() -> argparse.ArgumentParser:
+    from loupe.config import OneLineErrorParser
+
+    top = OneLineErrorParser(prog="loupe traces", description=__doc__)
+    commands = top.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    files = {"nargs": "+", "metavar": "FILE", "help": "OTLP JSON lines files (rotated ones too: traces*.jsonl)"}
+
+    p = commands.add_parser("summary", help="stage latency percentiles and shares, per route and overall")
+    p.add_argument("files", **files)
+    p.add_argument("--slowest", type=int, default=0, metavar="N", help="also list the N slowest requests")
+    p.add_argument("--json", action="store_true", help="print JSON (seconds) instead of tables (ms)")
+    p.set_defaults(run=summary)
+
+    p = commands.add_parser("show", help="one trace as a terminal waterfall")
+    p.add_argument("trace_id", metavar="TRACE_ID", help="a trace id, a unique prefix of one, or a request id")
+    p.add_argument("files", **files)
+    p.add_argument("--fold", action="store_true", help="one line for each run of decode steps or chunks")
+    p.add_argument("--bar-width", type=int, default=40, help="columns of the time axis (default: 40)")
+    p.set_defaults(run=show)
+
+    p = commands.add_parser("export", help="Chrome trace-event JSON for Perfetto or chrome://tracing")
+    p.add_argument("files", **files)
+    p.add_argument("--format", choices=["perfetto"], default="perfetto", help="perfetto (Chrome trace-event JSON)")
+    p.add_argument("-o", "--output", default="traces.perfetto.json", help="default: traces.perfetto.json")
+    p.add_argument("--trace-id", help="only this trace (id, prefix or request id)")
+    p.set_defaults(run=export)
+
+    p = commands.add_parser("plot", help="a PNG of each request's stages, by arrival")
+    p.add_argument("files", **files)
+    p.add_argument("-o", "--output", default="traces.png", help="default: traces.png")
+    p.set_defaults(run=plot)
+    return top
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = WIDTH_OFF_TERMINAL
+    try:
+        args.run(args, console)
+    except LookupError as e:  # a trace id that names no trace, or several
+        raise SystemExit(f"loupe traces {args.command}: {e}") from None
