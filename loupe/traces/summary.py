@@ -81,9 +81,12 @@ def group_table(title: str, group: dict) -> Table:
 
 def slowest_table(rows: list[dict]) -> Table:
     table = Table(title=f"The {len(rows)} slowest requests", title_justify="left")
-    for column, justify in (("trace id", "left"), ("request", "left"), ("route", "left"), ("e2e ms", "right"),
-                            ("ttft ms", "right"), ("dominant stage", "left")):
-        table.add_column(column, justify=justify, no_wrap=column != "dominant stage")
+    table.add_column("trace id", no_wrap=True, min_width=32)  # whole: it is what `loupe traces show` takes
+    table.add_column("request", no_wrap=True, overflow="ellipsis", max_width=20)
+    table.add_column("route", no_wrap=True, overflow="ellipsis", max_width=22)
+    for column in ("e2e ms", "ttft ms"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=8)
+    table.add_column("dominant stage", min_width=12)
     for row in rows:
         dominant = f"{row['dominant_stage']} {ms(row['dominant_seconds'])} ms ({row['dominant_share']:.0%})"
         table.add_row(row["trace_id"], row["rid"] + (" (error)" if row["error"] else ""), row["route"],

@@ -99,13 +99,14 @@ def waterfall(spans: list[Span], width: int = 40, folded: bool = False) -> Table
     total = max(max(s.end for s in spans) - origin, 1)
     table = Table(title=f"trace {spans[0].trace_id}: {len(spans)} spans, {total / 1e6:.1f} ms",
                   title_justify="left", box=None, pad_edge=False)
-    table.add_column("span", no_wrap=True)
-    table.add_column("start ms", justify="right", no_wrap=True)
-    table.add_column("ms", justify="right", no_wrap=True)
+    rows = [(prefix + label(span) + (f" ×{count}" if count > 1 else ""), f"{(span.start - origin) / 1e6:.2f}",
+             f"{(span.end - span.start) / 1e6:.2f}", bar(span, origin, total, width), details(span) if count == 1 else "")
+            for prefix, span, count in ordered_rows(spans, folded)]
+    for i, heading in enumerate(("span", "start ms", "ms")):  # never cut: on a narrow terminal the details wrap
+        table.add_column(heading, justify="left" if i == 0 else "right", no_wrap=True,
+                         min_width=max(len(heading), *(len(row[i]) for row in rows)))
     table.add_column("", min_width=width, no_wrap=True)
     table.add_column("")
-    for prefix, span, count in ordered_rows(spans, folded):
-        name = label(span) + (f" ×{count}" if count > 1 else "")
-        table.add_row(prefix + name, f"{(span.start - origin) / 1e6:.2f}", f"{(span.end - span.start) / 1e6:.2f}",
-                      bar(span, origin, total, width), details(span) if count == 1 else "")
+    for row in rows:
+        table.add_row(*row)
     return table
