@@ -19,10 +19,11 @@ def plot(requests: list[RequestTimes], path: str, title: str = "Where the time w
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ok = [r for r in requests if not r.error]
     x = range(len(ok))
-    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, len(ok) * 0.12 + 4)), 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(max(7.5, min(24.0, len(ok) * 0.12 + 5.5)), 4.5), dpi=120)
     bottom = [0.0] * len(ok)
     for stage in STACKED:
         heights = [(r.stages[stage] or 0.0) * 1000 for r in ok]
@@ -31,11 +32,12 @@ def plot(requests: list[RequestTimes], path: str, title: str = "Where the time w
     ttft = [(i, r.ttft * 1000) for i, r in enumerate(ok) if r.ttft is not None]
     if ttft:
         ax.scatter(*zip(*ttft, strict=True), marker="_", color="black", s=40, label="time to first token", zorder=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("request, in order of arrival")
     ax.set_ylabel("ms")
     errors = len(requests) - len(ok)
     ax.set_title(f"{title}: {len(ok)} requests" + (f" ({errors} failed, not drawn)" if errors else ""))
-    ax.legend(loc="upper left", fontsize="small", ncols=3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     ax.margins(x=0.01)
     fig.tight_layout()
     fig.savefig(path)
