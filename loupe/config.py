@@ -85,7 +85,9 @@ class ServerArgs:
     max_request_body_mb: float = _flag(8.0, "largest request body accepted, in MB: a larger one gets a 413 "
                                             "before anything reads it")
     enable_tracing: bool = _flag(False, "trace every request with OpenTelemetry", "--enable-trace")
-    otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported (OTLP)", "--otlp-traces-endpoint")
+    otlp_endpoint: str = _flag("http://localhost:4317", "where spans are exported: an OTLP endpoint, or "
+                                 "file:///path/traces.jsonl for OTLP JSON lines (read by `loupe traces`)",
+                                 "--otlp-traces-endpoint")
     trace_level: Literal[0, 1, 2, 3] = _flag(3, "0: off (until raised with POST /set_trace_level); 1: root span "
                                                 "only; 2: plus stages; 3: plus chunks and decode steps (also "
                                                 "from LOUPE_TRACE_LEVEL or SGLANG_TRACE_LEVEL)")
