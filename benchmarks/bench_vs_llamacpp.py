@@ -17,7 +17,9 @@ batching and `-np` slots for the highest concurrency, each slot with room for it
 answer. Both stay up; the idle one costs nothing. Every round runs `loupe bench`'s load
 (streaming /v1/completions, greedy, `ignore_eos`) on each server, the order alternating between
 rounds, with the same prompts for both and fresh prompts every round (neither prefix cache
-helps). Every answer is --max-tokens long: the usage each server reports is checked, so output
+helps), each request on a fresh connection (llama-server closes its connection after every
+streamed answer without saying so, and a client that reuses it fails now and then under load).
+Every answer is --max-tokens long: the usage each server reports is checked, so output
 tok/s counts the same work on both. Prints, per concurrency, medians over rounds of output tok/s,
 TTFT and e2e p50/p90/p99 for both, and the per-round ratios loupe / llama-server: median and a
 95% bootstrap interval of the median, with the lowest and highest.
@@ -219,7 +221,7 @@ KEYS = ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p5
 
 
 def load(url: str, model: str, concurrency: int, num: int, seed: int, max_tokens: int) -> dict:
-    summary = asyncio.run(run_load(url, model, concurrency, num, seed, None, max_tokens))
+    summary = asyncio.run(run_load(url, model, concurrency, num, seed, None, max_tokens, keepalive=False))
     if summary["failed"] or summary["wrong_lengths"]:
         raise RuntimeError(f"{url}: {summary['failed']} failed, {summary['wrong_lengths']} answers not "
                            f"{max_tokens} tokens long by their usage: {summary}")
@@ -269,6 +271,8 @@ def main() -> None:
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
     version_line = next((ln for ln in (version.stdout + version.stderr).splitlines() if ln.startswith("version")),
                         "version unknown")
+    if binary.parent == cache_dir():
+        version_line += f", the llama.cpp of llama-cpp-python {LLAMA_CPP_PYTHON}"
     if args.build_only:
         print(binary)
         return
@@ -315,7 +319,7 @@ def main() -> None:
                     results[name, c].append(summary)
                     line.append(f"{name} {summary['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
                                 f"{summary['ttft_p50_s']:.3f} s, e2e p50 {summary['e2e_p50_s']:.2f} s")
-                log(f"round {r + 1}/{rounds} C={c} ({num} requests): " + "; ".join(line))
+                log(f"round {r + 1}/{rounds} C={c} ({num} requests, load {os.getloadavg()[0]:.1f}): " + "; ".join(line))
     finally:
         for proc in servers.values():
             stop(proc)

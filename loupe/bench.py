@@ -60,12 +60,12 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
 
 
 async def run(base_url: str, model: str, concurrency: int, num_requests: int, seed: int,
-              api_key: str | None, max_tokens: int | None = None) -> dict:
+              api_key: str | None, max_tokens: int | None = None, keepalive: bool = True) -> dict:
     prompts = make_prompts(num_requests, seed, max_tokens)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/completions"
     limit = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=None if keepalive else 0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
 
         async def bounded(prompt: str, max_tokens: int) -> Result:
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and lengths")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="every answer this long (default: each drawn from 16-160)")
+    parser.add_argument("--no-keepalive", action="store_true",
+                        help="a fresh connection for every request (llama-server closes its connection after "
+                             "each streamed answer without saying so: a reused one can fail under load)")
     parser.add_argument("--api-key", default=None, help="bearer key, if the server wants one")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     model = args.model or httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers).json()["data"][0]["id"]
     num = args.num_requests or 4 * args.concurrency
     summary = asyncio.run(run(args.base_url, model, args.concurrency, num, args.seed, args.api_key,
-                              args.max_tokens))
+                              args.max_tokens, not args.no_keepalive))
     if args.json:
         print(json.dumps(summary))
         return
