@@ -320,6 +320,9 @@ def main() -> None:
                     line.append(f"{name} {summary['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
                                 f"{summary['ttft_p50_s']:.3f} s, e2e p50 {summary['e2e_p50_s']:.2f} s")
                 log(f"round {r + 1}/{rounds} C={c} ({num} requests, load {os.getloadavg()[0]:.1f}): " + "; ".join(line))
+    except BaseException:
+        log(f"stopped; the servers' logs are in {logs}")
+        raise
     finally:
         for proc in servers.values():
             stop(proc)
