@@ -20,6 +20,7 @@ class WorkerSettings:
 
     model_path: str | None
     dtype: str
+    quantization: str
     device: str
     context_length: int | None
     max_total_tokens: int | None
@@ -60,6 +61,9 @@ class ServerArgs:
     host: str = _flag("127.0.0.1", "address the HTTP server listens on")
     port: int = _flag(30000, "port the HTTP server listens on")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _flag("auto", "weights and activations dtype")
+    quantization: Literal["auto", "none", "int4"] = _flag(
+        "auto", "int4: the layers' weights held and multiplied as 4-bit groups of 32 (CPU); none: in --dtype, "
+                "dequantised exactly from a quantised GGUF; auto: int4 for a GGUF stored in Q4_0/Q4_1, else none")
     device: Literal["auto", "cpu", "cuda"] = _flag("auto", "where the model runs")
     tp_size: int = _flag(1, "tensor parallel degree: each layer split over this many scheduler processes")
     pp_size: int = _flag(1, "pipeline parallel degree: the layers split into this many stages")

@@ -138,11 +138,13 @@ class ModelInfo:
     model_path: str
     device: str
     dtype: str
+    quantization: str  # "none" or "int4"
     load_seconds: float
     limits: RequestLimits
 
     def as_dict(self) -> dict:
         return {"model_path": self.model_path, "device": self.device, "dtype": self.dtype,
+                "quantization": self.quantization,
                 "load_seconds": self.load_seconds, "max_total_tokens": self.limits.max_total_tokens,
                 "context_length": self.limits.context_length}
 

@@ -105,6 +105,8 @@ def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], PreTrainedToken
         )
     names = {info.name: _hf_name(path, info.name) for info in tensors}
     config = _hf_config(path, metadata, {info.name: info.shape for info in tensors})
+    config["gguf_layer_types"] = sorted({info.qtype.name for info in tensors if info.name.startswith("blk.")
+                                         and len(info.shape) == 2})
     state_dict = {
         names[info.name]: _load_tensor(path, blob, info, config, architecture) for info in tensors
     }

@@ -14,6 +14,10 @@ from loupe.model.config import ModelConfig
 from loupe.model.gguf_loader import bundled_model_path, load_gguf, load_gguf_tokenizer
 from loupe.model.layers import RotaryEmbedding, pack_linears
 from loupe.model.llama import MODEL_CLASSES
+from loupe.model.quant import int4_supported, quantize_model
+
+# GGUF weight types whose blocks of 32 int4 groups hold (Q4_1 exactly: BENCHMARKS.md, accuracy)
+FOUR_BIT_GGUF_TYPES = {"Q4_0", "Q4_1"}
 
 
 @dataclass
@@ -23,6 +27,7 @@ class LoadedModel:
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     path: str
     eos_token_ids: tuple[int, ...]
+    quantization: str = "none"  # "int4": the layers' linears compute from int4 groups
 
 
 def resolve_dtype(dtype: str, device: str, hf_config: dict) -> torch.dtype:
@@ -33,6 +38,19 @@ def resolve_dtype(dtype: str, device: str, hf_config: dict) -> torch.dtype:
         return torch.float32
     stored = hf_config.get("torch_dtype") or hf_config.get("dtype") or "bfloat16"
     return torch.float32 if stored == "float32" else torch.bfloat16
+
+
+def resolve_quantization(quantization: str, device: str, torch_dtype: torch.dtype, hf_config: dict) -> str:
+    """"none" or "int4". "auto" is int4 for a GGUF whose layers are stored in 4 bits (computing
+    from the file's own weights), on CPU in float32 or bfloat16; none for anything else."""
+    usable = device == "cpu" and torch_dtype in (torch.float32, torch.bfloat16) and int4_supported()
+    if quantization == "auto":
+        layer_types = set(hf_config.get("gguf_layer_types", ()))
+        return "int4" if usable and layer_types and layer_types <= FOUR_BIT_GGUF_TYPES else "none"
+    if quantization == "int4" and not usable:
+        raise ValueError(f"--quantization int4 needs the CPU and a float32 or bfloat16 --dtype "
+                         f"(got {device}, {str(torch_dtype).removeprefix('torch.')})")
+    return quantization
 
 
 def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor], object]:
@@ -89,6 +107,7 @@ def load_model(
     device: str = "cpu",
     context_length: int | None = None,
     comm: Comm | None = None,
+    quantization: str = "auto",
 ) -> LoadedModel:
     """The model (this rank's part of it, given a `comm` with several ranks), ready to run."""
     path = path or bundled_model_path()
@@ -98,6 +117,7 @@ def load_model(
     except (KeyError, ValueError) as e:
         raise ValueError(f"cannot load model from {path!r}: {e}") from None
     torch_dtype = resolve_dtype(dtype, device, hf_config)
+    quantization = resolve_quantization(quantization, device, torch_dtype, hf_config)
     max_positions = context_length or config.max_position_embeddings
     with torch.device("meta"):  # no memory and no random init: every weight comes from the file
         try:
@@ -110,10 +130,12 @@ def load_model(
         raise ValueError(f"cannot load model from {path!r}: {e}") from None
     with torch.device(device):
         model.rotary = RotaryEmbedding(config, max_positions)  # buffers, not weights: computed here
+    if quantization == "int4":
+        quantize_model(model)
     if device == "cpu" and torch_dtype in (torch.float32, torch.bfloat16):
-        pack_linears(model)
+        pack_linears(model)  # the linears quantize_model left
     model.eval()
-    return LoadedModel(model, config, tokenizer, path, eos_ids(hf_config, config, tokenizer))
+    return LoadedModel(model, config, tokenizer, path, eos_ids(hf_config, config, tokenizer), quantization)
 
 
 def load_tokenizer(path: str | None):

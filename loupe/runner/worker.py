@@ -40,7 +40,7 @@ class Worker:
         self.device = self.comm.device if comm else resolve_device(settings.device)
         t0 = time.perf_counter()
         self.model = loaded or load_model(settings.model_path, settings.dtype, self.device.type,
-                                          settings.context_length, self.comm)
+                                          settings.context_length, self.comm, settings.quantization)
         self.load_seconds = time.perf_counter() - t0
         config = self.model.config
         self.tokenizer = self.model.tokenizer
@@ -84,4 +84,4 @@ class Worker:
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(self.model.path, str(self.device), str(self.dtype).removeprefix("torch."),
-                         round(self.load_seconds, 2), self.limits)
+                         self.model.quantization, round(self.load_seconds, 2), self.limits)

@@ -12,7 +12,7 @@ from loupe.scheduler.request import Req
 
 def test_bundled_model_matches_transformers():
     started = time.perf_counter()
-    engine = Engine(dtype="float32")
+    engine = Engine(dtype="float32", quantization="none")  # the exact path
     load_seconds = time.perf_counter() - started
     reference, tokenizer = bundled_reference()
 

@@ -113,6 +113,7 @@ def test_bundled_config(loaded):
         "bos_token_id": 1,
         "eos_token_id": 2,
         "pad_token_id": 2,
+        "gguf_layer_types": ["Q4_1"],  # what --quantization auto reads
     }
     assert "lm_head.weight" not in state_dict
     assert state_dict["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)

@@ -1,0 +1,96 @@
+"""Weight-only int4 linears for CPU decoding: 4-bit weights in groups of 32 along the input,
+each group with a scale and a zero, multiplied by PyTorch's int4 CPU kernel.
+
+Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth over
+weight bytes: int4 groups read ~0.75 byte a weight against float32's 4. The groups are those
+of GGUF's Q4_0 and Q4_1 (32 weights, a scale and a minimum), and Q4_1's quantiser puts the
+smallest weight of a group on 0 and the largest on 15, so quantising a dequantised Q4_1 tensor
+again finds the file's own grid: loupe computes from the checkpoint's quantised weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loupe.model.layers import PackedLinear
+
+GROUP = 32
+LEVELS = 15  # 4 bits: 0..15
+INT4_MAX_ROWS = 4  # more rows than this go through the exact copy (measured: BENCHMARKS.md)
+
+
+def int4_supported() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
+def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(4-bit codes 0..15 `[out, in]`, scales and zeros `[in / 32, out, 2]`) of a float weight,
+    min-max per group; the kernel's weight is `(code - 8) * scale + zero`."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // GROUP, GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scale = ((high - low) / LEVELS).clamp(min=torch.finfo(torch.float32).tiny)
+    codes = ((groups - low) / scale).round().clamp(0, LEVELS).to(torch.int32).reshape(out_features, in_features)
+    zero = low + 8 * scale
+    scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    return codes, scales_and_zeros
+
+
+def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """The float weight that `quantize_int4`'s output stands for."""
+    out_features, in_features = codes.shape
+    scale, zero = scales_and_zeros.transpose(0, 1).unsqueeze(-2).unbind(-1)
+    groups = codes.reshape(out_features, in_features // GROUP, GROUP).float()
+    return ((groups - 8) * scale + zero).reshape(out_features, in_features)
+
+
+class Int4Linear(nn.Module):
+    """A linear layer computed from int4 groups for a few rows at a time (decoding a few
+    requests, where reading the weights is the cost), and from the same grid in the model's
+    dtype for more rows (prefill and batched decoding, where arithmetic is the cost and the
+    int4 kernel, unpacking the weights again for every four rows, is slower than oneDNN's).
+    The int4 kernel computes in bfloat16; the wide path is exact."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features, self.in_features = linear.weight.shape
+        codes, scales_and_zeros = quantize_int4(linear.weight.detach())
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+        grid = nn.Linear(self.in_features, self.out_features, bias=False)
+        grid.weight = nn.Parameter(dequantize_int4(codes, scales_and_zeros).to(linear.weight.dtype), requires_grad=False)
+        grid.bias = linear.bias
+        self.wide = PackedLinear(grid)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > INT4_MAX_ROWS:
+            return self.wide(x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
+                                                        self.scales_and_zeros)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def quantizable(linear: nn.Module) -> bool:
+    if not isinstance(linear, nn.Linear) or linear.weight.device.type != "cpu":
+        return False
+    out_features, in_features = linear.weight.shape
+    return in_features % GROUP == 0 and out_features % 16 == 0
+
+
+def quantize_model(model: nn.Module) -> int:
+    """Swap the decoder layers' linears for Int4Linears; how many were swapped. The LM head
+    stays (in a GGUF it is the 8-bit embedding, and the logits are what a user reads), and so
+    do linears int4 cannot hold (an input size not a multiple of 32)."""
+    count = 0
+    for module_name, parent in list(model.named_modules()):
+        if "lm_head" in module_name.split("."):
+            continue
+        for name, child in list(parent.named_children()):
+            if quantizable(child):
+                setattr(parent, name, Int4Linear(child))
+                count += 1
+    return count
