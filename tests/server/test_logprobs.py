@@ -1,15 +1,40 @@
 """Logprobs over HTTP on the bundled SmolLM2-135M-Instruct: equal to transformers' log-softmax,
 in OpenAI's shapes (the `openai` client parses them), streamed, and /generate's return_logprob."""
 
+import openai
 import pytest
 import torch
 from reference_models import bundled_reference
-from server_harness import BUNDLED_NAME, assert_openai_error, sse_events
+from server_harness import BUNDLED_NAME, LiveServer, assert_openai_error, sse_events
 
 MODEL = BUNDLED_NAME
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]  # the parity prompt (tests/model)
 GREEDY = {"temperature": 0, "max_tokens": 16}
 TOP = 5
+
+
+@pytest.fixture(scope="module")
+def exact_server(server_logs):
+    """The bundled model on its exact float32 path (its default computes from int4 weights,
+    transformers from the dequantised ones): a server of this module's own."""
+    server = LiveServer("--quantization", "none", log_dir=server_logs).start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(exact_server):
+    with exact_server.client() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(exact_server):
+    with openai.OpenAI(base_url=exact_server.url("/v1"), api_key="x", max_retries=0, timeout=120) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
