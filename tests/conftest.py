@@ -45,14 +45,10 @@ def server_logs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def bundled_server(server_logs):
     """The bundled SmolLM2-135M-Instruct GGUF, default flags. Shared: tests must leave it idle."""
-    from server_harness import LiveServer
+    from server_harness import serving
 
-    server = LiveServer(log_dir=server_logs).start()
-    try:
-        server.wait_ready()
+    with serving(log_dir=server_logs) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

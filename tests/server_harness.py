@@ -8,6 +8,7 @@ survive, so no test leaves a process behind (an atexit hook covers the worst cas
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import re
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -192,6 +194,17 @@ class LiveServer:
 
 
 @atexit.register
+@contextlib.contextmanager
+def serving(*args: object, log_dir: str) -> Iterator[LiveServer]:
+    """A server with these flags, ready, stopped on leaving."""
+    server = LiveServer(*args, log_dir=log_dir).start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
 def _stop_all() -> None:
     for server in list(_live):
         server.stop()

@@ -17,7 +17,7 @@ from loupe.model.layers import PackedLinear
 
 GROUP = 32
 LEVELS = 15  # 4 bits: 0..15
-INT4_MAX_ROWS = 4  # more rows than this go through the exact copy (measured: BENCHMARKS.md)
+INT4_MAX_ROWS = 16  # more rows than this go through the exact copy (measured: BENCHMARKS.md, int4 weights)
 
 
 def int4_supported() -> bool:
@@ -46,10 +46,10 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torc
 
 
 class Int4Linear(nn.Module):
-    """A linear layer computed from int4 groups for a few rows at a time (decoding a few
+    """A linear layer computed from int4 groups for up to INT4_MAX_ROWS rows (decoding a few
     requests, where reading the weights is the cost), and from the same grid in the model's
-    dtype for more rows (prefill and batched decoding, where arithmetic is the cost and the
-    int4 kernel, unpacking the weights again for every four rows, is slower than oneDNN's).
+    dtype for more (prefill and larger batches, where arithmetic is the cost and the int4
+    kernel, unpacking the weights again for every four rows, is slower than oneDNN's).
     The int4 kernel computes in bfloat16; the wide path is exact."""
 
     def __init__(self, linear: nn.Linear):

@@ -5,7 +5,7 @@ import openai
 import pytest
 import torch
 from reference_models import bundled_reference
-from server_harness import BUNDLED_NAME, LiveServer, assert_openai_error, sse_events
+from server_harness import BUNDLED_NAME, assert_openai_error, serving, sse_events
 
 MODEL = BUNDLED_NAME
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]  # the parity prompt (tests/model)
@@ -17,12 +17,8 @@ TOP = 5
 def exact_server(server_logs):
     """The bundled model on its exact float32 path (its default computes from int4 weights,
     transformers from the dequantised ones): a server of this module's own."""
-    server = LiveServer("--quantization", "none", log_dir=server_logs).start()
-    try:
-        server.wait_ready()
+    with serving("--quantization", "none", log_dir=server_logs) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
