@@ -167,6 +167,8 @@ def main() -> None:
                         help="requests per concurrency level (default: max(2*concurrency, 8))")
     parser.add_argument("--seed", type=int, default=0, help="seed for prompts and output lengths")
     parser.add_argument("--model-path", default=None, help="checkpoint (default: bundled SmolLM2-135M GGUF)")
+    parser.add_argument("--quantization", default="none", choices=["none", "int4", "auto"],
+                        help="loupe's weights (default none: the same float weights transformers runs)")
     args = parser.parse_args()
     start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -175,7 +177,8 @@ def main() -> None:
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads; measuring matmul peak")
     peaks = {d: matmul_peak_gflops(getattr(torch, d)) for d in args.dtypes}
     # A throwaway engine gives the checkpoint path and tokenizer; also used for the sanity check.
-    engine = Engine(model_path=args.model_path, dtype="float32", max_running_requests=1, disable_radix_cache=True)
+    engine = Engine(model_path=args.model_path, dtype="float32", max_running_requests=1, disable_radix_cache=True,
+                    quantization=args.quantization)
     tokenizer = engine.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -199,7 +202,7 @@ def main() -> None:
             reqs = all_reqs[:counts[c]]
             # Radix cache off: measure batching, not prefix reuse (transformers has none here).
             engine = Engine(model_path=args.model_path, dtype=dtype, max_running_requests=c,
-                            disable_radix_cache=True)
+                            disable_radix_cache=True, quantization=args.quantization)
             engine.generate(input_ids=warm.ids, sampling_params={"max_new_tokens": 8, "ignore_eos": True})
             log(f"{dtype} C={c}: loupe, {len(reqs)} requests")
             tokens, t_loupe = run_loupe(engine, reqs)
