@@ -193,7 +193,6 @@ class LiveServer:
         return True
 
 
-@atexit.register
 @contextlib.contextmanager
 def serving(*args: object, log_dir: str) -> Iterator[LiveServer]:
     """A server with these flags, ready, stopped on leaving."""
@@ -205,6 +204,7 @@ def serving(*args: object, log_dir: str) -> Iterator[LiveServer]:
         server.stop()
 
 
+@atexit.register
 def _stop_all() -> None:
     for server in list(_live):
         server.stop()

@@ -10,6 +10,9 @@ again finds the file's own grid: loupe computes from the checkpoint's quantised 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -18,6 +21,20 @@ from loupe.model.layers import PackedLinear
 GROUP = 32
 LEVELS = 15  # 4 bits: 0..15
 INT4_MAX_ROWS = 16  # more rows than this go through the exact copy (measured: BENCHMARKS.md, int4 weights)
+_exact_only = False  # set for a forward pass that prefills (see exact_matmuls)
+
+
+@contextlib.contextmanager
+def exact_matmuls(on: bool) -> Iterator[None]:
+    """While on, every Int4Linear takes its exact path. The runner turns it on for a forward
+    pass that prefills, so a prompt's first token comes out the same whether its prefix was
+    cached (a few rows left to compute) or not (many)."""
+    global _exact_only
+    before, _exact_only = _exact_only, on
+    try:
+        yield
+    finally:
+        _exact_only = before
 
 
 def int4_supported() -> bool:
@@ -46,11 +63,11 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torc
 
 
 class Int4Linear(nn.Module):
-    """A linear layer computed from int4 groups for up to INT4_MAX_ROWS rows (decoding a few
-    requests, where reading the weights is the cost), and from the same grid in the model's
-    dtype for more (prefill and larger batches, where arithmetic is the cost and the int4
-    kernel, unpacking the weights again for every four rows, is slower than oneDNN's).
-    The int4 kernel computes in bfloat16; the wide path is exact."""
+    """A linear layer computed from int4 groups for decoding up to INT4_MAX_ROWS rows (where
+    reading the weights is the cost), and from the same grid in the model's dtype for more rows
+    and for prefill (where arithmetic is the cost and the int4 kernel, unpacking the weights
+    again for every four rows, is slower than oneDNN's). The int4 kernel computes in bfloat16;
+    the wide path is exact."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -66,7 +83,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > INT4_MAX_ROWS:
+        if _exact_only or flat.shape[0] > INT4_MAX_ROWS:
             return self.wide(x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
                                                         self.scales_and_zeros)

@@ -8,6 +8,7 @@ import torch
 
 from loupe.core import SamplingParams, TokenLogprob
 from loupe.model.loader import LoadedModel
+from loupe.model.quant import exact_matmuls
 from loupe.runner.attention import AttentionGroup, ForwardBatch, KVCache
 from loupe.runner.sampler import sample, token_logprobs
 
@@ -75,7 +76,8 @@ class ModelRunner:
         previous = None
         if not ranks.is_first_stage:
             previous = self.comm.recv_from_previous_stage((len(input_ids), self.hidden_size), self.kv.k.dtype)
-        hidden = self.model(input_ids, positions, batch, previous)
+        with exact_matmuls(batch.num_decode < len(input_ids)):  # a prefill: exact (model/quant.py)
+            hidden = self.model(input_ids, positions, batch, previous)
         if not ranks.is_last_stage:
             self.comm.send_to_next_stage(hidden)
 

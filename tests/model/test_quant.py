@@ -110,3 +110,16 @@ def test_int4_decoding_agrees_with_the_exact_path_on_the_parity_prompts(engines)
     # Measured: 32, 32, 23, 32 tokens before the first difference (near-ties flip in bfloat16).
     assert min(agreed) >= 16 and sum(agreed) >= 100, agreed
     assert "Paris" in texts[0]
+
+
+def test_exact_matmuls_take_the_exact_path_for_few_rows_too():
+    linear = nn.Linear(128, 96, bias=False)
+    linear.weight.data = q4_1_like(96, 128)
+    x = torch.randn(2, 128)
+    with torch.inference_mode():
+        int4 = Int4Linear(linear)
+        with quant.exact_matmuls(True):
+            exact = int4(x)
+        fast = int4(x)
+    torch.testing.assert_close(exact, linear(x), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(fast, exact)  # outside the context, the bfloat16 kernel again
