@@ -58,8 +58,8 @@ def test_raw_stream_closed_mid_way(bundled_server, aborts_before, path):
     with httpx.Client(timeout=60, trust_env=False) as http:
         with http.stream("POST", bundled_server.url(path), json=body) as r:
             assert r.status_code == 200
-            lines = 0
-            for line in r.iter_lines():
+            lines, reader = 0, r.iter_lines()  # held: a reader dropped mid-way closes the connection
+            for line in reader:
                 lines += line.startswith("data: ")
                 if lines == 3:
                     break
