@@ -60,6 +60,8 @@ class DetokenizerProcess:
         self.tracer = open_tracer(DetokenizerTracer, args.enable_tracing, endpoints.tracing)
         ctx = zmq.Context()
         self.tokens = ipc.bind(ctx, zmq.PULL, endpoints.detokenizer)
+        if self.tracer:  # wake at least once a second to flush spans (a timeout, not a poll per message)
+            self.tokens.rcvtimeo = 1000
         self.to_manager = ipc.connect(ctx, zmq.PUSH, endpoints.manager)
         self.states: dict[str, IncrementalText] = {}
         self.token_texts: dict[int, str] = {}  # token id -> its text alone (for logprobs)
@@ -67,10 +69,11 @@ class DetokenizerProcess:
     def run_forever(self) -> None:
         try:
             while True:
-                if self.tracer and not self.tokens.poll(1000):
+                try:
+                    batch = ipc.recv(self.tokens)
+                except zmq.Again:  # a quiet second, with tracing on
                     self.tracer.maybe_flush()
                     continue
-                batch = ipc.recv(self.tokens)
                 for out in batch.outputs:
                     self.convert(out)
                 ipc.send(self.to_manager, ipc.TextBatch(batch.outputs))
