@@ -19,12 +19,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout, uninstalled; the tests' logits probe
+from reference_models import loupe_step_logits  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout, uninstalled
 from loupe import Engine  # noqa: E402
-from loupe.core import SamplingParams, TokenizedRequest  # noqa: E402
-from loupe.scheduler.request import Req  # noqa: E402
 
 PARITY_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
                   "Explain photosynthesis in one sentence.", "Who wrote Hamlet?",
@@ -55,26 +54,6 @@ def speed(engines: dict[str, Engine], concurrency: int, rounds: int, tokens: int
     return result
 
 
-def step_logits(engine: Engine, prompt: list[int], continuation: list[int]) -> list[torch.Tensor]:
-    """Logits of the prompt's last position, then of each decode step feeding `continuation`."""
-    scheduler = engine.scheduler
-    req = Req(TokenizedRequest("bench", prompt, SamplingParams(max_new_tokens=len(continuation) + 1)), seed=0)
-    assert scheduler.kv.admit(req)
-    out = []
-    for token in [None, *continuation]:
-        if token is not None:
-            req.output_ids.append(token)
-        n = req.seq_len - req.kv_len
-        assert scheduler.kv.grow(req, req.seq_len)
-        batch, ids, pos = engine.worker.runner._prepare([req], [n])
-        with torch.inference_mode():
-            model = engine.worker.runner.model
-            out.append(model.compute_logits(model(ids, pos, batch)[-1:])[0])
-        req.kv_len += n
-    scheduler.kv.release(req, cache=False)
-    return out
-
-
 def accuracy(exact: Engine, fast: Engine) -> None:
     worst, agreed = 0.0, []
     for text in PARITY_PROMPTS:
@@ -82,8 +61,9 @@ def accuracy(exact: Engine, fast: Engine) -> None:
         a = exact.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
         b = fast.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
         agreed.append(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)))
-        for la, lb in zip(step_logits(exact, ids, a[:8]), step_logits(fast, ids, a[:8]), strict=True):
-            worst = max(worst, (la - lb).abs().max().item())
+        steps = zip(loupe_step_logits(exact.scheduler, ids, a[:8]), loupe_step_logits(fast.scheduler, ids, a[:8]),
+                    strict=True)
+        worst = max(worst, *((la[-1] - lb[-1]).abs().max().item() for la, lb in steps))
     print(f"greedy tokens before the first difference (of {GREEDY['max_new_tokens']}): {agreed}")
     print(f"largest logit difference, prefill and 8 decode steps of each prompt: {worst:.3f}")
 

@@ -3,32 +3,11 @@
 import pytest
 import torch
 import transformers
+from reference_models import loupe_step_logits
 
 from loupe import Engine
-from loupe.core import SamplingParams, TokenizedRequest
-from loupe.scheduler.request import Req
-from loupe.scheduler.scheduler import Scheduler
 
 from tiny_models import FAMILIES, write_tiny_model
-
-
-def loupe_logits(scheduler: Scheduler, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
-    """Logits of every prompt position (prefill), then one decode step per token of `steps`."""
-    req = Req(TokenizedRequest("t", prompt, SamplingParams(max_new_tokens=len(steps) + 1)), seed=0)
-    assert scheduler.kv.admit(req)
-    runner = scheduler.worker.runner
-    out, n = [], len(prompt)
-    for token in [None, *steps]:
-        if token is not None:
-            req.output_ids.append(token)
-            n = 1
-        assert scheduler.kv.grow(req, req.kv_len + n)
-        batch, ids, pos = runner._prepare([req], [n])
-        with torch.inference_mode():
-            out.append(runner.model.compute_logits(runner.model(ids, pos, batch)))
-        req.kv_len += n
-    scheduler.kv.release(req, cache=False)
-    return out
 
 
 def reference_logits(folder: str, prompt: list[int], steps: list[int]) -> list[torch.Tensor]:
@@ -45,7 +24,7 @@ def test_logits_match_transformers(tiny_model_dir, family):
     scheduler = Engine(folder, dtype="float32", page_size=4, max_total_tokens=256).scheduler
     prompt = scheduler.worker.tokenizer.encode("The capital of France is Paris. Hello, my name is")
     steps = [5, 17, 42, 99, 3]
-    ours = loupe_logits(scheduler, prompt, steps)
+    ours = loupe_step_logits(scheduler, prompt, steps)
     theirs = reference_logits(folder, prompt, steps)
     for a, b in zip(ours, theirs, strict=True):
         assert a.shape == b.shape
