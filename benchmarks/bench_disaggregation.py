@@ -110,7 +110,8 @@ def transfer_seconds(backend: str, num_tokens: int, repeats: int) -> list[float]
     for t in range(2):
         cache = (caches[1].k, caches[1].v)[t][:, page: (len(pages) + 1) * page][:, :num_tokens]
         assert torch.equal(cache, (caches[0].k, caches[0].v)[t][:, page: (len(pages) + 1) * page][:, :num_tokens])
-    handoff.sock.close(0)
+    handoff.close()
+    intake.close()
     return times
 
 

@@ -10,8 +10,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from loupe.core import is_loopback
+
 S = typing.TypeVar("S")
 TRACE_LEVEL_ENV = ("LOUPE_TRACE_LEVEL", "SGLANG_TRACE_LEVEL")  # first set wins
+SECRET_ENV = "LOUPE_DISAGGREGATION_SECRET"
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,16 @@ class ServerArgs:
         "null", "prefill or decode: this server is one half of a pair behind SGLang's router in PD mode, "
         "running prompts or generating from KV the other half computed (null: whole requests)")
     disaggregation_bootstrap_port: int = _flag(8998, "where a prefill server answers decode servers asking "
-                                                     "for a request's KV (on --host)")
+                                                     "for a request's KV")
+    disaggregation_bootstrap_host: str | None = _flag(None, "prefill server: the address its bootstrap port "
+                                                            "listens on, an internal interface say (default: --host)")
+    disaggregation_secret: str | None = _flag(
+        None, "shared by a pair's servers: authenticates and encrypts their bootstrap channel (also from "
+              f"{SECRET_ENV}, which keeps it out of the process list). Needed when the bootstrap port or a "
+              "prefill server is not on loopback; at least 16 characters")
+    disaggregation_prefill_hosts: str | None = _flag(
+        None, "decode server: the only prefill servers it may fetch KV from, comma-separated host or host:port "
+              "(default: any, given a secret; loopback only without one)")
     disaggregation_transfer_backend: Literal["nixl", "tcp"] = _flag(
         "nixl", "how KV moves from prefill to decode server: nixl (UCX; pip install --no-deps nixl==1.5.1 "
         "nixl-cu12==1.5.1) writes it page by page into the decode server's memory, tcp sends it as ZMQ frames")
@@ -160,9 +172,25 @@ class ServerArgs:
              "a number in [0, 1]")
         need(self.trace_keep_slower_than_ms is None or self.trace_keep_slower_than_ms >= 0,
              "trace_keep_slower_than_ms", "a number of milliseconds >= 0")
+        need(self.disaggregation_secret is None or len(self.disaggregation_secret) >= 16, "disaggregation_secret",
+             "at least 16 characters")
+        need(self.disaggregation_mode != "prefill" or self.disaggregation_secret is not None or
+             is_loopback(self.bootstrap_host), "disaggregation_secret",
+             f"given (or {SECRET_ENV} set) when the bootstrap port listens beyond loopback "
+             f"(on {self.bootstrap_host}): anyone who can reach it could otherwise ask for KV")
+        need(self.disaggregation_prefill_hosts is None or all(self.allowed_prefill_hosts), "disaggregation_prefill_hosts",
+             "comma-separated host or host:port entries")
         need(self.disaggregation_mode == "null" or self.tp_size * self.pp_size * self.dp_size * self.nnodes == 1,
              "disaggregation_mode", "null with --tp-size, --pp-size, --dp-size or --nnodes above 1 "
              "(a disaggregated server runs one rank)")
+
+    @property
+    def bootstrap_host(self) -> str:
+        return self.disaggregation_bootstrap_host or self.host
+
+    @property
+    def allowed_prefill_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in (self.disaggregation_prefill_hosts or "").split(",")]
 
     @property
     def allowed_origins(self) -> list[str]:
@@ -205,6 +233,8 @@ class ServerArgs:
                     parser.error(f"{name} must be 0, 1, 2 or 3, got {raw!r}")
                 parser.set_defaults(trace_level=int(raw))
                 break
+        if os.environ.get(SECRET_ENV):
+            parser.set_defaults(disaggregation_secret=os.environ[SECRET_ENV])
         ns = parser.parse_args(argv)
         try:
             return cls(**vars(ns))

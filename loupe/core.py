@@ -5,6 +5,7 @@ module imports nothing of loupe and sits at the bottom of every import chain."""
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 from dataclasses import dataclass, field, fields
 
@@ -185,6 +186,19 @@ class TraceContext:
         return format_traceparent(self.trace_id, self.root_span_id, self.decision == TraceDecision.SAMPLED)
 
 
+WILDCARD_HOSTS = ("", "*", "0.0.0.0", "::", "[::]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (no name is looked up)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class Bootstrap:
     """Where a disaggregated request's KV comes from: the prefill server's bootstrap address,
@@ -193,6 +207,27 @@ class Bootstrap:
     host: str
     port: int
     room: int
+
+    def check(self, allowed: list[str] | None = None, secret: bool = False, connects: bool = True) -> None:
+        """Raise InvalidRequest naming the field if a decode server (`connects`) must not connect
+        here: a malformed or wildcard host, a port or room out of range, a host off the
+        allow-list (`host` or `host:port` entries), or beyond loopback without a shared secret.
+        For a prefill server only the room is checked."""
+        if not 0 <= self.room < 1 << 64:
+            raise InvalidRequest(f"bootstrap_room must be in 0..2**64-1, got {self.room}", "bootstrap_room")
+        if not connects:
+            return
+        host = self.host
+        if host in WILDCARD_HOSTS or len(host) > 253 or not all(c.isalnum() or c in ".-_:[]" for c in host):
+            raise InvalidRequest(f"bootstrap_host must be a host name or address, got {host[:64]!r}", "bootstrap_host")
+        if not 0 < self.port < 65536:
+            raise InvalidRequest(f"bootstrap_port must be in 1..65535, got {self.port}", "bootstrap_port")
+        if allowed and host.lower() not in allowed and f"{host.lower()}:{self.port}" not in allowed:
+            raise InvalidRequest(f"bootstrap_host {host}:{self.port} is not among this server's "
+                                 "--disaggregation-prefill-hosts", "bootstrap_host")
+        if not secret and not is_loopback(host):
+            raise InvalidRequest(f"bootstrap_host {host} is not on loopback, and this decode server has no "
+                                 "--disaggregation-secret to authenticate it with", "bootstrap_host")
 
 
 @dataclass(frozen=True)

@@ -4,13 +4,15 @@
     scheduler --TokenBatch--> detokenizer --TextBatch--> tokenizer manager
     scheduler --SchedulerStats--> tokenizer manager (same socket as the text)
     every serving process --SpanBatch--> span exporter --ExporterStats--> tokenizer manager
-    decode scheduler --KVClaim--> prefill scheduler (bootstrap port) --KVHeader + K, V--> decode
 
 With --dp-size N a DP controller binds the scheduler's endpoint instead and forwards each
 request to one of N schedulers (`Endpoints.replica`), which also send it their stats.
 
 Messages are plain dataclasses of builtin types and loupe.core types, pickled: nothing from
-torch, transformers or OpenTelemetry crosses a process boundary.
+torch, transformers or OpenTelemetry crosses a process boundary. Pickle is safe here only
+because every socket is `ipc://` in a folder only this server's user can enter (0700, made
+by `Endpoints.create`); nothing another machine can reach is ever unpickled. The two servers
+of a prefill/decode pair talk over TCP in loupe.disagg.wire's checked format instead.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from loupe.core import FinishReason, KVLayout, TokenLogprob, TraceContext
+from loupe.core import FinishReason, TokenLogprob, TraceContext
 
 # ---- to the scheduler (TokenizedRequest is in loupe.core) ---------------------------------------
 
@@ -88,6 +90,7 @@ class SchedulerStats:
     num_received: int = 0  # requests received, ever (the DP controller counts those in transit)
     dp_rank: int = 0
     kv_cached_tokens: int = 0  # evictable prefix-cache pages, in tokens (neither free nor held)
+    kv_rejected: dict = field(default_factory=dict)  # bad frames from other servers, by reason (running totals)
 
 
 @dataclass
@@ -114,35 +117,6 @@ class SpanBatch:
     dropped: int  # spans this process had to drop since its last batch
     undecided: set = field(default_factory=set)  # trace ids whose spans wait for a verdict
     verdicts: list = field(default_factory=list)  # (trace id, why kept or None): tail keeping's
-
-
-# ---- between the two servers of a prefill/decode pair (over TCP) -------------------------------------
-
-
-@dataclass
-class KVClaim:
-    """Decode server -> the prefill server's bootstrap port: send me the KV of this room."""
-
-    room: int
-    num_tokens: int  # the prompt's: the decode server holds pages for them
-    layout: KVLayout
-    backend: str  # --disaggregation-transfer-backend
-    target: object = None  # nixl: a disagg.nixl.NixlTarget, where to write
-
-
-@dataclass
-class KVHeader:
-    """Prefill -> decode server: the first token (with its logprobs, if the request asked), and
-    (tcp) the K and V frames that follow ([layers, num_tokens, heads, dim] each), or (nixl) that
-    the write into the decode server's pages has completed; or alone, an error."""
-
-    room: int
-    first_token: int = -1
-    num_tokens: int = 0
-    error: str | None = None
-    num_bytes: int = 0  # nixl: what was written, and how long it took
-    seconds: float = 0.0
-    first_logprob: TokenLogprob | None = None
 
 
 # ---- where each process listens ------------------------------------------------------------------

@@ -1,78 +1,87 @@
 """The decode server's side of disaggregation: claim each request's KV, fill its pages.
 
 A request with bootstrap fields does not run its prompt here. The scheduler reserves pages
-for the prompt (`KVManager.admit_external`), and this intake sends a `KVClaim` for its room
-to the prefill server's bootstrap port. With `tcp` it writes the K and V that come back into
-those pages; with `nixl` the prefill server writes them there itself, and the request's KV
-has arrived once both NIXL's notification and the prefill server's header have come. With
-the first token the prefill server sampled, the request then joins the running batch as a
-decode (with its logprobs, when the request asked: the prefill server computed them);
-nothing waits for the network meanwhile. A request whose KV does not come within the
-timeout, or whose prefill server answers with an error, fails.
+for the prompt (`KVManager.admit_external`), and this intake sends a `wire.Claim` for its
+room to the prefill server's bootstrap port, over one authenticated link per prefill server
+(channel.Link). With `tcp` it writes the K and V that come back into those pages; with `nixl`
+the prefill server writes them there itself, and the request's KV has arrived once both
+NIXL's notification and the prefill server's `KVReady` have come. It then tells the prefill
+server it has the KV (`Received`), and with the first token the prefill server sampled the
+request joins the running batch as a decode; nothing waits for the network meanwhile.
+
+A request fails, its pages freed, when its prefill server refuses it (the error is worded
+here from the refusal's code: a peer's text is never passed on), when the link to that server
+fails (refused, no handshake, dropped: known within seconds from the link's monitor and
+heartbeats; every request on the link fails at once), or when its KV has not come within the
+timeout. A link without requests for `IDLE_CLOSE_S` is closed.
+
+An aborted request whose KV NIXL may still be writing keeps its pages out of the pool
+(`KVManager.detach`) until the prefill server answers, the link fails, or the timeout passes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 
 import torch
 import zmq
 
-from loupe import ipc
 from loupe.core import KVLayout
+from loupe.disagg import channel, wire
 from loupe.disagg.nixl import NixlKV
 from loupe.disagg.prefill import page_slots
 from loupe.runner.attention import KVCache
 
+logger = logging.getLogger(__name__)
+
+IDLE_CLOSE_S = 30.0
+
 
 class DecodeIntake:
-    def __init__(self, kv: KVCache, layout: KVLayout, timeout_s: float, backend: str = "tcp"):
+    def __init__(self, kv: KVCache, layout: KVLayout, timeout_s: float, backend: str = "tcp",
+                 secret: str | None = None):
         self.kv, self.layout, self.timeout_s, self.backend = kv, layout, timeout_s, backend
+        self.keys = channel.Keys.from_secret(secret)
+        self.max_frame = max(kv.k.nbytes, wire.MAX_HEADER)  # a request's K (or V) fits the whole cache at most
+        self.token_bytes = kv.k[:, 0].nbytes  # one token's K (or V), all layers
         self.nixl = NixlKV(kv, layout.page_size, "decode") if backend == "nixl" else None
-        self.sockets: dict[tuple[str, int], zmq.Socket] = {}  # one per prefill server
+        self.links: dict[tuple[str, int], channel.Link] = {}  # one per prefill server
+        self.idle_since: dict[tuple[str, int], float] = {}
         self.claimed: dict[int, tuple[object, float]] = {}  # room -> (req, since)
-        self.headers: dict[int, ipc.KVHeader] = {}  # nixl: rooms whose header came before the data
-        self.written: set[int] = set()  # nixl: rooms whose data came before the header
+        self.headers: dict[int, wire.KVReady] = {}  # nixl: rooms whose KVReady came before the data
+        self.written: set[int] = set()  # nixl: rooms whose data came before the KVReady
+        self.cancelled: dict[int, tuple[object, tuple[str, int], float]] = {}  # nixl: room -> (held pages, link, since)
+        self.released: list = []  # held pages no write can reach any more, for the scheduler to free
+        self.rejected: dict[str, int] = {}  # bad frames by reason
+        self.logged: set[tuple[str, str]] = set()
 
     def claim(self, req) -> None:
         """Ask `req`'s prefill server for its KV; `req` holds pages for its prompt already."""
         b = req.bootstrap
-        sock = self.sockets.get((b.host, b.port))
-        if sock is None:
-            sock = self.sockets[b.host, b.port] = zmq.Context.instance().socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://{b.host}:{b.port}")
+        link = self.links.get((b.host, b.port))
+        if link is None:
+            link = self.links[b.host, b.port] = channel.Link(self.keys, b.host, b.port, self.max_frame)
+        self.idle_since.pop((b.host, b.port), None)
         target = self.nixl.target(req.pages) if self.nixl else None
-        sock.send(ipc.encode(ipc.KVClaim(b.room, len(req.prompt_ids), self.layout, self.backend, target)))
         self.claimed[b.room] = (req, time.monotonic())
+        self._send(link, wire.Claim(b.room, len(req.prompt_ids), self.layout, self.backend, target), b.room)
 
     def poll(self) -> list:
         """The requests whose KV arrived, their first token appended, or that failed (`error`)."""
         done = []
-        for sock in self.sockets.values():
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                start = time.perf_counter_ns()
-                header = ipc.decode(frames[0].buffer)
-                if header.room not in self.claimed:  # failed already (timed out), or aborted
-                    continue
-                if header.error or not self.nixl:
-                    req = self.claimed.pop(header.room)[0]
-                    if header.error:
-                        req.error = header.error
-                    else:
-                        self._fill(req, header.num_tokens, frames[1].buffer, frames[2].buffer)
-                        self._arrived(req, header, start)
-                    done.append(req)
-                else:
-                    self.headers[header.room] = header
+        for key, link in list(self.links.items()):
+            failure = link.check()
+            self._receive(link, done)
+            if failure:
+                self._link_failed(key, failure, done)
         if self.nixl:
-            self.written.update(self.nixl.arrived_rooms())
-            self.written &= self.claimed.keys()  # a late write for a request that failed meanwhile
+            for room in self.nixl.arrived_rooms():
+                if room in self.claimed:
+                    self.written.add(room)
+                elif room in self.cancelled:  # its pages may be reused now
+                    self.released.append(self.cancelled.pop(room)[0])
             for room in self.written & self.headers.keys():
                 self.written.discard(room)
                 header = self.headers.pop(room)
@@ -83,12 +92,19 @@ class DecodeIntake:
         self._expire(done)
         return done
 
-    def discard(self, rid: str):
-        """Stop waiting for the request `rid` (aborted); the request, or None."""
+    def discard(self, rid: str, detach=None):
+        """Stop waiting for the request `rid` (aborted); the request, or None. With NIXL, its
+        pages may still be written: `detach(req)` takes them from it, and they are kept until
+        that cannot happen (then in `released`)."""
         for room, (req, _) in list(self.claimed.items()):
             if req.rid == rid:
                 del self.claimed[room]
                 self.headers.pop(room, None)
+                self.written.discard(room)
+                key = (req.bootstrap.host, req.bootstrap.port)
+                if self.nixl and detach is not None and key in self.links:
+                    self.cancelled[room] = (detach(req), key, time.monotonic())
+                    self._send(self.links[key], wire.Cancel(room), None)
                 return req
         return None
 
@@ -98,15 +114,93 @@ class DecodeIntake:
 
     @property
     def pending(self) -> int:
-        return len(self.claimed)
+        return len(self.claimed) + len(self.cancelled)
 
     @property
     def busy(self) -> bool:
         """Whether NIXL data is awaited: its arrival wakes no socket, and over TCP the write
         completes only as this side makes progress (each poll does)."""
-        return bool(self.nixl and self.claimed)
+        return bool(self.nixl and (self.claimed or self.cancelled))
 
-    def _arrived(self, req, header: ipc.KVHeader, start: int, end: int | None = None) -> None:
+    @property
+    def sockets(self) -> list:
+        return [sock for link in self.links.values() for sock in (link.sock, link.monitor)]
+
+    # ---- messages --------------------------------------------------------------------------------
+
+    def _receive(self, link: channel.Link, done: list) -> None:
+        while True:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                message, raw = wire.decode(frames)
+            except wire.BadMessage as e:
+                self._rejected(link, e.reason, str(e))
+                continue
+            if isinstance(message, wire.KVReady):
+                self._on_kv(link, message, raw, done)
+            elif isinstance(message, wire.Refused):
+                self._on_refused(link, message, done)
+            elif not isinstance(message, wire.Ping):
+                self._rejected(link, "malformed", f"a {type(message).__name__} message, which only prefill servers get")
+
+    def _on_kv(self, link: channel.Link, ready: wire.KVReady, raw: list, done: list) -> None:
+        room = ready.room
+        if room not in self.claimed:  # failed already (timed out), or aborted
+            if room in self.cancelled:  # NIXL's write has completed: its pages may be reused
+                self.released.append(self.cancelled.pop(room)[0])
+            self._send(link, wire.Received(room, ok=False), None)
+            return
+        req = self.claimed[room][0]
+        n = len(req.prompt_ids)
+        expected_raw = 0 if self.nixl else 2
+        if ready.num_tokens != n or len(raw) != expected_raw or any(len(f) != n * self.token_bytes for f in raw):
+            self._rejected(link, "malformed", f"KV for room {room} of the wrong size")
+            self._send(link, wire.Received(room, ok=False), None)
+            self._fail(self.claimed.pop(room)[0], f"the prefill server at {link.address} sent KV of the wrong size",
+                       done)
+            return
+        if self.nixl:
+            self.headers[room] = ready
+            return
+        start = time.perf_counter_ns()
+        del self.claimed[room]
+        self._fill(req, n, raw[0].buffer, raw[1].buffer)
+        self._arrived(req, ready, start)
+        self._send(link, wire.Received(room, ok=True), None)
+        done.append(req)
+
+    def _on_refused(self, link: channel.Link, refused: wire.Refused, done: list) -> None:
+        room = refused.room
+        if room in self.cancelled:
+            self.released.append(self.cancelled.pop(room)[0])
+        if room not in self.claimed:
+            return
+        req = self.claimed.pop(room)[0]
+        self.headers.pop(room, None)
+        self.written.discard(room)
+        self._fail(req, self._refusal_text(link, refused, req), done)
+
+    def _refusal_text(self, link: channel.Link, r: wire.Refused, req) -> str:
+        where = f"the prefill server at {link.address}"
+        return {
+            "backend": f"{where} moves KV by {r.backend} and this decode server by {self.backend}: give both the "
+                       "same --disaggregation-transfer-backend",
+            "layout": f"{where} has KV layout {r.layout} and this decode server {self.layout}: both must serve the "
+                      "same model with the same --page-size and --dtype",
+            "num_tokens": f"{where} has {r.num_tokens} prompt tokens for room {r.room}, this server "
+                          f"{len(req.prompt_ids)}: the two were not sent the same request",
+            "unknown_room": f"{where} has no request for room {r.room} (did the router send it there?)",
+            "expired": f"{where} did not run the prompt of room {r.room} in time",
+            "failed": f"{where} could not serve room {r.room}: its request failed or was aborted there",
+            "transfer_failed": f"the transfer of room {r.room}'s KV from {where} failed",
+        }[r.code]
+
+    # ---- arrivals and failures -------------------------------------------------------------------
+
+    def _arrived(self, req, header: wire.KVReady, start: int, end: int | None = None) -> None:
         req.output_ids.append(header.first_token)
         if req.sampling.logprobs:
             if header.first_logprob is None:
@@ -115,6 +209,10 @@ class DecodeIntake:
                 req.output_logprobs.append(header.first_logprob)
         req.kv_transfer = (start, end or time.perf_counter_ns())
         req.kv_bytes = header.num_bytes or req.kv_bytes
+        if self.nixl:
+            key = (req.bootstrap.host, req.bootstrap.port)
+            if key in self.links:
+                self._send(self.links[key], wire.Received(req.bootstrap.room, ok=True), None)
 
     def _fill(self, req, num_tokens: int, k: memoryview, v: memoryview) -> None:
         slots = page_slots(req.pages, self.layout.page_size, num_tokens).to(self.kv.k.device)
@@ -126,12 +224,64 @@ class DecodeIntake:
             cache[:, slots] = values.view(cache.dtype).view(shape).to(cache.device)
         req.kv_bytes = len(k) + len(v)
 
+    def _send(self, link: channel.Link, message: wire.Message, room: int | None) -> None:
+        try:
+            link.sock.send_multipart(wire.encode(message), zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # the link's queue is full: the prefill server is not reading
+            link.failure = link.failure or f"the prefill server at {link.address} is not reading its bootstrap port"
+
+    def _link_failed(self, key: tuple[str, int], failure: str, done: list) -> None:
+        """The link to one prefill server has failed: every request on it fails now."""
+        for room, (req, _) in list(self.claimed.items()):
+            if (req.bootstrap.host, req.bootstrap.port) == key:
+                del self.claimed[room]
+                self.headers.pop(room, None)
+                self.written.discard(room)
+                self._fail(req, failure, done)
+        for room, (held, link_key, _) in list(self.cancelled.items()):
+            if link_key == key:  # a dead or refusing server writes nothing more
+                del self.cancelled[room]
+                self.released.append(held)
+        self.links.pop(key).close()
+        self.idle_since.pop(key, None)
+
+    def _fail(self, req, cause: str, done: list) -> None:
+        room = req.bootstrap.room
+        req.error = f"no KV for room {room}: {cause}"
+        logger.warning("KV transfer failed: room %d, prefill server %s:%d: %s", room, req.bootstrap.host,
+                       req.bootstrap.port, cause)
+        done.append(req)
+
+    def _rejected(self, link: channel.Link, reason: str, what: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        if (link.address, reason) not in self.logged and len(self.logged) < channel.MAX_LOGGED_PEERS:
+            self.logged.add((link.address, reason))
+            logger.warning("bootstrap link: dropped %s from the prefill server at %s (%s; counted in "
+                           "loupe_disaggregation_rejected_total, logged once per address)", channel.FRAME_FAULTS[reason],
+                           link.address, what[:120])
+
     def _expire(self, done: list) -> None:
         now = time.monotonic()
         for room, (req, since) in list(self.claimed.items()):
             if now - since > self.timeout_s:
                 del self.claimed[room]
                 self.headers.pop(room, None)
-                req.error = (f"no KV from the prefill server at {req.bootstrap.host}:{req.bootstrap.port} "
-                             f"for room {room} within {self.timeout_s:g} s")
-                done.append(req)
+                self.written.discard(room)
+                self._fail(req, f"it did not come within {self.timeout_s:g} s", done)
+        for room, (held, _, since) in list(self.cancelled.items()):
+            if now - since > self.timeout_s:
+                del self.cancelled[room]
+                self.released.append(held)
+        busy = {(r.bootstrap.host, r.bootstrap.port) for r, _ in self.claimed.values()} | {
+            key for _, key, _ in self.cancelled.values()}
+        for key in list(self.links):
+            if key in busy:
+                self.idle_since.pop(key, None)
+            elif now - self.idle_since.setdefault(key, now) > IDLE_CLOSE_S:
+                self.links.pop(key).close()
+                del self.idle_since[key]
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links.clear()

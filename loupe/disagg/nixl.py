@@ -6,7 +6,11 @@ claim names its agent (with the metadata to reach it), where its K and V live, a
 it reserved; the prefill server WRITEs each layer's pages of K and V straight into those
 pages, with the room as the transfer's notification. The decode server counts a request's KV
 as arrived when both the notification (the data is there) and the prefill server's
-`KVHeader` (the first token, sent once the write completed) have come.
+`KVReady` message (the first token, sent once the write completed) have come.
+
+Metadata reaches a peer only over the authenticated bootstrap channel. Every NIXL call that
+touches a peer can fail when the peer has died (nixlRemoteDisconnectError, nixlBackendError):
+those fail the one request, never the server.
 
 Both ends on one machine: set UCX_NET_DEVICES=lo, or UCX also uses the external interface.
 """
@@ -16,25 +20,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from dataclasses import dataclass
 
 import numpy as np
 
+from loupe.disagg.wire import NixlTarget
 from loupe.runner.attention import KVCache
 
 INSTALL = "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1"
-
-
-@dataclass(frozen=True)
-class NixlTarget:
-    """What a decode server's claim tells the prefill server about where to write."""
-
-    agent: str
-    metadata: bytes
-    k_address: int
-    v_address: int
-    num_slots: int
-    pages: tuple[int, ...]
 
 
 class NixlKV:
@@ -58,33 +50,68 @@ class NixlKV:
                           tuple(pages))
 
     def write(self, room: int, pages: list[int], target: NixlTarget) -> None:
-        """Start writing the K and V of `pages` (ours) into the target's pages, page for page."""
-        if target.agent not in self.peers:
-            self.agent.add_remote_agent(target.metadata)
-            self.peers.add(target.agent)
-        k, v = self.kv.k, self.kv.v
-        local = self._descs((k.data_ptr(), v.data_ptr()), k.shape[1], pages)
-        remote = self._descs((target.k_address, target.v_address), target.num_slots, target.pages[: len(pages)])
-        handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, "DRAM"),
-                                            self.agent.get_xfer_descs(remote, "DRAM"), target.agent, str(room).encode())
-        self.writing[room] = (handle, time.perf_counter_ns())
-        self.agent.transfer(handle)
+        """Start writing the K and V of `pages` (ours) into the target's pages, page for page.
+        Raises RuntimeError naming the cause if NIXL refuses (the peer is gone, say)."""
+        try:
+            if target.agent not in self.peers:
+                name = self.agent.add_remote_agent(target.metadata)
+                name = name.decode() if isinstance(name, bytes) else name
+                if name != target.agent:
+                    self.agent.remove_remote_agent(name)
+                    raise RuntimeError(f"its NIXL metadata names agent {name[:64]!r}, its claim {target.agent!r}")
+                self.peers.add(name)
+            k, v = self.kv.k, self.kv.v
+            local = self._descs((k.data_ptr(), v.data_ptr()), k.shape[1], pages)
+            remote = self._descs((target.k_address, target.v_address), target.num_slots, target.pages[: len(pages)])
+            handle = self.agent.initialize_xfer("WRITE", self.agent.get_xfer_descs(local, "DRAM"),
+                                                self.agent.get_xfer_descs(remote, "DRAM"), target.agent,
+                                                str(room).encode())
+            self.writing[room] = (handle, time.perf_counter_ns())
+            if self.agent.transfer(handle) == "ERR":
+                raise RuntimeError("NIXL could not start the write")
+        except Exception as e:  # NIXL's errors have no common base class but Exception
+            self._end(room)
+            raise RuntimeError(f"NIXL: {type(e).__name__}: {str(e)[:200]}") from None
 
     def finished_writes(self) -> list[tuple[int, bool, int]]:
         """(room, whether it succeeded, start ns) of the writes that ended since the last call."""
         ended = []
         for room, (handle, start) in list(self.writing.items()):
-            state = self.agent.check_xfer_state(handle)
+            try:
+                state = self.agent.check_xfer_state(handle)
+            except Exception:  # the peer is gone
+                state = "ERR"
             if state in ("DONE", "ERR"):
-                self.agent.release_xfer_handle(handle)
-                del self.writing[room]
+                self._end(room)
                 ended.append((room, state == "DONE", start))
         return ended
 
-    def arrived_rooms(self) -> list[int]:
-        """Rooms whose data another server finished writing here since the last call."""
-        return [int(message) for messages in self.agent.get_new_notifs().values() for message in messages]
+    def forget(self, agent: str) -> None:
+        """A peer has gone: drop its metadata (a new one comes with its next claim)."""
+        if agent in self.peers:
+            self.peers.discard(agent)
+            try:
+                self.agent.remove_remote_agent(agent)
+            except Exception:
+                pass
 
+    def arrived_rooms(self) -> dict[int, str]:
+        """Rooms whose data another server finished writing here since the last call, with the
+        agent that wrote them. A notification that is not a room number is ignored."""
+        rooms = {}
+        for agent, messages in self.agent.get_new_notifs().items():
+            for message in messages:
+                if message.isdigit() and len(message) < 21:
+                    rooms[int(message)] = agent.decode() if isinstance(agent, bytes) else agent
+        return rooms
+
+    def _end(self, room: int) -> None:
+        handle, _ = self.writing.pop(room, (None, 0))
+        if handle is not None:
+            try:
+                self.agent.release_xfer_handle(handle)
+            except Exception:  # still active and not cancellable: NIXL keeps it
+                pass
     def _descs(self, bases: tuple[int, int], num_slots: int, pages) -> np.ndarray:
         """(address, length, device) of every layer's block of each page, in K then V."""
         layers = np.arange(self.kv.k.shape[0], dtype=np.uint64)[:, None]

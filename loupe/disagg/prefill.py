@@ -1,27 +1,43 @@
-"""The prefill server's side of disaggregation: its bootstrap endpoint.
+"""The prefill server's side of disaggregation: its bootstrap port.
 
 A request that came with bootstrap fields runs its prompt here like any other, samples its
 first token, and then waits, pages held, until the decode server given the same room claims
-it (`KVClaim` on the bootstrap port). Its prompt's K and V then move: with `tcp` as two ZMQ
-frames after a `KVHeader` with the first token (and its logprobs, if asked); with `nixl` written straight into the pages
-the decode server named, the header following once the write has completed. Then the
-scheduler releases its pages (into the prefix cache) and answers it. A claim may come before
-the prompt has run (the router sends both servers the request at once): it waits. A request
-nobody claims, or a claim for a room that never comes, fails after the timeout instead of
-holding pages for ever.
+it (`wire.Claim` on the bootstrap port). Its prompt's K and V then move: with `tcp` as two
+frames after a `KVReady` with the first token (and its logprobs, if asked); with `nixl`
+written straight into the pages the decode server named, the `KVReady` following once the
+write has completed. The transfer counts as done only when the decode server says it has the
+KV (`Received`); then the scheduler releases the pages (into the prefix cache) and answers.
+
+A claim may come before the prompt has run (the router sends both servers the request at
+once): it waits. What fails, and how fast:
+- a claim for a room this server never received: refused after `UNKNOWN_ROOM_GRACE_S`;
+- a decode server that has gone (its connection dropped: sends to it fail at once, and every
+  peer this server waits on is pinged each second): its rooms fail, their pages return;
+- a request nobody claims, or a transfer never acknowledged: failed after the timeout.
+Each failure is logged once with the room, the peer and the cause. A frame that is not a
+valid message is counted (`rejected`), logged once per peer address, and dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import OrderedDict
 
 import torch
 import zmq
 
-from loupe import ipc
 from loupe.core import KVLayout
+from loupe.disagg import channel, wire
 from loupe.disagg.nixl import NixlKV
 from loupe.runner.attention import KVCache
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_ROOM_GRACE_S = 3.0  # a claim may race its request to this server by this much
+PING_INTERVAL_S = 1.0
+MAX_CLAIM_FRAME = 2 << 20  # bytes: a claim's header and NIXL metadata; a larger frame drops its peer
+MAX_ENDED_ROOMS = 4096  # rooms that failed here, remembered to refuse their claims at once
 
 
 def page_slots(pages: list[int], page_size: int, num_tokens: int) -> torch.Tensor:
@@ -30,14 +46,14 @@ def page_slots(pages: list[int], page_size: int, num_tokens: int) -> torch.Tenso
     return (torch.tensor(pages, dtype=torch.int64)[:, None] * page_size + offsets).flatten()[:num_tokens]
 
 
-def claim_problem(layout: KVLayout, backend: str, claim: ipc.KVClaim) -> str | None:
-    """Why this prefill server cannot serve a decode server's claim, naming both sides' values."""
+def claim_refusal(layout: KVLayout, backend: str, claim: wire.Claim) -> wire.Refused | None:
+    """Why this prefill server cannot serve a decode server's claim, with its own values."""
     if claim.backend != backend:
-        return (f"the prefill server moves KV by {backend} and the decode server by {claim.backend}: "
-                "give both the same --disaggregation-transfer-backend")
+        return wire.Refused(claim.room, "backend", backend=backend)
     if claim.layout != layout:
-        return (f"the prefill server's KV layout is {layout} and the decode server's is {claim.layout}: "
-                "both must serve the same model with the same --page-size and --dtype")
+        return wire.Refused(claim.room, "layout", layout=layout)
+    if claim.backend == "nixl" and claim.target is None:
+        return wire.Refused(claim.room, "backend", backend=backend)
     return None
 
 
@@ -48,113 +64,275 @@ def first_logprob(req):
 
 class PrefillHandoff:
     def __init__(self, host: str, port: int, kv: KVCache, layout: KVLayout, timeout_s: float,
-                 backend: str = "tcp"):
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(f"tcp://{host}:{port}")
+                 backend: str = "tcp", secret: str | None = None):
+        self.sock = channel.server_socket(channel.Keys.from_secret(secret), host, port, MAX_CLAIM_FRAME)
+        self.monitor = channel.ServerMonitor(self.sock)
         self.kv, self.layout, self.timeout_s, self.backend = kv, layout, timeout_s, backend
         self.nixl = NixlKV(kv, layout.page_size, "prefill") if backend == "nixl" else None
+        self.expected: set[int] = set()  # rooms of requests received, not yet prefilled
         self.ready: dict[int, tuple[object, float]] = {}  # room -> (req, since): prefilled, unclaimed
-        self.claims: dict[int, tuple[bytes, ipc.KVClaim, float]] = {}  # room -> claim made before that
+        self.claims: dict[int, tuple[bytes, wire.Claim, float]] = {}  # room -> claim made before that
         self.writing: dict[int, tuple[bytes, object]] = {}  # nixl: room -> (decode server, req)
+        self.sent: dict[int, tuple[bytes, object, int, float]] = {}  # room -> (peer, req, start ns, since)
+        self.ended: OrderedDict[int, str] = OrderedDict()  # room -> why it failed here, for late claims
+        self.peers: dict[bytes, str] = {}  # identity -> address, of decode servers that spoke
+        self.agents: dict[bytes, str] = {}  # identity -> its NIXL agent
+        self.rejected: dict[str, int] = {}  # bad frames by reason (failed handshakes: monitor.rejected)
+        self.gone: set[bytes] = set()  # peers found gone during this poll
+        self.last_ping = 0.0
         self.done: list = []  # handed over, or failed: for the scheduler to release and answer
+
+    # ---- the scheduler's calls -------------------------------------------------------------------
+
+    def expect(self, room: int) -> None:
+        """A request for `room` has come to this server: a claim for it is worth waiting for."""
+        self.expected.add(room)
+        self.ended.pop(room, None)
 
     def hand_off(self, req) -> None:
         """`req` has its first token: hold its pages for the decode server's claim."""
         room = req.bootstrap.room
-        if room in self.claims:
+        self.expected.discard(room)
+        if room in self.ended:  # its decode server went away meanwhile
+            self._fail(req, self.ended.pop(room), None)
+        elif room in self.claims:
             identity, claim, _ = self.claims.pop(room)
-            self._send(identity, claim, req)
+            self._serve(identity, claim, req)
         else:
             self.ready[room] = (req, time.monotonic())
 
+    def aborted(self, room: int) -> None:
+        """The request of `room` ended here before its hand-off: refuse its claim."""
+        self.expected.discard(room)
+        self._remember_end(room, "its request ended on the prefill server")
+        if room in self.claims:
+            identity, _, _ = self.claims.pop(room)
+            self._reply(identity, wire.Refused(room, "failed"))
+
     def poll(self) -> list:
-        """Answer the claims that came; the requests whose KV left (or that failed) since."""
+        """Answer the messages that came; the requests whose KV left (or that failed) since."""
+        self.monitor.read()
         while True:
             try:
-                identity, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            claim = ipc.decode(frame)
-            problem = claim_problem(self.layout, self.backend, claim)
-            if problem:
-                self._reply(identity, ipc.KVHeader(claim.room, error=problem))
-            elif claim.room in self.ready:
-                self._send(identity, claim, self.ready.pop(claim.room)[0])
-            else:
-                self.claims[claim.room] = (identity, claim, time.monotonic())
+            self._handle(frames[0].bytes, frames[1:])
         if self.nixl:
             self._finish_writes()
-        self._expire()
+        now = time.monotonic()
+        if self.monitor.peer_left or now - self.last_ping > PING_INTERVAL_S:
+            self.monitor.peer_left, self.last_ping = False, now
+            self._ping_waiting_peers()
+        self._expire(now)
+        while self.gone:
+            self._peer_gone(self.gone.pop())
         done, self.done = self.done, []
         return done
 
     def discard(self, rid: str):
-        """Stop holding the request `rid` (aborted); the request, or None. (One being written
-        to its decode server finishes that first.)"""
+        """Stop holding the request `rid` (aborted); the request, or None. (One being sent to its
+        decode server finishes that first.)"""
         for room, (req, _) in list(self.ready.items()):
             if req.rid == rid:
                 del self.ready[room]
+                self._remember_end(room, "its request ended on the prefill server")
                 return req
         return None
 
     @property
     def requests(self) -> list:
-        return [req for req, _ in self.ready.values()] + [req for _, req in self.writing.values()]
+        return ([req for req, _ in self.ready.values()] + [req for _, req in self.writing.values()] +
+                [req for _, req, _, _ in self.sent.values()])
 
     @property
     def pending(self) -> int:
-        return len(self.ready) + len(self.claims) + len(self.writing)
+        return len(self.ready) + len(self.claims) + len(self.writing) + len(self.sent)
 
     @property
     def busy(self) -> bool:
         """Whether a NIXL write is under way: its end wakes no socket, so poll for it."""
         return bool(self.writing)
 
-    def _send(self, identity: bytes, claim: ipc.KVClaim, req) -> None:
-        n = len(req.prompt_ids)
-        if claim.num_tokens != n:
-            req.error = f"the decode server holds {claim.num_tokens} tokens for room {claim.room}; the prompt has {n}"
-            self._reply(identity, ipc.KVHeader(claim.room, error=req.error))
-        elif self.nixl:
-            self.nixl.write(claim.room, req.pages[: -(-n // self.layout.page_size)], claim.target)
-            self.writing[claim.room] = (identity, req)
+    @property
+    def sockets(self) -> list:
+        return [self.sock, self.monitor.monitor]
+
+    @property
+    def rejected_counts(self) -> dict[str, int]:
+        return {**self.rejected, "handshake": self.monitor.rejected} if self.monitor.rejected else dict(self.rejected)
+
+    # ---- messages --------------------------------------------------------------------------------
+
+    def _handle(self, identity: bytes, frames: list) -> None:
+        address = channel.peer_ip(frames[0]) if frames else "an unknown address"
+        try:
+            message, raw = wire.decode(frames)
+        except wire.BadMessage as e:
+            self._rejected(address, e.reason, str(e))
             return
+        self.peers[identity] = address
+        if isinstance(message, wire.Claim):
+            self._on_claim(identity, message)
+        elif isinstance(message, wire.Received):
+            self._on_received(identity, message)
+        elif isinstance(message, wire.Cancel):
+            self._on_cancel(identity, message.room)
         else:
-            start = time.perf_counter_ns()
-            slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
-            k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
-            header = ipc.KVHeader(claim.room, req.output_ids[0], n, first_logprob=first_logprob(req))
-            self.sock.send_multipart([identity, ipc.encode(header), k, v], copy=False)
-            req.kv_bytes, req.kv_transfer = k.nbytes + v.nbytes, (start, time.perf_counter_ns())
-        self.done.append(req)
+            self._rejected(address, "malformed", f"a {type(message).__name__} message, which only decode servers get")
+
+    def _on_claim(self, identity: bytes, claim: wire.Claim) -> None:
+        refusal = claim_refusal(self.layout, self.backend, claim)
+        room = claim.room
+        if refusal:
+            self._reply(identity, refusal)
+        elif room in self.ready:
+            self._serve(identity, claim, self.ready.pop(room)[0])
+        elif room in self.ended:
+            self._reply(identity, wire.Refused(room, "failed"))
+        elif room in self.claims or room in self.writing or room in self.sent:
+            self._reply(identity, wire.Refused(room, "failed"))  # a second claim for one room
+        else:
+            self.claims[room] = (identity, claim, time.monotonic())
+
+    def _on_received(self, identity: bytes, received: wire.Received) -> None:
+        peer, req, start, _ = self.sent.get(received.room, (None, None, 0, 0))
+        if peer != identity:
+            return  # not this peer's room, or ended already (timed out)
+        del self.sent[received.room]
+        if received.ok:
+            req.kv_transfer = (start, time.perf_counter_ns())
+            self.done.append(req)
+        else:
+            req.kv_bytes = 0
+            self._fail(req, "the decode server no longer wanted it (its request ended there)", identity)
+
+    def _on_cancel(self, identity: bytes, room: int) -> None:
+        if room in self.claims and self.claims[room][0] == identity:
+            del self.claims[room]
+            self._remember_end(room, "the decode server cancelled it")
+        # One being written or sent finishes; the decode server then answers Received(ok=False).
+
+    # ---- sending KV ------------------------------------------------------------------------------
+
+    def _serve(self, identity: bytes, claim: wire.Claim, req) -> None:
+        n, room = len(req.prompt_ids), claim.room
+        if claim.num_tokens != n:
+            self._reply(identity, wire.Refused(room, "num_tokens", num_tokens=n))
+            self._fail(req, f"the decode server holds {claim.num_tokens} tokens for it; the prompt has {n}", identity)
+            return
+        num_pages = -(-n // self.layout.page_size)
+        if self.nixl:
+            if len(claim.target.pages) < num_pages:
+                self._reply(identity, wire.Refused(room, "num_tokens", num_tokens=n))
+                self._fail(req, "the decode server named too few pages for it", identity)
+                return
+            try:
+                self.nixl.write(room, req.pages[:num_pages], claim.target)
+            except RuntimeError as e:
+                self._reply(identity, wire.Refused(room, "transfer_failed"))
+                self._fail(req, str(e), identity)
+                return
+            self.agents[identity] = claim.target.agent
+            self.writing[room] = (identity, req)
+            return
+        start = time.perf_counter_ns()
+        slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
+        k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
+        ready = wire.KVReady(room, req.output_ids[0], n, k.nbytes + v.nbytes, first_logprob=first_logprob(req))
+        if self._send(identity, ready, k, v):
+            req.kv_bytes = k.nbytes + v.nbytes
+            self.sent[room] = (identity, req, start, time.monotonic())
+        else:
+            self._fail(req, "the decode server has gone", identity)
 
     def _finish_writes(self) -> None:
         for room, ok, start in self.nixl.finished_writes():
             identity, req = self.writing.pop(room)
-            if ok:
-                end = time.perf_counter_ns()
-                pages = -(-len(req.prompt_ids) // self.layout.page_size)
-                req.kv_bytes, req.kv_transfer = 2 * self.layout.num_layers * pages * self.nixl.page_bytes, (start, end)
-                self._reply(identity, ipc.KVHeader(room, req.output_ids[0], len(req.prompt_ids),
-                                                   num_bytes=req.kv_bytes, seconds=(end - start) / 1e9,
-                                                   first_logprob=first_logprob(req)))
+            if not ok:
+                self._reply(identity, wire.Refused(room, "transfer_failed"))
+                self._fail(req, "the NIXL write to the decode server failed", identity)
+                continue
+            seconds = (time.perf_counter_ns() - start) / 1e9
+            num_bytes = 2 * self.layout.num_layers * -(-len(req.prompt_ids) // self.layout.page_size) * self.nixl.page_bytes
+            ready = wire.KVReady(room, req.output_ids[0], len(req.prompt_ids), num_bytes, seconds, first_logprob(req))
+            if self._send(identity, ready):
+                req.kv_bytes = num_bytes
+                self.sent[room] = (identity, req, start, time.monotonic())
             else:
-                req.error = f"the NIXL write of room {room} to the decode server failed"
-                self._reply(identity, ipc.KVHeader(room, error=req.error))
-            self.done.append(req)
+                self._fail(req, "the decode server has gone", identity)
 
-    def _reply(self, identity: bytes, header: ipc.KVHeader) -> None:
-        self.sock.send_multipart([identity, ipc.encode(header)])
+    def _send(self, identity: bytes, message: wire.Message, *raw) -> bool:
+        """Whether `message` is on its way: False if its peer has gone (or stopped reading)."""
+        try:
+            self.sock.send_multipart([identity, *wire.encode(message, *raw)], zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.ZMQError as e:
+            if e.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            self.gone.add(identity)  # failed at the end of this poll, once its requests have said why
+            return False
 
-    def _expire(self) -> None:
-        now = time.monotonic()
+    def _reply(self, identity: bytes, message: wire.Message) -> None:
+        self._send(identity, message)
+
+    # ---- failures --------------------------------------------------------------------------------
+
+    def _ping_waiting_peers(self) -> None:
+        waited_on = ({identity for identity, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
+                     {i for i, _, _, _ in self.sent.values()})
+        for identity in waited_on:
+            self._send(identity, wire.Ping())
+
+    def _peer_gone(self, identity: bytes) -> None:
+        """A decode server's connection has dropped: fail everything that waits on it."""
+        address = self.peers.pop(identity, "an unknown address")
+        for room, (peer, _, _) in list(self.claims.items()):
+            if peer == identity:
+                del self.claims[room]
+                self._remember_end(room, f"the decode server at {address} went away")
+        for room, (peer, req, _, _) in list(self.sent.items()):
+            if peer == identity:
+                del self.sent[room]
+                req.kv_bytes = 0
+                self._fail(req, f"the decode server at {address} went away before confirming it", None)
+        # NIXL writes to it end by themselves, failed (finished_writes).
+        agent = self.agents.pop(identity, None)
+        if agent and self.nixl and agent not in self.agents.values():
+            self.nixl.forget(agent)
+
+    def _fail(self, req, cause: str, identity: bytes | None) -> None:
+        room = req.bootstrap.room
+        address = self.peers.get(identity, "an unknown address") if identity else "none"
+        req.error = f"the KV of room {room} was not handed over: {cause}"
+        logger.warning("KV transfer failed: room %d, decode server %s: %s", room, address, cause)
+        self._remember_end(room, cause)
+        self.done.append(req)
+
+    def _remember_end(self, room: int, cause: str) -> None:
+        self.ended[room] = cause
+        while len(self.ended) > MAX_ENDED_ROOMS:
+            self.ended.popitem(last=False)
+
+    def _rejected(self, address: str, reason: str, what: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.monitor.log_once(address, reason, f"{channel.FRAME_FAULTS[reason]} ({what[:120]})")
+
+    def _expire(self, now: float) -> None:
         for room, (req, since) in list(self.ready.items()):
             if now - since > self.timeout_s:
                 del self.ready[room]
-                req.error = f"no decode server claimed room {room} within {self.timeout_s:g} s"
-                self.done.append(req)
+                self._fail(req, f"no decode server claimed it within {self.timeout_s:g} s", None)
         for room, (identity, _, since) in list(self.claims.items()):
-            if now - since > self.timeout_s:
+            known = room in self.expected
+            if now - since > (self.timeout_s if known else UNKNOWN_ROOM_GRACE_S):
                 del self.claims[room]
-                self._reply(identity, ipc.KVHeader(room, error=f"the prefill server has no request for room {room}"))
+                self._reply(identity, wire.Refused(room, "expired" if known else "unknown_room"))
+        for room, (identity, req, _, since) in list(self.sent.items()):
+            if now - since > self.timeout_s:
+                del self.sent[room]
+                req.kv_bytes = 0
+                self._fail(req, f"the decode server did not confirm it within {self.timeout_s:g} s", identity)
+
+    def close(self) -> None:
+        self.monitor.close()  # and the socket

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -197,6 +198,17 @@ class RadixCache:
         return upper
 
 
+@dataclass
+class HeldKV:
+    """A row and pages no request holds any more, kept from reuse until `KVManager.release`."""
+
+    row: int | None
+    prefix_node: Node | None
+    pages: list[int]
+    num_tree_pages: int
+    kv_len: int = 0
+
+
 class KVManager:
     """Which pages and slot-table row each request holds. Only these methods set a request's
     `row`, `pages`, `num_tree_pages` and `prefix_node`, and its `kv_len` on admission and
@@ -267,6 +279,13 @@ class KVManager:
         self.tree.unlock(req.prefix_node)
         self.slots.free_row(req.row)
         req.row, req.prefix_node, req.pages, req.num_tree_pages, req.kv_len = None, None, [], 0, 0
+
+    def detach(self, req) -> HeldKV:
+        """Take `req`'s row and pages from it, to be `release`d later (another server may still be
+        writing into them); `req` then holds nothing."""
+        held = HeldKV(req.row, req.prefix_node, req.pages, req.num_tree_pages)
+        req.row, req.prefix_node, req.pages, req.num_tree_pages, req.kv_len = None, None, [], 0, 0
+        return held
 
     def retract(self, req) -> None:
         """Take back a running request's pages so others can run. Its computed KV goes to the

@@ -63,12 +63,15 @@ class SchedulerProcess:
         if self.tracer:
             self.tracer.prefill_server, self.tracer.backend = mode == "prefill", args.disaggregation_transfer_backend
         backend = args.disaggregation_transfer_backend
+        secret = args.disaggregation_secret
         if mode == "prefill":
-            self.scheduler.handoff = PrefillHandoff(args.host, args.disaggregation_bootstrap_port, worker.kv,
-                                                    worker.kv_layout, timeout, backend)
-            logger.info("prefill server: bootstrap port %d, KV by %s", args.disaggregation_bootstrap_port, backend)
+            self.scheduler.handoff = PrefillHandoff(args.bootstrap_host, args.disaggregation_bootstrap_port, worker.kv,
+                                                    worker.kv_layout, timeout, backend, secret)
+            logger.info("prefill server: bootstrap port %s:%d (%s), KV by %s", args.bootstrap_host,
+                        args.disaggregation_bootstrap_port, "secret given" if secret else "loopback, no secret",
+                        backend)
         else:
-            self.scheduler.intake = DecodeIntake(worker.kv, worker.kv_layout, timeout, backend)
+            self.scheduler.intake = DecodeIntake(worker.kv, worker.kv_layout, timeout, backend, secret)
 
     def run_forever(self) -> None:
         start = time.perf_counter()
@@ -161,7 +164,7 @@ class SchedulerProcess:
     def send_stats(self) -> None:
         s = self.scheduler
         stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv.used_tokens, s.worker.limits.max_total_tokens,
-                                   self.num_received, self.ranks.dp_rank, s.kv.cached_tokens)
+                                   self.num_received, self.ranks.dp_rank, s.kv.cached_tokens, s.kv_rejected)
         if stats != self.last_stats:
             for sock in self.stats_to:
                 ipc.send(sock, stats)

@@ -56,6 +56,8 @@ class Scheduler:
         """Queue a request, validated where it entered (TokenizedRequest.validated)."""
         req = Req(request, self.seeds.getrandbits(63))
         (self.receiving if self.intake and req.bootstrap else self.waiting).append(req)
+        if self.handoff and req.bootstrap:
+            self.handoff.expect(req.bootstrap.room)
         if self.tracer:
             self.tracer.arrived(req)
         return req
@@ -67,10 +69,14 @@ class Scheduler:
             for queue in (self.waiting, self.running, self.receiving):
                 if req in queue:
                     queue.remove(req)
-        else:
-            req = next((held.discard(rid) for held in (self.handoff, self.intake) if held), None)
-            if req is None:
-                return None
+            if self.handoff and req.bootstrap:
+                self.handoff.aborted(req.bootstrap.room)
+        elif self.handoff:
+            req = self.handoff.discard(rid)
+        elif self.intake:
+            req = self.intake.discard(rid, detach=self.kv.detach)
+        if req is None:
+            return None
         self._drop(req)
         return req
 
@@ -87,14 +93,19 @@ class Scheduler:
     @property
     def kv_sockets(self) -> list:
         """The sockets KV exchanges with other servers arrive on (a wait should watch them)."""
-        if self.handoff:
-            return [self.handoff.sock]
-        return list(self.intake.sockets.values()) if self.intake else []
+        return [sock for holder in (self.handoff, self.intake) if holder for sock in holder.sockets]
 
     @property
     def kv_busy(self) -> bool:
         """Whether KV is moving in a way that no socket announces (so waits must be short)."""
         return any(holder.busy for holder in (self.handoff, self.intake) if holder)
+
+    @property
+    def kv_rejected(self) -> dict[str, int]:
+        """Frames other servers sent that were not valid messages, by reason (running totals)."""
+        if self.handoff:
+            return self.handoff.rejected_counts
+        return dict(self.intake.rejected) if self.intake else {}
 
     @property
     def has_work(self) -> bool:
@@ -196,6 +207,8 @@ class Scheduler:
                 arrived.append(req)
                 if self.tracer:
                     self.tracer.kv_arrived(req)
+            while self.intake.released:  # pages of aborted requests that no write can reach now
+                self.kv.release(self.intake.released.pop(), cache=False)
         if self.handoff:
             for req in self.handoff.poll():
                 done.append(req)

@@ -151,7 +151,9 @@ class GuardMiddleware:
 
 def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, model_name: str) -> FastAPI:
     app = FastAPI(title="loupe", version=version("loupe"), docs_url=None, redoc_url=None)
-    api = OpenAIRoutes(manager, metrics, model_name, args.disaggregation_mode)
+    api = OpenAIRoutes(manager, metrics, model_name, args.disaggregation_mode,
+                       args.allowed_prefill_hosts if args.disaggregation_prefill_hosts else None,
+                       args.disaggregation_secret is not None)
     install_openapi(app, [model_name], lambda: manager.limits, OPEN_ROUTES if args.api_key else None)
 
     @app.on_event("startup")
@@ -289,9 +291,11 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
 
 
 class OpenAIRoutes:
-    def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str, role: str = "null"):
+    def __init__(self, manager: TokenizerManager, metrics: Metrics, model_name: str, role: str = "null",
+                 prefill_hosts: list[str] | None = None, has_secret: bool = False):
         self.manager, self.metrics, self.model_name = manager, metrics, model_name
         self.role = role  # --disaggregation-mode
+        self.prefill_hosts, self.has_secret = prefill_hosts, has_secret  # where a decode server may connect
 
     def tracing_settings(self) -> dict:
         tracer = self.manager.tracer
@@ -401,6 +405,8 @@ class OpenAIRoutes:
                                "through SGLang's router in PD mode, which adds bootstrap_host, bootstrap_port "
                                "and bootstrap_room", param="bootstrap_room")
         try:
+            if bootstrap is not None:
+                bootstrap.check(self.prefill_hosts, self.has_secret, connects=self.role == "decode")
             return self.manager.validated(rid, input_ids, params, trace, bootstrap)
         except InvalidRequest as e:
             message, param = str(e), e.param

@@ -44,6 +44,10 @@ class Metrics:
         self.kv_transfer_bytes = Counter("loupe_kv_transfer_bytes", "Bytes of KV sent (prefill server) or received (decode server)", registry=r)
         self.kv_transfer_seconds = Histogram("loupe_kv_transfer_seconds", "Time to send or receive one request's KV", buckets=SHORT_BUCKETS, registry=r)
         self.kv_transfer_failures = Counter("loupe_kv_transfer_failures", "Requests whose KV exchange failed (no claim, no KV, mismatch)", registry=r)
+        self.disaggregation_rejected = Counter(
+            "loupe_disaggregation_rejected", "What another server sent that was refused and dropped: connections "
+            "without a valid handshake (no or another secret), malformed, oversized or unknown-version frames",
+            ["reason"], registry=r)
         self.exporter_restarts = Counter("loupe_tracing_exporter_restarts", "Times the span exporter process died "
                                          "and was started again", registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
@@ -52,6 +56,10 @@ class Metrics:
 
     def set_scheduler_stats(self, stats: SchedulerStats) -> None:
         """The latest stats of one scheduler; the gauges show the sum over data-parallel replicas."""
+        before = self._replicas.get(stats.dp_rank)
+        for reason, total in stats.kv_rejected.items():
+            self.disaggregation_rejected.labels(reason=reason).inc(
+                max(total - (before.kv_rejected.get(reason, 0) if before else 0), 0))
         self._replicas[stats.dp_rank] = stats
         replicas = self._replicas.values()
         self.num_running.set(sum(s.num_running for s in replicas))
