@@ -79,6 +79,7 @@ class PrefillHandoff:
         self.agents: dict[bytes, str] = {}  # identity -> its NIXL agent
         self.rejected: dict[str, int] = {}  # bad frames by reason (failed handshakes: monitor.rejected)
         self.gone: set[bytes] = set()  # peers found gone during this poll
+        self.orphans: dict[int, str] = {}  # room -> why: its decode server went away before its prompt ran
         self.last_ping = 0.0
         self.done: list = []  # handed over, or failed: for the scheduler to release and answer
 
@@ -100,6 +101,12 @@ class PrefillHandoff:
             self._serve(identity, claim, req)
         else:
             self.ready[room] = (req, time.monotonic())
+
+    def take_orphans(self) -> dict[int, str]:
+        """Rooms whose prompts need not run any more (their decode server has gone), with why."""
+        orphans, self.orphans = self.orphans, {}
+        self.expected -= orphans.keys()
+        return orphans
 
     def aborted(self, room: int) -> None:
         """The request of `room` ended here before its hand-off: refuse its claim."""
@@ -291,6 +298,10 @@ class PrefillHandoff:
             if peer == identity:
                 del self.claims[room]
                 self._remember_end(room, f"the decode server at {address} went away")
+                logger.warning("KV transfer failed: room %d, decode server %s: it went away before the prompt ran",
+                               room, address)
+                if room in self.expected:  # the scheduler stops running its prompt
+                    self.orphans[room] = self.ended[room]
         for room, (peer, req, _, _) in list(self.sent.items()):
             if peer == identity:
                 del self.sent[room]

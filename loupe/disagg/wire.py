@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from loupe.core import MAX_TOP_LOGPROBS, KVLayout, TokenLogprob
 
 VERSION = 1
-MAX_HEADER = 64 << 10  # bytes of the JSON frame
+MAX_HEADER = 1 << 20  # bytes of the JSON frame (a long prompt's page list)
 MAX_METADATA = 1 << 20  # bytes of a NIXL agent's metadata
 MAX_ROOM = 1 << 64  # rooms are 0 <= room < 2**64 (SGLang's router draws 63 bits)
 MAX_INT = 1 << 63

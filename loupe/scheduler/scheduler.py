@@ -219,7 +219,20 @@ class Scheduler:
                 else:
                     self.kv.release(req, cache=True)
                     self._finish(req, req.finish_reason or FinishReason.LENGTH)  # its one token
+            if self.handoff.orphans:
+                done += self._drop_orphans(self.handoff.take_orphans())
         return arrived, done
+
+    def _drop_orphans(self, orphans: dict[int, str]) -> list[Req]:
+        """Prefill server: fail the requests whose decode server has gone, before their prompt runs on."""
+        dropped = []
+        for queue in (self.waiting, self.running):
+            for req in [r for r in queue if r.bootstrap and r.bootstrap.room in orphans]:
+                queue.remove(req)
+                req.error = f"the KV of room {req.bootstrap.room} was not handed over: {orphans[req.bootstrap.room]}"
+                self._drop(req)
+                dropped.append(req)
+        return dropped
 
     def _hand_off(self, req: Req) -> bool:
         """On a prefill server: whether `req` (with its first token) now waits for its decode server."""

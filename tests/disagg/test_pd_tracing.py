@@ -112,10 +112,10 @@ def test_kv_that_never_comes_fails_the_request_clearly_and_the_trace_says_so(tra
             "bootstrap_host": "127.0.0.1", "bootstrap_port": free_port(), "bootstrap_room": 12345}
     start = time.monotonic()
     r = httpx.post(decode.url("/v1/completions"), json=body, timeout=60, trust_env=False)
-    assert time.monotonic() - start < 15  # --disaggregation-timeout 3
+    assert time.monotonic() - start < 2  # nothing listens there: known at once
     assert r.status_code == 502, r.text
     error = r.json()["error"]
-    assert "no KV from the prefill server" in error["message"] and error["code"] == "kv_transfer_failed"
+    assert "could not connect to the prefill server" in error["message"] and error["code"] == "kv_transfer_failed"
     trace_id = r.headers["traceparent"].split("-")[1]
     root = next(s for s in receiver.wait_for(lambda spans: any(s["trace_id"] == trace_id and s["name"].startswith(
         "Req ") for s in spans)) if s["trace_id"] == trace_id and s["name"].startswith("Req "))
