@@ -8,7 +8,10 @@ Configs, every server up at once (idle ones cost nothing), the bundled model, th
     router + PD (nixl)         the router in PD mode over a prefill and a decode server, KV by NIXL
     router + PD (tcp)          the same, KV as ZMQ frames
 
-Prints medians of output tok/s, TTFT and e2e latency with their ratios to the baseline.
+Prints medians of output tok/s, TTFT and e2e latency with their ratios to the baseline. Then
+long prompts: ~2k-token prompts (fresh ones each time, so no prefix is reused) with 8-token
+answers, one alone and then two at once, through each config; the ratio of the two-at-once
+wall time to one alone (2.0 when the two simply share the machine).
 First, in this process, the KV exchange alone: a prefill side and a decode side (the classes
 the servers run, over a real loopback bootstrap socket, each backend) move one request's KV
 of the bundled model's shape, both polled in a tight loop; time from claim to arrival,
@@ -16,13 +19,17 @@ checked byte for byte.
 
     .venv/bin/python benchmarks/bench_disaggregation.py --rounds 3
     .venv/bin/python benchmarks/bench_disaggregation.py --transfer-only --tokens 512 2048 8192
+    .venv/bin/python benchmarks/bench_disaggregation.py --long-only --long-rounds 6 --backends tcp \
+        --spincounts 300000 10000     # two pairs side by side: libgomp's spin, and what loupe sets
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
+import random
 import socket
 import statistics
 import subprocess
@@ -37,6 +44,7 @@ from bench_tracing import wait_ready
 from loupe.bench import run as run_load
 
 BASELINE = "one server"
+LONG_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
 
 def free_port() -> int:
@@ -45,9 +53,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(*args: object, module: str = "loupe.launch_server") -> subprocess.Popen:
+def launch(*args: object, module: str = "loupe.launch_server", env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
 
 
 def router(*args: object) -> tuple[subprocess.Popen, int]:
@@ -75,6 +83,38 @@ def kv_rate(port: int) -> tuple[float, float]:
     megabytes = values.get("loupe_kv_transfer_bytes_total", 0) / 1e6
     seconds = values.get("loupe_kv_transfer_seconds_sum", 0)
     return megabytes, megabytes / seconds if seconds else float("nan")
+
+
+def long_prompt(seed: int, words: int = 1500) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(LONG_WORDS) for _ in range(words))
+
+
+async def timed_completions(url: str, model: str, seeds: list[int]) -> float:
+    """Seconds until every one of these long-prompt requests (sent at once) has its answer."""
+    async with httpx.AsyncClient(timeout=600, trust_env=False) as client:
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(client.post(url + "/v1/completions", json={
+            "model": model, "prompt": long_prompt(seed), "max_tokens": 8, "temperature": 0}) for seed in seeds))
+        assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers]
+        return time.perf_counter() - start
+
+
+def concurrent_long_prompts(urls: dict[str, str], model: str, rounds: int) -> None:
+    seed = 10_000
+    ratios: dict[str, list[float]] = {name: [] for name in urls}
+    for r in range(rounds):
+        for name in list(urls) if r % 2 == 0 else reversed(list(urls)):
+            alone = asyncio.run(timed_completions(urls[name], model, [seed]))
+            together = asyncio.run(timed_completions(urls[name], model, [seed + 1, seed + 2]))
+            seed += 3
+            ratios[name].append(together / alone)
+            print(f"round {r + 1} {name:>20}: one alone {alone:.2f} s, two at once {together:.2f} s",
+                  file=sys.stderr)
+    print(f"\n{cpu_model()}, {os.cpu_count()} cores; long prompts (~2k tokens, 8-token answers), {rounds} rounds: "
+          "two at once / one alone, median (min-max)")
+    for name, values in ratios.items():
+        print(f"{name:>32} {statistics.median(values):6.2f} ({min(values):.2f}-{max(values):.2f})")
 
 
 def transfer_seconds(backend: str, num_tokens: int, repeats: int) -> list[float]:
@@ -134,37 +174,53 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 2048, 8192],
                         help="prompt lengths whose KV the transfer measure moves")
     parser.add_argument("--transfer-only", action="store_true", help="only the KV exchange, in this process")
+    parser.add_argument("--long-rounds", type=int, default=3, help="rounds of the long-prompt measure (0: skip)")
+    parser.add_argument("--long-only", action="store_true", help="only the long-prompt measure (no load rounds)")
+    parser.add_argument("--max-total-tokens", type=int, default=8192, help="each server's KV cache: many servers "
+                        "share this machine's memory (by default each would size its cache from all that is free)")
+    parser.add_argument("--backends", nargs="+", default=["nixl", "tcp"], choices=["nixl", "tcp"])
+    parser.add_argument("--spincounts", type=int, nargs="+", help="a pair per backend per GOMP_SPINCOUNT value "
+                        "(default: one pair per backend, with the servers' own setting)")
     args = parser.parse_args()
-    transfers(args.tokens, repeats=5)
+    if not args.long_only:
+        transfers(args.tokens, repeats=5)
     if args.transfer_only:
         return
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # both ends here: keep UCX on loopback
     procs, urls, prefill_ports = [], {}, {}
     try:
         single = free_port()
-        procs.append(launch("--port", single))
+        kv = ("--max-total-tokens", args.max_total_tokens)
+        procs.append(launch("--port", single, *kv))
         urls[BASELINE] = f"http://127.0.0.1:{single}"
         model = wait_ready(single, procs[-1])
         proc, port = router("--worker-urls", urls[BASELINE])
         procs.append(proc)
         wait_router(port, 1)
         urls["router + one server"] = f"http://127.0.0.1:{port}"
-        for backend in ("nixl", "tcp"):
+        for backend, spin in itertools.product(args.backends, args.spincounts or [None]):
+            env = None if spin is None else {**os.environ, "GOMP_SPINCOUNT": str(spin)}
+            name = f"{backend}, spin {spin}" if spin is not None else backend
             prefill, decode, bootstrap = free_port(), free_port(), free_port()
             procs.append(launch("--port", prefill, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                                bootstrap, "--disaggregation-transfer-backend", backend))
+                                bootstrap, "--disaggregation-transfer-backend", backend, *kv, env=env))
             wait_ready(prefill, procs[-1])
             procs.append(launch("--port", decode, "--disaggregation-mode", "decode",
-                                "--disaggregation-transfer-backend", backend))
+                                "--disaggregation-transfer-backend", backend, *kv, env=env))
             wait_ready(decode, procs[-1])
             proc, port = router("--pd-disaggregation", "--prefill", f"http://127.0.0.1:{prefill}", bootstrap,
                                 "--decode", f"http://127.0.0.1:{decode}")
             procs.append(proc)
             wait_router(port, 2)
-            urls[f"router + PD ({backend})"] = f"http://127.0.0.1:{port}"
-            prefill_ports[backend] = prefill
+            urls[f"router + PD ({name})"] = f"http://127.0.0.1:{port}"
+            prefill_ports[name] = prefill
         for url in urls.values():  # warm every path once
             asyncio.run(run_load(url, model, 2, 2, 99, None))
+        if args.long_rounds:
+            concurrent_long_prompts({name: url for name, url in urls.items() if name != "router + one server"},
+                                    model, args.long_rounds)
+        if args.long_only:
+            return
         results: dict[str, list[dict]] = {name: [] for name in urls}
         for r in range(args.rounds):
             for name in list(urls) if r % 2 == 0 else reversed(list(urls)):

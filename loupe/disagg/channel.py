@@ -99,11 +99,26 @@ class Link:
         self.monitor = self.sock.get_monitor_socket()
         self.up = False  # handshake done
         self.failure: str | None = None  # why it ended
+        self.outbox: list[list] = []  # messages ZMQ had no room for yet (before the connection is made)
         host = f"[{host}]" if ":" in host else host
         self.sock.connect(f"tcp://{host}:{port}")
 
+    def send(self, frames: list) -> None:
+        self.outbox.append(frames)
+        self.flush()
+
+    def flush(self) -> None:
+        while self.outbox and self.failure is None:
+            try:
+                self.sock.send_multipart(self.outbox[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if self.up:  # connected, and its queue (1,000 messages) is full
+                    self.failure = f"the prefill server at {self.address} is not reading its bootstrap port"
+                return
+            self.outbox.pop(0)
+
     def check(self) -> str | None:
-        """Read the monitor's news; why the link has failed, or None while it stands."""
+        """Read the monitor's news, send what waits; why the link has failed, or None."""
         while self.failure is None and self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -117,6 +132,7 @@ class Link:
                                 f"the prefill server at {self.address} closed the connection before a handshake")
             elif event in (zmq.EVENT_CLOSED, zmq.EVENT_CONNECT_RETRIED) and not self.up:
                 self.failure = f"could not connect to the prefill server at {self.address}"
+        self.flush()
         return self.failure
 
     def close(self) -> None:

@@ -52,6 +52,7 @@ class DecodeIntake:
         self.claimed: dict[int, tuple[object, float]] = {}  # room -> (req, since)
         self.headers: dict[int, wire.KVReady] = {}  # nixl: rooms whose KVReady came before the data
         self.written: set[int] = set()  # nixl: rooms whose data came before the KVReady
+        self.being_written: set[int] = set()  # nixl: rooms the prefill server is writing now
         self.cancelled: dict[int, tuple[object, tuple[str, int], float]] = {}  # nixl: room -> (held pages, link, since)
         self.released: list = []  # held pages no write can reach any more, for the scheduler to free
         self.rejected: dict[str, int] = {}  # bad frames by reason
@@ -66,7 +67,7 @@ class DecodeIntake:
         self.idle_since.pop((b.host, b.port), None)
         target = self.nixl.target(req.pages) if self.nixl else None
         self.claimed[b.room] = (req, time.monotonic())
-        self._send(link, wire.Claim(b.room, len(req.prompt_ids), self.layout, self.backend, target), b.room)
+        self._send(link, wire.Claim(b.room, len(req.prompt_ids), self.layout, self.backend, target))
 
     def poll(self) -> list:
         """The requests whose KV arrived, their first token appended, or that failed (`error`)."""
@@ -83,8 +84,8 @@ class DecodeIntake:
                 elif room in self.cancelled:  # its pages may be reused now
                     self.released.append(self.cancelled.pop(room)[0])
             for room in self.written & self.headers.keys():
-                self.written.discard(room)
-                header = self.headers.pop(room)
+                header = self.headers[room]
+                self._forget(room)
                 req = self.claimed.pop(room)[0]
                 end = time.perf_counter_ns()
                 self._arrived(req, header, end - int(header.seconds * 1e9), end)
@@ -99,12 +100,11 @@ class DecodeIntake:
         for room, (req, _) in list(self.claimed.items()):
             if req.rid == rid:
                 del self.claimed[room]
-                self.headers.pop(room, None)
-                self.written.discard(room)
+                self._forget(room)
                 key = (req.bootstrap.host, req.bootstrap.port)
                 if self.nixl and detach is not None and key in self.links:
                     self.cancelled[room] = (detach(req), key, time.monotonic())
-                    self._send(self.links[key], wire.Cancel(room), None)
+                    self._send(self.links[key], wire.Cancel(room))
                 return req
         return None
 
@@ -118,9 +118,10 @@ class DecodeIntake:
 
     @property
     def busy(self) -> bool:
-        """Whether NIXL data is awaited: its arrival wakes no socket, and over TCP the write
-        completes only as this side makes progress (each poll does)."""
-        return bool(self.nixl and (self.claimed or self.cancelled))
+        """Whether a NIXL write into this server is under way: its arrival wakes no socket, and
+        over UCX's TCP transport it completes only as this side makes progress (each poll
+        does). While a prompt still runs on the prefill server, its socket wakes us."""
+        return bool(self.nixl and (self.being_written or self.cancelled))
 
     @property
     def sockets(self) -> list:
@@ -143,6 +144,9 @@ class DecodeIntake:
                 self._on_kv(link, message, raw, done)
             elif isinstance(message, wire.Refused):
                 self._on_refused(link, message, done)
+            elif isinstance(message, wire.Writing):
+                if self.nixl and message.room in self.claimed:
+                    self.being_written.add(message.room)
             elif not isinstance(message, wire.Ping):
                 self._rejected(link, "malformed", f"a {type(message).__name__} message, which only prefill servers get")
 
@@ -151,14 +155,14 @@ class DecodeIntake:
         if room not in self.claimed:  # failed already (timed out), or aborted
             if room in self.cancelled:  # NIXL's write has completed: its pages may be reused
                 self.released.append(self.cancelled.pop(room)[0])
-            self._send(link, wire.Received(room, ok=False), None)
+            self._send(link, wire.Received(room, ok=False))
             return
         req = self.claimed[room][0]
         n = len(req.prompt_ids)
         expected_raw = 0 if self.nixl else 2
         if ready.num_tokens != n or len(raw) != expected_raw or any(len(f) != n * self.token_bytes for f in raw):
             self._rejected(link, "malformed", f"KV for room {room} of the wrong size")
-            self._send(link, wire.Received(room, ok=False), None)
+            self._send(link, wire.Received(room, ok=False))
             self._fail(self.claimed.pop(room)[0], f"the prefill server at {link.address} sent KV of the wrong size",
                        done)
             return
@@ -169,7 +173,7 @@ class DecodeIntake:
         del self.claimed[room]
         self._fill(req, n, raw[0].buffer, raw[1].buffer)
         self._arrived(req, ready, start)
-        self._send(link, wire.Received(room, ok=True), None)
+        self._send(link, wire.Received(room, ok=True))
         done.append(req)
 
     def _on_refused(self, link: channel.Link, refused: wire.Refused, done: list) -> None:
@@ -179,8 +183,7 @@ class DecodeIntake:
         if room not in self.claimed:
             return
         req = self.claimed.pop(room)[0]
-        self.headers.pop(room, None)
-        self.written.discard(room)
+        self._forget(room)
         self._fail(req, self._refusal_text(link, refused, req), done)
 
     def _refusal_text(self, link: channel.Link, r: wire.Refused, req) -> str:
@@ -212,7 +215,7 @@ class DecodeIntake:
         if self.nixl:
             key = (req.bootstrap.host, req.bootstrap.port)
             if key in self.links:
-                self._send(self.links[key], wire.Received(req.bootstrap.room, ok=True), None)
+                self._send(self.links[key], wire.Received(req.bootstrap.room, ok=True))
 
     def _fill(self, req, num_tokens: int, k: memoryview, v: memoryview) -> None:
         slots = page_slots(req.pages, self.layout.page_size, num_tokens).to(self.kv.k.device)
@@ -224,19 +227,22 @@ class DecodeIntake:
             cache[:, slots] = values.view(cache.dtype).view(shape).to(cache.device)
         req.kv_bytes = len(k) + len(v)
 
-    def _send(self, link: channel.Link, message: wire.Message, room: int | None) -> None:
-        try:
-            link.sock.send_multipart(wire.encode(message), zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # the link's queue is full: the prefill server is not reading
-            link.failure = link.failure or f"the prefill server at {link.address} is not reading its bootstrap port"
+    @staticmethod
+    def _send(link: channel.Link, message: wire.Message) -> None:
+        link.send(wire.encode(message))
+
+    def _forget(self, room: int) -> None:
+        """What NIXL's side knew of a room that no longer waits."""
+        self.headers.pop(room, None)
+        self.written.discard(room)
+        self.being_written.discard(room)
 
     def _link_failed(self, key: tuple[str, int], failure: str, done: list) -> None:
         """The link to one prefill server has failed: every request on it fails now."""
         for room, (req, _) in list(self.claimed.items()):
             if (req.bootstrap.host, req.bootstrap.port) == key:
                 del self.claimed[room]
-                self.headers.pop(room, None)
-                self.written.discard(room)
+                self._forget(room)
                 self._fail(req, failure, done)
         for room, (held, link_key, _) in list(self.cancelled.items()):
             if link_key == key:  # a dead or refusing server writes nothing more
@@ -265,8 +271,7 @@ class DecodeIntake:
         for room, (req, since) in list(self.claimed.items()):
             if now - since > self.timeout_s:
                 del self.claimed[room]
-                self.headers.pop(room, None)
-                self.written.discard(room)
+                self._forget(room)
                 self._fail(req, f"it did not come within {self.timeout_s:g} s", done)
         for room, (held, _, since) in list(self.cancelled.items()):
             if now - since > self.timeout_s:

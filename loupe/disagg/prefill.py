@@ -11,8 +11,9 @@ KV (`Received`); then the scheduler releases the pages (into the prefix cache) a
 A claim may come before the prompt has run (the router sends both servers the request at
 once): it waits. What fails, and how fast:
 - a claim for a room this server never received: refused after `UNKNOWN_ROOM_GRACE_S`;
-- a decode server that has gone (its connection dropped: sends to it fail at once, and every
-  peer this server waits on is pinged each second): its rooms fail, their pages return;
+- a decode server that has gone (its connection dropped: sends to it fail at once; every
+  peer this server waits on is pinged each second, and every peer when a connection drops):
+  its rooms fail, their pages return, its NIXL metadata is dropped;
 - a request nobody claims, or a transfer never acknowledged: failed after the timeout.
 Each failure is logged once with the room, the peer and the cause. A frame that is not a
 valid message is counted (`rejected`), logged once per peer address, and dropped.
@@ -128,9 +129,12 @@ class PrefillHandoff:
         if self.nixl:
             self._finish_writes()
         now = time.monotonic()
-        if self.monitor.peer_left or now - self.last_ping > PING_INTERVAL_S:
-            self.monitor.peer_left, self.last_ping = False, now
-            self._ping_waiting_peers()
+        if self.monitor.peer_left:  # someone left: find out who, and forget them
+            self.monitor.peer_left = False
+            self._ping(set(self.peers))
+        if now - self.last_ping > PING_INTERVAL_S:
+            self.last_ping = now
+            self._ping(self._waited_on())
         self._expire(now)
         while self.gone:
             self._peer_gone(self.gone.pop())
@@ -242,6 +246,7 @@ class PrefillHandoff:
                 return
             self.agents[identity] = claim.target.agent
             self.writing[room] = (identity, req)
+            self._send(identity, wire.Writing(room))
             return
         start = time.perf_counter_ns()
         slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
@@ -285,10 +290,13 @@ class PrefillHandoff:
 
     # ---- failures --------------------------------------------------------------------------------
 
-    def _ping_waiting_peers(self) -> None:
-        waited_on = ({identity for identity, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
-                     {i for i, _, _, _ in self.sent.values()})
-        for identity in waited_on:
+    def _waited_on(self) -> set[bytes]:
+        return ({identity for identity, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
+                {i for i, _, _, _ in self.sent.values()})
+
+    def _ping(self, identities: set[bytes]) -> None:
+        """Sends to a peer whose connection has dropped fail at once: it is then gone."""
+        for identity in identities:
             self._send(identity, wire.Ping())
 
     def _peer_gone(self, identity: bytes) -> None:

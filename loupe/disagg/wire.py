@@ -11,7 +11,8 @@ processes, loupe.ipc pickles over `ipc://` sockets in a private folder; none of 
     decode -> prefill   Claim     send me room R's KV (with nixl: where to write it)
                         Received  room R's KV is in (ok), or was not wanted after all
                         Cancel    I no longer want room R (its request was aborted)
-    prefill -> decode   KVReady   room R's first token; with tcp, K and V follow as two frames
+    prefill -> decode   Writing   NIXL is writing room R's KV now (poll, so that it progresses)
+                        KVReady   room R's first token; with tcp, K and V follow as two frames
                         Refused   room R cannot be served, and why (a code, typed details)
                         Ping      are you there? (to a peer the prefill server waits on)
 """
@@ -78,6 +79,11 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Writing:
+    room: int
+
+
+@dataclass(frozen=True)
 class KVReady:
     """The first token (and its logprobs, if the request asked); with tcp the K and V frames
     ([layers, num_tokens, heads, dim] each) follow, with nixl the write has completed."""
@@ -104,8 +110,9 @@ class Ping:
     pass
 
 
-Message = Claim | Received | Cancel | KVReady | Refused | Ping
-KINDS = {Claim: "claim", Received: "received", Cancel: "cancel", KVReady: "kv", Refused: "refused", Ping: "ping"}
+Message = Claim | Received | Cancel | Writing | KVReady | Refused | Ping
+KINDS = {Claim: "claim", Received: "received", Cancel: "cancel", Writing: "writing", KVReady: "kv", Refused: "refused",
+         Ping: "ping"}
 
 
 # ---- encoding ------------------------------------------------------------------------------------
@@ -261,6 +268,7 @@ DECODERS = {
     "claim": _claim,
     "received": lambda f, raw: (Received(f.room(), f.bool("ok")), 0),
     "cancel": lambda f, raw: (Cancel(f.room()), 0),
+    "writing": lambda f, raw: (Writing(f.room()), 0),
     "kv": _kv_ready,
     "refused": _refused,
     "ping": lambda f, raw: (Ping(), 0),

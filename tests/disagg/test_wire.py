@@ -31,7 +31,7 @@ class Marker:
     (wire.KVReady(7, 42, 33), [b"k" * 12, b"v" * 12]),
     (wire.Refused(7, "layout", layout=LAYOUT), []),
     (wire.Refused(7, "num_tokens", num_tokens=12), []),
-    (wire.Received(7, True), []), (wire.Cancel(7), []), (wire.Ping(), []),
+    (wire.Received(7, True), []), (wire.Cancel(7), []), (wire.Writing(7), []), (wire.Ping(), []),
 ])
 def test_every_message_round_trips(message, raw):
     decoded, frames = wire.decode(wire.encode(message, *raw))
