@@ -12,15 +12,18 @@ a finish reason, the tokens asked for), or failed with a clear error (an HTTP er
 body, or a stream's error event followed by [DONE]). Anything else is a failure: a
 connection cut, a stream without [DONE], no answer in two minutes.
 
-Phases: warm-up (a tenth of the run), then figures A for both servers with the load paused;
+Phases: long prompts that use every page of both KV caches once (their memory is mapped
+lazily), warm-up (a tenth of the run), then figures A for both servers with the load paused;
 load until half-way; SIGKILL of the prefill server's process group and a new one started on
 the same HTTP and bootstrap ports while the load goes on (requests fail clearly meanwhile);
 once it is back and warmed, figures A' for it; load to the end; figures B. Figures per
 process: RSS, open file descriptors, threads; from /metrics: KV tokens held by requests, open
 requests. Pass: every request answered or clearly failed, and clear failures only while the
-prefill server was down (and a few seconds after); KV held by requests back to 0 on both
-sides; the decode server's processes (alive the whole run) and the new prefill server's
-grew no descriptors or threads and under 5% RSS. Exit status 1 on a failure.
+prefill server was down (until the new one is ready, plus the router's circuit-breaker
+timeout, set to 5 s here, plus 10 s); KV held by requests back to 0 on both sides; the
+decode server's processes (alive the whole run) and the new prefill server's grew no
+descriptors (the router's connections to the HTTP port aside) or threads, and under 5% RSS.
+Exit status 1 on a failure.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ SECRET = "soak-pd-secret-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
 REQUEST_TIMEOUT = 120.0
 MAX_RSS_GROWTH = 0.05
-GRACE_S = 10.0  # after the new prefill server is healthy, the router may still be finding out
+KV_TOKENS = 8192
+ROUTER_CB_TIMEOUT_S = 5  # the router tries a worker whose circuit it opened again after this (its default: 60)
+GRACE_S = ROUTER_CB_TIMEOUT_S + 10.0  # after the new prefill server is ready, until the router uses it again
 WORDS = ("river mountain city light stone window garden morning letter story music silver forest "
          "bridge market ocean cloud winter paper engine yellow quiet bright heavy walks reads opens").split()
 
@@ -121,13 +126,29 @@ async def load(url: str, concurrency: int, seconds: float, out: Outcomes, seed: 
     await asyncio.gather(*(client(i) for i in range(concurrency)))
 
 
+async def fill_caches(url: str, out: Outcomes) -> None:
+    """Long prompts at once, more than both KV caches hold: every page is used once, so the
+    caches' memory (mapped lazily) is all there before the first figures."""
+    rng = random.Random(7)
+
+    async def fill(http: httpx.AsyncClient) -> None:
+        r = await http.post("/generate", json={"text": words(rng, 900), "sampling_params": {"max_new_tokens": 4}})
+        out.add("fill", "ok" if r.status_code == 200 else "clear error" if r.content else "failure", r.text)
+
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False) as http:
+        await asyncio.gather(*(fill(http) for _ in range(2 * KV_TOKENS // 1000)))
+
+
 def figures(server: LiveServer) -> dict:
-    """Per process of the server (main and children): (RSS, fds, threads); and its KV and open requests."""
+    """Per process of the server (main and children): (RSS, fds, threads), the fds without
+    the connections clients (the router) keep open to its HTTP port; its KV and open requests."""
     procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
     usage = {}
     for p in procs:
         name = "main" if p.pid == server.proc.pid else p.name()
-        usage[f"{name} {p.pid}"] = (p.memory_info().rss, p.num_fds(), p.num_threads())
+        clients = sum(c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port
+                      for c in p.net_connections("tcp"))
+        usage[f"{name} {p.pid}"] = (p.memory_info().rss, p.num_fds() - clients, p.num_threads())
     metrics = read_metrics(server)
     return {"usage": usage, "kv": metrics["loupe_kv_used_tokens"], "open": metrics["loupe_open_requests"]}
 
@@ -169,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.log_dir, exist_ok=True)
     env = {"LOUPE_DISAGGREGATION_SECRET": SECRET, "UCX_NET_DEVICES": "lo"}
-    flags = ("--disaggregation-transfer-backend", args.backend, "--max-total-tokens", 16384)
+    flags = ("--disaggregation-transfer-backend", args.backend, "--max-total-tokens", KV_TOKENS)
     bootstrap, prefill_port = free_port(), free_port()
 
     def prefill_server() -> LiveServer:
@@ -179,7 +200,7 @@ def main() -> None:
     prefill = prefill_server()
     decode = LiveServer("--disaggregation-mode", "decode", *flags, log_dir=args.log_dir, env=env).start()
     router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap, "--decode", decode.base_url,
-                        log_dir=args.log_dir)
+                        "--cb-timeout-duration-secs", ROUTER_CB_TIMEOUT_S, log_dir=args.log_dir)
     out, problems = Outcomes(), []
     try:
         prefill.wait_ready()
@@ -188,6 +209,7 @@ def main() -> None:
         print(f"{cpu_model()}, {os.cpu_count()} cores; {args.seconds:.0f} s, {args.concurrency} clients, KV by "
               f"{args.backend}; logs in {args.log_dir}", flush=True)
         warm = args.seconds / 10
+        asyncio.run(fill_caches(router.base_url, out))
         asyncio.run(load(router.base_url, args.concurrency, warm, out, 1))
         decode_before, old_prefill = settle(decode), settle(prefill)
         half = args.seconds / 2 - warm
@@ -201,13 +223,15 @@ def main() -> None:
             prefill.wait_exit(10)
             prefill.stop()
             os.replace(prefill.log_path, prefill.log_path + ".killed")  # the new one writes the same path
-            replacement = await asyncio.to_thread(lambda: prefill_server().wait_ready())
+            replacement = prefill_server()  # started from this thread: its parent-death signal follows the thread
+            await asyncio.to_thread(replacement.wait_ready)
             back = time.monotonic()
             print(f"  a new prefill server is ready {back - killed:.1f} s after the kill", flush=True)
             await loading
             return replacement, killed, back
 
         new_prefill, killed, back = asyncio.run(restart_in_the_middle())
+        asyncio.run(fill_caches(router.base_url, out))
         asyncio.run(load(router.base_url, args.concurrency, min(60.0, warm), out, 3))
         new_before = settle(new_prefill)
         asyncio.run(load(router.base_url, args.concurrency, args.seconds / 2 - min(60.0, warm), out, 4))
@@ -224,7 +248,7 @@ def main() -> None:
     for sample in out.samples:
         print("  e.g.", sample)
     failures = sum(n for (_, o), n in out.counts.items() if o == "failure")
-    late = [t for t in out.error_times if not killed <= t <= back + GRACE_S]
+    late = [t for t in out.error_times if not killed <= t <= back + GRACE_S]  # the router's own, or ours
     errors = [t - killed for t in out.error_times]
     print(f"clear errors: {len(errors)}, from {min(errors, default=0):.1f} to {max(errors, default=0):.1f} s after "
           f"the kill; the new prefill server was ready {back - killed:.1f} s after it")

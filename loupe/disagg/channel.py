@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 
 import zmq
@@ -100,6 +101,7 @@ class Link:
         self.up = False  # handshake done
         self.failure: str | None = None  # why it ended
         self.outbox: list[list] = []  # messages ZMQ had no room for yet (before the connection is made)
+        self.blocked_since: float | None = None
         host = f"[{host}]" if ":" in host else host
         self.sock.connect(f"tcp://{host}:{port}")
 
@@ -108,14 +110,20 @@ class Link:
         self.flush()
 
     def flush(self) -> None:
+        """Send what waits. ZMQ has no room before the connection is made, or just after it
+        dropped (the monitor says so next), or while the peer reads nothing: only the last
+        fails the link, once nothing has gone for `HANDSHAKE_MS`."""
         while self.outbox and self.failure is None:
             try:
                 self.sock.send_multipart(self.outbox[0], zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                if self.up:  # connected, and its queue (1,000 messages) is full
+                now = time.monotonic()
+                self.blocked_since = self.blocked_since or now
+                if self.up and now - self.blocked_since > HANDSHAKE_MS / 1000:
                     self.failure = f"the prefill server at {self.address} is not reading its bootstrap port"
                 return
             self.outbox.pop(0)
+            self.blocked_since = None
 
     def check(self) -> str | None:
         """Read the monitor's news, send what waits; why the link has failed, or None."""
