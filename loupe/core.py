@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import re
 from dataclasses import dataclass, field, fields
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
@@ -187,6 +188,16 @@ class TraceContext:
 
 
 WILDCARD_HOSTS = ("", "*", "0.0.0.0", "::", "[::]")
+HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def is_host(host: str) -> bool:
+    """Whether `host` is an IP address (IPv6 with or without brackets) or a host name (RFC 1123)."""
+    try:
+        ipaddress.ip_address(host[1:-1] if host.startswith("[") and host.endswith("]") else host)
+        return True
+    except ValueError:
+        return HOST_NAME.fullmatch(host) is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -218,7 +229,7 @@ class Bootstrap:
         if not connects:
             return
         host = self.host
-        if host in WILDCARD_HOSTS or len(host) > 253 or not all(c.isalnum() or c in ".-_:[]" for c in host):
+        if host in WILDCARD_HOSTS or not is_host(host):
             raise InvalidRequest(f"bootstrap_host must be a host name or address, got {host[:64]!r}", "bootstrap_host")
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"bootstrap_port must be in 1..65535, got {self.port}", "bootstrap_port")

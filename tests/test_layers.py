@@ -5,7 +5,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "loupe"
 LEVELS = [  # bottom first, as drawn in docs/architecture.md
-    {"core", "config", "distributed"},
+    {"core"},
+    {"config", "distributed"},
     {"ipc", "stops", "process"},
     {"tracing", "traces"},
     {"model"},

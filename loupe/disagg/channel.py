@@ -102,8 +102,11 @@ class Link:
         self.failure: str | None = None  # why it ended
         self.outbox: list[list] = []  # messages ZMQ had no room for yet (before the connection is made)
         self.blocked_since: float | None = None
-        host = f"[{host}]" if ":" in host else host
-        self.sock.connect(f"tcp://{host}:{port}")
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        try:
+            self.sock.connect(f"tcp://{host}:{port}")
+        except zmq.ZMQError as e:  # an address ZMQ cannot parse: this link fails, nothing else
+            self.failure = f"could not connect to the prefill server at {self.address} ({e.strerror})"
 
     def send(self, frames: list) -> None:
         self.outbox.append(frames)

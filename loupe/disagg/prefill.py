@@ -115,7 +115,7 @@ class PrefillHandoff:
         self._remember_end(room, "its request ended on the prefill server")
         if room in self.claims:
             identity, _, _ = self.claims.pop(room)
-            self._reply(identity, wire.Refused(room, "failed"))
+            self._send(identity, wire.Refused(room, "failed"))
 
     def poll(self) -> list:
         """Answer the messages that came; the requests whose KV left (or that failed) since."""
@@ -196,13 +196,13 @@ class PrefillHandoff:
         refusal = claim_refusal(self.layout, self.backend, claim)
         room = claim.room
         if refusal:
-            self._reply(identity, refusal)
+            self._send(identity, refusal)
         elif room in self.ready:
             self._serve(identity, claim, self.ready.pop(room)[0])
         elif room in self.ended:
-            self._reply(identity, wire.Refused(room, "failed"))
+            self._send(identity, wire.Refused(room, "failed"))
         elif room in self.claims or room in self.writing or room in self.sent:
-            self._reply(identity, wire.Refused(room, "failed"))  # a second claim for one room
+            self._send(identity, wire.Refused(room, "failed"))  # a second claim for one room
         else:
             self.claims[room] = (identity, claim, time.monotonic())
 
@@ -229,19 +229,19 @@ class PrefillHandoff:
     def _serve(self, identity: bytes, claim: wire.Claim, req) -> None:
         n, room = len(req.prompt_ids), claim.room
         if claim.num_tokens != n:
-            self._reply(identity, wire.Refused(room, "num_tokens", num_tokens=n))
+            self._send(identity, wire.Refused(room, "num_tokens", num_tokens=n))
             self._fail(req, f"the decode server holds {claim.num_tokens} tokens for it; the prompt has {n}", identity)
             return
         num_pages = -(-n // self.layout.page_size)
         if self.nixl:
             if len(claim.target.pages) < num_pages:
-                self._reply(identity, wire.Refused(room, "num_tokens", num_tokens=n))
+                self._send(identity, wire.Refused(room, "num_tokens", num_tokens=n))
                 self._fail(req, "the decode server named too few pages for it", identity)
                 return
             try:
                 self.nixl.write(room, req.pages[:num_pages], claim.target)
             except RuntimeError as e:
-                self._reply(identity, wire.Refused(room, "transfer_failed"))
+                self._send(identity, wire.Refused(room, "transfer_failed"))
                 self._fail(req, str(e), identity)
                 return
             self.agents[identity] = claim.target.agent
@@ -262,7 +262,7 @@ class PrefillHandoff:
         for room, ok, start in self.nixl.finished_writes():
             identity, req = self.writing.pop(room)
             if not ok:
-                self._reply(identity, wire.Refused(room, "transfer_failed"))
+                self._send(identity, wire.Refused(room, "transfer_failed"))
                 self._fail(req, "the NIXL write to the decode server failed", identity)
                 continue
             seconds = (time.perf_counter_ns() - start) / 1e9
@@ -284,9 +284,6 @@ class PrefillHandoff:
                 raise
             self.gone.add(identity)  # failed at the end of this poll, once its requests have said why
             return False
-
-    def _reply(self, identity: bytes, message: wire.Message) -> None:
-        self._send(identity, message)
 
     # ---- failures --------------------------------------------------------------------------------
 
@@ -346,7 +343,7 @@ class PrefillHandoff:
             known = room in self.expected
             if now - since > (self.timeout_s if known else UNKNOWN_ROOM_GRACE_S):
                 del self.claims[room]
-                self._reply(identity, wire.Refused(room, "expired" if known else "unknown_room"))
+                self._send(identity, wire.Refused(room, "expired" if known else "unknown_room"))
         for room, (identity, req, _, since) in list(self.sent.items()):
             if now - since > self.timeout_s:
                 del self.sent[room]

@@ -13,6 +13,7 @@ import zmq
 from server_harness import free_port
 from test_exchange import PROMPTS, assert_nothing_held, engine, pair, run, submit
 
+from loupe.core import Bootstrap, SamplingParams, TokenizedRequest
 from loupe.disagg import channel, wire
 from loupe.disagg.decode import DecodeIntake
 
@@ -180,6 +181,17 @@ def test_a_fake_prefill_server_answering_garbage_runs_nothing_and_fails_the_requ
         assert all("did not come within 3 s" in r.error for r in waiting)
         assert intake.rejected == {"malformed": 2}
     assert not os.path.exists(marker)
+    assert_nothing_held(decode)
+
+
+def test_an_address_zmq_cannot_parse_fails_its_request_not_the_server(tiny_model_dir):
+    decode = engine(tiny_model_dir("llama"))
+    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, 60)
+    req = decode.scheduler.add_request(TokenizedRequest("d", decode.tokenizer.encode(PROMPTS[0]),
+                                                        SamplingParams(max_new_tokens=2),
+                                                        bootstrap=Bootstrap("-x", 8998, 1)))
+    run(decode)
+    assert "could not connect to the prefill server at -x:8998" in req.error
     assert_nothing_held(decode)
 
 

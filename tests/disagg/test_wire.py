@@ -87,6 +87,9 @@ def test_a_pickle_is_never_unpickled(tmp_path):
     (Bootstrap("127.0.0.1", 65536, 1), "bootstrap_port"), (Bootstrap("", 8998, 1), "bootstrap_host"),
     (Bootstrap("0.0.0.0", 8998, 1), "bootstrap_host"), (Bootstrap("*", 8998, 1), "bootstrap_host"),
     (Bootstrap("::", 8998, 1), "bootstrap_host"), (Bootstrap("tcp://x", 8998, 1), "bootstrap_host"),
+    (Bootstrap("-x", 8998, 1), "bootstrap_host"), (Bootstrap("_", 8998, 1), "bootstrap_host"),
+    (Bootstrap("a..b", 8998, 1), "bootstrap_host"), (Bootstrap("[zz]", 8998, 1), "bootstrap_host"),
+    (Bootstrap("x" * 254, 8998, 1), "bootstrap_host"),
     (Bootstrap("127.0.0.1", 8998, 2**64), "bootstrap_room"), (Bootstrap("127.0.0.1", 8998, 2**70), "bootstrap_room"),
     (Bootstrap("127.0.0.1", 8998, -1), "bootstrap_room"),
     (Bootstrap("10.0.0.5", 8998, 1), "bootstrap_host"),  # beyond loopback, and no secret
@@ -99,6 +102,9 @@ def test_bootstrap_fields_a_decode_server_must_not_connect_to(bootstrap, param):
 
 def test_the_allow_list_and_the_secret_decide_where_a_decode_server_connects():
     Bootstrap("localhost", 8998, 2**64 - 1).check()
+    Bootstrap("::1", 8998, 1).check()
+    Bootstrap("[::1]", 8998, 1).check()
+    Bootstrap("prefill-0.pd.svc.cluster.local", 8998, 1).check(secret=True)
     Bootstrap("10.0.0.5", 8998, 1).check(secret=True)
     allowed = ["p1.internal", "10.0.0.7:8998"]
     Bootstrap("P1.internal", 1234, 1).check(allowed, secret=True)
