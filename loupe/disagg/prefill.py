@@ -219,9 +219,13 @@ class PrefillHandoff:
             self._fail(req, "the decode server no longer wanted it (its request ended there)", identity)
 
     def _on_cancel(self, identity: bytes, room: int) -> None:
+        """The decode server's request ended: its pages stay reserved there until this answers."""
         if room in self.claims and self.claims[room][0] == identity:
             del self.claims[room]
             self._remember_end(room, "the decode server cancelled it")
+            if room in self.expected:  # the scheduler stops running its prompt
+                self.orphans[room] = self.ended[room]
+            self._send(identity, wire.Refused(room, "failed"))
         # One being written or sent finishes; the decode server then answers Received(ok=False).
 
     # ---- sending KV ------------------------------------------------------------------------------

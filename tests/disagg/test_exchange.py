@@ -177,6 +177,20 @@ def test_aborts_free_pages_held_for_the_exchange(tiny_model_dir):
     assert_nothing_held(decode)
 
 
+def test_an_abort_keeps_pages_nixl_may_write_until_the_prefill_server_answers(tiny_model_dir):
+    prefill, decode, port = pair(tiny_model_dir("llama"), backend="nixl")
+    prompt = submit(prefill, "p", PROMPTS[2], port, room=13)
+    waiting = submit(decode, "d", PROMPTS[2], port, room=13)
+    decode.scheduler.step()  # claimed: the prefill server may write into its pages from now on
+    free = len(decode.scheduler.kv.pool.free_pages)
+    assert decode.scheduler.abort("d") is waiting and waiting.finish_reason == "abort"
+    assert len(decode.scheduler.kv.pool.free_pages) == free  # kept from reuse
+    run(prefill, decode)  # the prefill server drops the claim and its prompt, and says so
+    assert "cancelled" in prompt.error
+    assert_nothing_held(decode)
+    assert_nothing_held(prefill)
+
+
 @pytest.fixture(autouse=True)
 def _close_sockets():
     yield
