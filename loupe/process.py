@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -100,3 +101,35 @@ def yield_to_serving() -> None:
     matmul thread team waits for its slowest member). SCHED_IDLE, tried, starved it for
     seconds under full load, and spans were dropped."""
     os.nice(19 - os.nice(0))
+
+
+class HeapTrimmer:
+    """Hands the heap's free pages back to the OS (glibc's `malloc_trim`) once the scheduler
+    falls idle after work, and every `interval` seconds while it works. oneDNN keeps a matmul
+    for each recent input shape, each holding buffers as large as its rows (~2 MB for a
+    512-row prefill); under prompts of varied lengths the evicted ones leave holes that the
+    next, differently sized ones do not fit, and a server's RSS grew by 250 MB in 240
+    prompts without this (BENCHMARKS.md, "Memory under varied prompt lengths"). A trim takes
+    5-20 ms. Does nothing where the C library is not glibc."""
+
+    def __init__(self, interval: float = 10.0):
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            self._trim = None
+        self.interval = interval
+        self.last = time.monotonic()
+        self.worked = False
+
+    def __call__(self, working: bool) -> None:
+        if self._trim is None:
+            return
+        now = time.monotonic()
+        if working:
+            self.worked = True
+            if now - self.last < self.interval:
+                return
+        elif not self.worked:
+            return
+        self._trim(0)
+        self.last, self.worked = now, False

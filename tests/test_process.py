@@ -64,3 +64,51 @@ def test_a_child_stays_when_its_starting_thread_ends_and_says_so_when_the_parent
         assert time.monotonic() < deadline, "the child outlived its parent"
         time.sleep(0.05)
     assert "ERROR loupe: the main process" in parent.stderr and "died; stopping" in parent.stderr, parent.stderr
+
+
+HOLES = """
+import ctypes, sys, psutil
+from loupe.process import HeapTrimmer
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = [libc.malloc(64 << 10) for _ in range(2000)]  # 128 MB on the heap, below the mmap threshold
+for b in blocks:
+    ctypes.memset(b, 1, 64 << 10)
+for b in blocks[:-1]:  # the last block pins the top: free() alone gives nothing back
+    libc.free(b)
+rss = lambda: psutil.Process().memory_info().rss >> 20
+trim, before = HeapTrimmer(), rss()
+trim(working=False)  # idle before any work: nothing to give back
+idle = rss()
+trim(working=True)  # working, within the interval: not yet
+working = rss()
+trim(working=False)  # fell idle after work: gives the free pages back
+print(before, idle, working, rss())
+"""
+
+
+def test_the_heap_trimmer_gives_free_heap_pages_back_when_work_ends():
+    run = subprocess.run([sys.executable, "-c", HOLES], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    before, idle, working, after = map(int, run.stdout.split())
+    assert before - idle < 16 and before - working < 16, run.stdout
+    assert before - after > 100, run.stdout
+
+
+def test_the_heap_trimmer_trims_every_interval_while_working():
+    from loupe.process import HeapTrimmer
+
+    trims = []
+    trim = HeapTrimmer(interval=0.2)
+    trim._trim = trims.append
+    for _ in range(3):
+        trim(working=True)
+    assert trims == []
+    time.sleep(0.25)
+    trim(working=True)
+    trim(working=True)
+    assert trims == [0]
+    trim(working=False)
+    trim(working=False)
+    assert trims == [0, 0]

@@ -15,7 +15,7 @@ from loupe.core import FinishReason, ModelInfo, TokenizedRequest
 from loupe.disagg.decode import DecodeIntake
 from loupe.disagg.prefill import PrefillHandoff
 from loupe.distributed.parallel import Comm, Ranks
-from loupe.process import EXIT_LOST_PEER
+from loupe.process import EXIT_LOST_PEER, HeapTrimmer
 from loupe.runner.worker import Worker, resolve_device
 from loupe.scheduler.request import Req
 from loupe.scheduler.scheduler import Scheduler
@@ -46,6 +46,7 @@ class SchedulerProcess:
                     worker.device, worker.load_seconds)
         self.num_received = 0
         self.last_stats = None
+        self.trim_heap = HeapTrimmer()
         if not ranks.is_driver:
             return
         ctx = zmq.Context()
@@ -105,6 +106,7 @@ class SchedulerProcess:
                     self.send_stats()
                 if idle and self.tracer:
                     self.tracer.maybe_flush()
+                self.trim_heap(working=not idle)
         finally:  # shutdown: close every request's spans and hand them over
             self.scheduler.abort_all()
             if self.tracer:
