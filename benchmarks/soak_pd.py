@@ -13,10 +13,10 @@ body, or a stream's error event followed by [DONE]). Anything else is a failure:
 connection cut, a stream without [DONE], no answer in two minutes.
 
 Phases: long prompts that use every page of both KV caches once (their memory is mapped
-lazily), warm-up (a tenth of the run), then figures A for both servers with the load paused;
+lazily), prompts of 64 lengths (to fill oneDNN's per-shape matmul cache), warm-up (a tenth of the run), then figures A for both servers with the load paused;
 load until half-way; SIGKILL of the prefill server's process group and a new one started on
 the same HTTP and bootstrap ports while the load goes on (requests fail clearly meanwhile);
-once it is back and warmed, figures A' for it; load to the end; figures B. Figures per
+once it is back and warmed the same way, figures A' for it; load to the end; figures B. Figures per
 process: RSS, open file descriptors, threads; from /metrics: KV tokens held by requests, open
 requests. Pass: every request answered or clearly failed, and clear failures only while the
 prefill server was down (until the new one is ready, plus the router's circuit-breaker
@@ -139,6 +139,22 @@ async def fill_caches(url: str, out: Outcomes) -> None:
         await asyncio.gather(*(fill(http) for _ in range(2 * KV_TOKENS // 1000)))
 
 
+async def sweep_lengths(url: str, out: Outcomes, count: int = 64) -> None:
+    """Prompts of `count` lengths across the load's range, two at a time: oneDNN keeps a matmul
+    for each input shape (128 of them, model/layers.py), holding buffers as large as its rows,
+    so a server's memory rises until that cache is full; this fills it before the figures."""
+    lengths = iter(range(300, 900, 600 // count))
+    rng = random.Random(11)
+
+    async def sweep(http: httpx.AsyncClient) -> None:
+        for n in lengths:
+            r = await http.post("/generate", json={"text": words(rng, n), "sampling_params": {"max_new_tokens": 1}})
+            out.add("sweep", "ok" if r.status_code == 200 else "clear error" if r.content else "failure", r.text)
+
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, trust_env=False) as http:
+        await asyncio.gather(sweep(http), sweep(http))
+
+
 def figures(server: LiveServer) -> dict:
     """Per process of the server (main and children): (RSS, fds, threads), the fds without
     the connections clients (the router) keep open to its HTTP port; its KV and open requests."""
@@ -210,6 +226,7 @@ def main() -> None:
               f"{args.backend}; logs in {args.log_dir}", flush=True)
         warm = args.seconds / 10
         asyncio.run(fill_caches(router.base_url, out))
+        asyncio.run(sweep_lengths(router.base_url, out))
         asyncio.run(load(router.base_url, args.concurrency, warm, out, 1))
         decode_before, old_prefill = settle(decode), settle(prefill)
         half = args.seconds / 2 - warm
@@ -232,6 +249,7 @@ def main() -> None:
 
         new_prefill, killed, back = asyncio.run(restart_in_the_middle())
         asyncio.run(fill_caches(router.base_url, out))
+        asyncio.run(sweep_lengths(router.base_url, out))
         asyncio.run(load(router.base_url, args.concurrency, min(60.0, warm), out, 3))
         new_before = settle(new_prefill)
         asyncio.run(load(router.base_url, args.concurrency, args.seconds / 2 - min(60.0, warm), out, 4))
