@@ -108,9 +108,9 @@ class HeapTrimmer:
     falls idle after work, and every `interval` seconds while it works. oneDNN keeps a matmul
     for each recent input shape, each holding buffers as large as its rows (~2 MB for a
     512-row prefill); under prompts of varied lengths the evicted ones leave holes that the
-    next, differently sized ones do not fit, and a server's RSS grew by 250 MB in 240
-    prompts without this (BENCHMARKS.md, "Memory under varied prompt lengths"). A trim takes
-    5-20 ms. Does nothing where the C library is not glibc."""
+    next, differently sized ones do not fit: an engine's RSS grew 249 MB over 240 prompts of
+    new lengths, of which a trim gave back all but 108 (BENCHMARKS.md, "Memory under prompts
+    of many lengths"). A trim takes 5-20 ms. Does nothing where the C library is not glibc."""
 
     def __init__(self, interval: float = 10.0):
         try:
