@@ -13,11 +13,12 @@ body, or a stream's error event followed by [DONE]). Anything else is a failure:
 connection cut, a stream without [DONE], no answer in two minutes.
 
 Phases: long prompts that use every page of both KV caches once (their memory is mapped
-lazily), prompts of 64 lengths (to fill oneDNN's per-shape matmul cache), warm-up (a tenth of the run), then figures A for both servers with the load paused;
-load until half-way; SIGKILL of the prefill server's process group and a new one started on
-the same HTTP and bootstrap ports while the load goes on (requests fail clearly meanwhile);
-once it is back and warmed the same way, figures A' for it; load to the end; figures B. Figures per
-process: RSS, open file descriptors, threads; from /metrics: KV tokens held by requests, open
+lazily), prompts of 64 lengths (to fill oneDNN's per-shape matmul cache), warm-up (a tenth
+of the run), then figures A for both servers with the load paused; load until half-way;
+SIGKILL of the prefill server's process group and a new one started on the same HTTP and
+bootstrap ports while the load goes on (requests fail clearly meanwhile); once it is back
+and warmed the same way, figures A' for it; load to the end; figures B. Figures per process:
+RSS, open file descriptors, threads; from /metrics: KV tokens held by requests, open
 requests. Pass: every request answered or clearly failed, and clear failures only while the
 prefill server was down (until the new one is ready, plus the router's circuit-breaker
 timeout, set to 5 s here, plus 10 s); KV held by requests back to 0 on both sides; the

@@ -106,8 +106,8 @@ def yield_to_serving() -> None:
 class HeapTrimmer:
     """Hands the heap's free pages back to the OS (glibc's `malloc_trim`) once the scheduler
     falls idle after work, and every `interval` seconds while it works. oneDNN keeps a matmul
-    for each recent input shape, each holding buffers as large as its rows (~2 MB for a
-    512-row prefill); under prompts of varied lengths the evicted ones leave holes that the
+    for each recent input shape, each holding buffers as large as its rows (~1.5 MB for
+    a 512-row prefill); under prompts of varied lengths the evicted ones leave holes that the
     next, differently sized ones do not fit: an engine's RSS grew 249 MB over 240 prompts of
     new lengths, of which a trim gave back all but 108 (BENCHMARKS.md, "Memory under prompts
     of many lengths"). A trim takes 5-20 ms. Does nothing where the C library is not glibc."""

@@ -67,7 +67,7 @@ def test_a_child_stays_when_its_starting_thread_ends_and_says_so_when_the_parent
 
 
 HOLES = """
-import ctypes, sys, psutil
+import ctypes, psutil
 from loupe.process import HeapTrimmer
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
