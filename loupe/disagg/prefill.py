@@ -221,10 +221,7 @@ class PrefillHandoff:
     def _on_cancel(self, identity: bytes, room: int) -> None:
         """The decode server's request ended: its pages stay reserved there until this answers."""
         if room in self.claims and self.claims[room][0] == identity:
-            del self.claims[room]
-            self._remember_end(room, "the decode server cancelled it")
-            if room in self.expected:  # the scheduler stops running its prompt
-                self.orphans[room] = self.ended[room]
+            self._drop_claim(room, "the decode server cancelled it")
             self._send(identity, wire.Refused(room, "failed"))
         # One being written or sent finishes; the decode server then answers Received(ok=False).
 
@@ -305,12 +302,9 @@ class PrefillHandoff:
         address = self.peers.pop(identity, "an unknown address")
         for room, (peer, _, _) in list(self.claims.items()):
             if peer == identity:
-                del self.claims[room]
-                self._remember_end(room, f"the decode server at {address} went away")
+                self._drop_claim(room, f"the decode server at {address} went away")
                 logger.warning("KV transfer failed: room %d, decode server %s: it went away before the prompt ran",
                                room, address)
-                if room in self.expected:  # the scheduler stops running its prompt
-                    self.orphans[room] = self.ended[room]
         for room, (peer, req, _, _) in list(self.sent.items()):
             if peer == identity:
                 del self.sent[room]
@@ -328,6 +322,14 @@ class PrefillHandoff:
         logger.warning("KV transfer failed: room %d, decode server %s: %s", room, address, cause)
         self._remember_end(room, cause)
         self.done.append(req)
+
+    def _drop_claim(self, room: int, cause: str) -> None:
+        """A claim that will not be served: remember why, and if its prompt has not run yet, the
+        scheduler stops running it."""
+        del self.claims[room]
+        self._remember_end(room, cause)
+        if room in self.expected:
+            self.orphans[room] = cause
 
     def _remember_end(self, room: int, cause: str) -> None:
         self.ended[room] = cause
