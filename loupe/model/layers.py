@@ -28,6 +28,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 32):
         super().__init__()
+        bound_matmul_caches()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.bias = linear.bias
 
@@ -42,13 +43,18 @@ class PackedLinear(nn.Module):
 MATMUL_CACHE_CAPACITY = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "128", "LRU_CACHE_CAPACITY": "128"}
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Swap every nn.Linear of a CPU model for a PackedLinear; how many were swapped. Bounds
-    oneDNN's shape caches unless the environment sets them (read at the process's first matmul)."""
-    if not torch.backends.mkldnn.is_available():
-        return 0
+def bound_matmul_caches() -> None:
+    """Bound oneDNN's shape caches unless the environment sets them. Both libraries read the
+    variables once, when they build their first primitive (a weight's reorder counts): a later
+    setting is silently ignored, as it was while the int4 layers were packed first."""
     for name, capacity in MATMUL_CACHE_CAPACITY.items():
         os.environ.setdefault(name, capacity)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Swap every nn.Linear of a CPU model for a PackedLinear; how many were swapped."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
