@@ -106,11 +106,11 @@ def yield_to_serving() -> None:
 class HeapTrimmer:
     """Hands the heap's free pages back to the OS (glibc's `malloc_trim`) once the scheduler
     falls idle after work, and every `interval` seconds while it works. oneDNN keeps a matmul
-    for each recent input shape, each holding buffers as large as its rows (~1.5 MB for
-    a 512-row prefill); under prompts of varied lengths the evicted ones leave holes that the
-    next, differently sized ones do not fit: an engine's RSS grew 249 MB over 240 prompts of
-    new lengths, of which a trim gave back all but 108 (BENCHMARKS.md, "Memory under prompts
-    of many lengths"). A trim takes 5-20 ms. Does nothing where the C library is not glibc."""
+    for each of the last 128 input shapes, each holding buffers as large as its rows (~1.5 MB
+    for a 512-row prefill); under prompts of varied lengths the evicted ones' buffers stay in
+    the heap, freed: an engine 40 prompts of new lengths past its warm-up held 55-60 MB more
+    than after a trim (BENCHMARKS.md, "Memory under prompts of many lengths"). A trim takes
+    5-20 ms. Does nothing where the C library is not glibc."""
 
     def __init__(self, interval: float = 10.0):
         try:
