@@ -76,7 +76,8 @@ class ModelRunner:
         previous = None
         if not ranks.is_first_stage:
             previous = self.comm.recv_from_previous_stage((len(input_ids), self.hidden_size), self.kv.k.dtype)
-        with exact_matmuls(batch.num_decode < len(input_ids)):  # a prefill: exact (model/quant.py)
+        prefills = batch.num_decode < len(input_ids)
+        with exact_matmuls(prefills):  # a prefill: exact (model/quant.py)
             hidden = self.model(input_ids, positions, batch, previous)
         if not ranks.is_last_stage:
             self.comm.send_to_next_stage(hidden)
@@ -95,7 +96,8 @@ class ModelRunner:
             wants_logprobs = any(r.sampling.logprobs for r in chosen)
             sampled = found = None
             if ranks.is_last_stage:
-                logits = self.model.compute_logits(hidden[ends])
+                with exact_matmuls(prefills):
+                    logits = self.model.compute_logits(hidden[ends])
                 sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
                 if wants_logprobs:
                     found = requested_logprobs(logits, sampled, chosen)
