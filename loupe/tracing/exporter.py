@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 STATS_EVERY_S = 1.0
 WARN_EVERY_S = 10.0
 SHUTDOWN_EXPORT_S = 5.0
+DRAIN_QUIET_S = 0.2  # at shutdown: no span batch for this long means every one has arrived
 ENDPOINT_CHECK_S = 2.0
 
 
@@ -115,7 +116,7 @@ class ExporterProcess:
                     reported = stats
                 last_stats = now
                 self.warn_about_drops(now)
-        self.receive_all()  # what the serving processes flushed while stopping
+        self.drain()  # what the serving processes flushed while stopping
         self.wakeup.set()
         worker.join(SHUTDOWN_EXPORT_S)
         self.exporter.shutdown()
@@ -142,6 +143,14 @@ class ExporterProcess:
         except OSError as e:
             logger.warning("nothing answers at %s:%d (%s): spans will fail to export until the OTLP backend "
                            "is up (check --otlp-endpoint)", url.hostname, port, e.strerror or e)
+
+    def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = SHUTDOWN_EXPORT_S) -> None:
+        """Receive until nothing has come for `quiet_s` (`limit_s` at most). The main process
+        flushes its last spans just before it stops this one, and they may still be in transit
+        when the signal lands: a single non-blocking read lost them under load."""
+        deadline = time.monotonic() + limit_s
+        while self.inbox.poll(quiet_s * 1000) and time.monotonic() < deadline:
+            self.receive_all()
 
     def receive_all(self) -> None:
         while True:

@@ -1,6 +1,7 @@
 """The exporter process against real OTLP receivers on loopback."""
 
 import multiprocessing as mp
+import threading
 import time
 
 import pytest
@@ -330,3 +331,19 @@ def test_https_endpoint_means_tls(in_process, monkeypatch):
     proc.add(ipc.SpanBatch(OFFSET, [span(1)], [], 0))
     proc.export(list(proc.queue))
     assert (proc.exported, proc.failed) == (0, 1) and receiver.spans() == []
+
+
+def test_at_shutdown_the_exporter_waits_for_batches_still_in_transit():
+    """The main process flushes its last spans just before it stops the exporter: a batch that
+    lands a little after the signal is still exported, not lost."""
+    endpoints = ipc.Endpoints.create(dp_size=1)
+    proc = ExporterProcess(ExportSettings("http://127.0.0.1:9", "grpc", 50, 64, 64), endpoints)
+    sender = ipc.connect(zmq.Context.instance(), zmq.PUSH, endpoints.tracing)
+    late = threading.Timer(0.1, ipc.send, (sender, ipc.SpanBatch(0, [SpanRecord(1, 2, None, "s", 100, 200)], [], 0)))
+    late.start()
+    started = time.monotonic()
+    proc.drain()
+    late.join()
+    assert len(proc.queue) == 1
+    assert time.monotonic() - started < 1.0  # and stops waiting once nothing more comes
+    sender.close()
