@@ -77,6 +77,7 @@ class ExporterProcess:
         self.export_early_at = max(settings.max_export_batch_size, settings.max_queue_size // 2)
         self.wakeup = threading.Event()
         self.stopping = False
+        self.drained = False  # set once nothing more will be received: the export thread may end
         self.tail = TailKeeper(max_held=settings.max_queue_size // 2)
         self.exported = self.dropped = self.failed = 0
         self.warned_dropped, self.last_warning = 0, 0.0
@@ -117,6 +118,7 @@ class ExporterProcess:
                 last_stats = now
                 self.warn_about_drops(now)
         self.drain()  # what the serving processes flushed while stopping
+        self.drained = True
         self.wakeup.set()
         worker.join(SHUTDOWN_EXPORT_S)
         self.exporter.shutdown()
@@ -144,7 +146,7 @@ class ExporterProcess:
             logger.warning("nothing answers at %s:%d (%s): spans will fail to export until the OTLP backend "
                            "is up (check --otlp-endpoint)", url.hostname, port, e.strerror or e)
 
-    def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = SHUTDOWN_EXPORT_S) -> None:
+    def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = 1.0) -> None:
         """Receive until nothing has come for `quiet_s` (`limit_s` at most). The main process
         flushes its last spans just before it stops this one, and they may still be in transit
         when the signal lands: a single non-blocking read lost them under load."""
@@ -186,7 +188,9 @@ class ExporterProcess:
 
     def export_loop(self) -> None:
         """Every `schedule_delay` (sooner when the queue is half full, or when stopping), send
-        what is queued, back to back, in exports of at most `max_export_batch_size` spans."""
+        what is queued, back to back, in exports of at most `max_export_batch_size` spans; at
+        shutdown, until the last batches received are sent (not merely until the queue is empty
+        once: more may still be on the way)."""
         delay = self.settings.schedule_delay_ms / 1000
         size = self.settings.max_export_batch_size
         while True:
@@ -194,7 +198,7 @@ class ExporterProcess:
             self.wakeup.clear()
             for _ in range(-(-len(self.queue) // size)):  # spans queued meanwhile wait for the next round
                 self.export([self.queue.popleft() for _ in range(min(size, len(self.queue)))])
-            if self.stopping and not self.queue:
+            if self.drained and not self.queue:
                 return
 
     def export(self, batch: list) -> None:
