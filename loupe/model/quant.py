@@ -41,6 +41,10 @@ def int4_supported() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 
 
+def int8_supported() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(4-bit codes 0..15 `[out, in]`, scales and zeros `[in / 32, out, 2]`) of a float weight,
     min-max per group; the kernel's weight is `(code - 8) * scale + zero`."""
@@ -131,12 +135,13 @@ def quantizable(linear: nn.Module) -> bool:
 def quantize_model(model: nn.Module) -> int:
     """Swap the decoder layers' linears for Int4Linears and the LM head's for an Int8Linear (in
     a GGUF it is the 8-bit embedding, and the logits are what a user reads); how many were
-    swapped. Linears int4 cannot hold (an input size not a multiple of 32) stay."""
+    swapped. Linears int4 cannot hold (an input size not a multiple of 32) stay, and so does the
+    head where PyTorch has no oneDNN int8 matmul."""
     count = 0
     for module_name, parent in list(model.named_modules()):
         head = "lm_head" in module_name.split(".")
         for name, child in list(parent.named_children()):
-            if head and isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+            if head and isinstance(child, nn.Linear) and child.weight.device.type == "cpu" and int8_supported():
                 setattr(parent, name, Int8Linear(child))
                 count += 1
             elif not head and quantizable(child):
