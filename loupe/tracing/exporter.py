@@ -149,7 +149,7 @@ class ExporterProcess:
     def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = 1.0) -> None:
         """Receive until nothing has come for `quiet_s` (`limit_s` at most). The main process
         flushes its last spans just before it stops this one, and they may still be in transit
-        when the signal lands: a single non-blocking read lost them under load."""
+        when the signal lands."""
         deadline = time.monotonic() + limit_s
         while self.inbox.poll(quiet_s * 1000) and time.monotonic() < deadline:
             self.receive_all()
