@@ -221,7 +221,7 @@ class PrefillHandoff:
     def _on_cancel(self, identity: bytes, room: int) -> None:
         """The decode server's request ended: its pages stay reserved there until this answers."""
         if room in self.claims and self.claims[room][0] == identity:
-            self._drop_claim(room, "the decode server cancelled it")
+            self._drop_claim(room, "the decode server cancelled it (its request ended there)")
             self._send(identity, wire.Refused(room, "failed"))
         # One being written or sent finishes; the decode server then answers Received(ok=False).
 
