@@ -24,6 +24,7 @@ class WorkerSettings:
     model_path: str | None
     dtype: str
     quantization: str
+    compile_decode: bool  # unless --enforce-eager, where it applies (runner/compiled.py)
     device: str
     context_length: int | None
     max_total_tokens: int | None
@@ -67,6 +68,8 @@ class ServerArgs:
     quantization: Literal["auto", "none", "int4"] = _flag(
         "auto", "int4: the layers' weights held and multiplied as 4-bit groups of 32 (CPU); none: in --dtype, "
                 "dequantised exactly from a quantised GGUF; auto: int4 for a GGUF stored in Q4_0/Q4_1, else none")
+    enforce_eager: bool = _flag(False, "run every forward pass eagerly: do not compile the int4 decode step "
+                                       "(torch.compile, at start: ~20-40 s on 2 cores for the bundled model)")
     device: Literal["auto", "cpu", "cuda"] = _flag("auto", "where the model runs")
     tp_size: int = _flag(1, "tensor parallel degree: each layer split over this many scheduler processes")
     pp_size: int = _flag(1, "pipeline parallel degree: the layers split into this many stages")
@@ -183,6 +186,11 @@ class ServerArgs:
         need(self.disaggregation_mode == "null" or self.tp_size * self.pp_size * self.dp_size * self.nnodes == 1,
              "disaggregation_mode", "null with --tp-size, --pp-size, --dp-size or --nnodes above 1 "
              "(a disaggregated server runs one rank)")
+
+    @property
+    def compile_decode(self) -> bool:
+        """A prefill server never decodes: nothing to compile there."""
+        return not self.enforce_eager and self.disaggregation_mode != "prefill"
 
     @property
     def bootstrap_host(self) -> str:

@@ -44,10 +44,11 @@ def server_logs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def bundled_server(server_logs):
-    """The bundled SmolLM2-135M-Instruct GGUF, default flags. Shared: tests must leave it idle."""
+    """The bundled SmolLM2-135M-Instruct GGUF, default flags (its decode step compiled). Shared:
+    tests must leave it idle."""
     from server_harness import serving
 
-    with serving(log_dir=server_logs) as server:
+    with serving(log_dir=server_logs, compile=True) as server:
         yield server
 
 

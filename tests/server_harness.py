@@ -68,12 +68,16 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 class LiveServer:
+    """A server process. It runs eagerly (`--enforce-eager`) unless `compile`: compiling the
+    bundled model's decode step takes 15-90 s at start, paid by the shared server and a few others."""
+
     def __init__(self, *args: object, log_dir: str, port: int | None = None, api_key: str | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, compile: bool = False):
         self.env = env
         self.port = port or free_port()
         self.api_key = api_key
         extra = ["--api-key", api_key] if api_key else []
+        extra += [] if compile else ["--enforce-eager"]
         self.command = server_command("--port", self.port, *args, *extra)
         self.log_path = os.path.join(log_dir, f"loupe-server-{self.port}.log")
         self.proc: subprocess.Popen | None = None
@@ -194,9 +198,9 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def serving(*args: object, log_dir: str) -> Iterator[LiveServer]:
+def serving(*args: object, log_dir: str, compile: bool = False) -> Iterator[LiveServer]:
     """A server with these flags, ready, stopped on leaving."""
-    server = LiveServer(*args, log_dir=log_dir).start()
+    server = LiveServer(*args, log_dir=log_dir, compile=compile).start()
     try:
         server.wait_ready()
         yield server

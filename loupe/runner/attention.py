@@ -17,24 +17,35 @@ import torch
 import torch.nn.functional as F
 
 
-def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """Zeros. On CPU they live in an anonymous memory map, which the OS fills with zeros only
-    when a page is first written: a KV cache then costs the memory it holds, not its size."""
+def layered_zeros(shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device | str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Zeros, and a tensor for each index of the first dimension over the same memory. On CPU
+    they live in an anonymous memory map, which the OS fills with zeros only when a page is
+    first written: a KV cache then costs the memory it holds, not its size. There each layer's
+    tensor has a storage of its own (not a view of the whole), so that torch.compile sees the
+    layers as independent inputs, each written in place, rather than views of one tensor
+    (whose in-place writes it compiles into copies of the whole)."""
     if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    count = math.prod(shape)
-    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
+        whole = torch.zeros(shape, dtype=dtype, device=device)
+        return whole, list(whole.unbind(0))
+    count, per_layer = math.prod(shape), math.prod(shape[1:])
+    buffer = mmap.mmap(-1, count * dtype.itemsize)
+    whole = torch.frombuffer(buffer, dtype=dtype, count=count).view(shape)
+    layers = [torch.frombuffer(buffer, dtype=dtype, count=per_layer, offset=i * per_layer * dtype.itemsize)
+              .view(shape[1:]) for i in range(shape[0])]
+    return whole, layers
 
 
 class KVCache:
-    """K and V for every token slot of every layer. Slot 0 is never handed out: it stays zero
-    and serves as padding in slot tables."""
+    """K and V for every token slot of every layer: `k` and `v` whole, `k_layers[i]` and
+    `v_layers[i]` one layer's (the same memory). Slot 0 is never handed out: it stays zero and
+    serves as padding in slot tables."""
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         shape = (num_layers, num_slots, num_kv_heads, head_dim)
-        self.k = lazy_zeros(shape, dtype, device)
-        self.v = lazy_zeros(shape, dtype, device)
+        self.k, self.k_layers = layered_zeros(shape, dtype, device)
+        self.v, self.v_layers = layered_zeros(shape, dtype, device)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -61,7 +72,7 @@ class ForwardBatch:
     prefill_is_causal: bool  # one prefill with no cached prefix: attend its own K/V directly
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache, v_cache = self.kv.k[layer], self.kv.v[layer]
+        k_cache, v_cache = self.kv.k_layers[layer], self.kv.v_layers[layer]
         k_cache[self.out_slots] = k
         v_cache[self.out_slots] = v
         n = self.num_decode

@@ -25,6 +25,14 @@ class Sequence(Protocol):
     generator: torch.Generator
 
 
+class DecodeGraph(Protocol):
+    """A faster forward pass for some decode batches (runner/compiled.py's CompiledDecode)."""
+
+    def serves(self, batch: ForwardBatch, num_tokens: int) -> bool: ...
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+
+
 class Sampled(NamedTuple):
     """One forward pass's result, request by request (in the order the batch gave them)."""
 
@@ -57,6 +65,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, kv: KVCache, slot_table: torch.Tensor, device: torch.device):
         self.model = loaded.model
+        self.compiled: DecodeGraph | None = None
         self.comm = loaded.model.comm
         self.hidden_size = loaded.config.hidden_size
         self.kv = kv
@@ -77,8 +86,11 @@ class ModelRunner:
         if not ranks.is_first_stage:
             previous = self.comm.recv_from_previous_stage((len(input_ids), self.hidden_size), self.kv.k.dtype)
         prefills = batch.num_decode < len(input_ids)
-        with exact_matmuls(prefills):  # a prefill: exact (model/quant.py)
-            hidden = self.model(input_ids, positions, batch, previous)
+        if self.compiled is not None and self.compiled.serves(batch, len(input_ids)):
+            hidden = self.compiled(input_ids, positions, batch)
+        else:
+            with exact_matmuls(prefills):  # a prefill: exact (model/quant.py)
+                hidden = self.model(input_ids, positions, batch, previous)
         if not ranks.is_last_stage:
             self.comm.send_to_next_stage(hidden)
 
@@ -142,9 +154,8 @@ class ModelRunner:
         num_keys, num_queries = int(ends.max()), int(counts.max())
         slots = table[rows.to(device), :num_keys]
         key_pos = torch.arange(num_keys)
-        if num_queries == 1:
-            same_length = bool((ends == num_keys).all())
-            mask = None if same_length else (key_pos[None, :] < ends[:, None])[:, None, None, :]
+        if num_queries == 1:  # one mask for any two or more, alike or not: one compiled graph (compiled.py)
+            mask = None if len(rows) == 1 else (key_pos[None, :] < ends[:, None])[:, None, None, :]
             query_index = None
         else:
             query_pos = torch.arange(num_queries)

@@ -18,6 +18,7 @@ from loupe.core import KVLayout, ModelInfo, RequestLimits
 from loupe.distributed.parallel import Comm, Ranks
 from loupe.model.loader import LoadedModel, load_model
 from loupe.runner.attention import KVCache
+from loupe.runner.compiled import CompiledDecode, compiles
 from loupe.runner.model_runner import ModelRunner, Sampled, Sequence
 
 CPU_KV_BUDGET_BYTES = 2 << 30
@@ -58,6 +59,9 @@ class Worker:
         self.slot_table = torch.zeros(settings.max_running_requests, self.context_length, dtype=torch.int64,
                                       device=self.device)
         self.runner = ModelRunner(self.model, self.kv, self.slot_table, self.device)
+        single_rank = self.comm.ranks.tp_size * self.comm.ranks.pp_size == 1
+        if settings.compile_decode and compiles(self.model, self.device, single_rank):
+            self.runner.compiled = CompiledDecode(self.model)
         self.limits = RequestLimits(config.vocab_size, self.context_length, (self.num_pages - 1) * self.page_size)
 
     def _default_kv_tokens(self, per_token: int, ranks_per_node: int) -> int:

@@ -19,8 +19,8 @@ def pd(server_logs, bundled_server):
     tokens, so most prompts here take several chunks there."""
     bootstrap_port = free_port()
     prefill = LiveServer("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", bootstrap_port,
-                         "--chunked-prefill-size", 32, log_dir=server_logs).start()
-    decode = LiveServer("--disaggregation-mode", "decode", log_dir=server_logs).start()
+                         "--chunked-prefill-size", 32, log_dir=server_logs, compile=True).start()
+    decode = LiveServer("--disaggregation-mode", "decode", log_dir=server_logs, compile=True).start()  # compiled
     router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port,
                         "--decode", decode.base_url, log_dir=server_logs)
     try:

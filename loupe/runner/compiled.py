@@ -1,0 +1,87 @@
+"""The int4 decode step compiled with torch.compile, for one stream's speed on a CPU.
+
+Eagerly, a decode step of the bundled model is ~1,000 small PyTorch ops, and their dispatch
+and Python cost more than the int4 matmuls that read the weights. Compiled as one graph
+(inductor), each layer's norms, rotary, residual adds and SwiGLU fuse into a few C++ loops and
+the step is one call. It serves forward passes that only decode, at most INT4_MAX_ROWS rows
+(the int4 kernel's side of the model), on a model that runs on one rank on a CPU: prefills and
+wider batches run eagerly, and so does everything under `--quantization none`, which stays
+exact. It compiles once, at start, from a scratch KV cache (BENCHMARKS.md: warm-up and speed).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from types import SimpleNamespace
+
+import torch
+
+from loupe.model.loader import LoadedModel
+from loupe.model.quant import INT4_MAX_ROWS, exact_matmuls
+from loupe.runner.attention import ForwardBatch, KVCache
+from loupe.runner.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+
+def compiles(loaded: LoadedModel, device: torch.device, single_rank: bool) -> bool:
+    """Whether the decode step of this model is compiled (unless --enforce-eager)."""
+    return device.type == "cpu" and single_rank and loaded.quantization == "int4"
+
+
+def mark_dynamic(batch: ForwardBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
+    """The sizes that change from step to step (the rows where there are two or more, the keys)
+    or from cache to cache (its slots); all others, the weights' above all, stay constants."""
+    rows = [0] if len(input_ids) > 1 else []
+    for tensor in (input_ids, positions, batch.out_slots):
+        if rows:
+            torch._dynamo.mark_dynamic(tensor, 0)
+    torch._dynamo.mark_dynamic(batch.decode.slots, [*rows, 1])
+    if batch.decode.mask is not None:
+        torch._dynamo.mark_dynamic(batch.decode.mask, [*rows, 3])
+    for layer in (*batch.kv.k_layers, *batch.kv.v_layers):
+        torch._dynamo.mark_dynamic(layer, 0)
+
+
+class CompiledDecode:
+    """`model.forward` for decode-only batches of up to INT4_MAX_ROWS rows, compiled."""
+
+    def __init__(self, loaded: LoadedModel):
+        # Guards on the model's modules and weights are skipped: neither changes after loading,
+        # and checking them costs ~1 ms a step.
+        self.forward = torch.compile(loaded.model.forward,
+                                     options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self.warm_up_seconds = self._warm_up(loaded)
+
+    @staticmethod
+    def serves(batch: ForwardBatch, num_tokens: int) -> bool:
+        return batch.prefill is None and not batch.prefill_is_causal and num_tokens <= INT4_MAX_ROWS
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # Inputs the graphs compiled at start do not cover run eagerly rather than stall a step to compile.
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self.forward(input_ids, positions, batch)
+
+    def _warm_up(self, loaded: LoadedModel) -> float:
+        """Compile the graphs for one row and for several (one mask over their keys), on a
+        scratch cache: the real one is not written."""
+        start = time.perf_counter()
+        layer = loaded.model.layers[0].self_attn
+        dtype = next(loaded.model.parameters()).dtype
+        # Sizes that no other dimension has, or the compiler would take them for one of those and
+        # compile for this cache's size only.
+        kv = KVCache(len(loaded.model.layers), 2 * 37, layer.num_kv_heads, layer.head_dim, dtype, "cpu")
+        scratch = ModelRunner(loaded, kv, torch.arange(2 * 37).view(2, 37), torch.device("cpu"))
+        for lengths in ((5,), (7, 4)):
+            reqs = [SimpleNamespace(row=row, kv_len=n - 1, seq_len=n, all_ids=[1] * n, output_ids=[1])
+                    for row, n in enumerate(lengths)]
+            # Floats (the norms' epsilon) as constants: taken as inputs, they make the compiler
+            # start each graph over, a third of its time.
+            with torch.inference_mode(), exact_matmuls(False), torch._dynamo.config.patch(specialize_float=True):
+                batch, input_ids, positions = scratch._prepare(reqs, [1] * len(reqs))
+                mark_dynamic(batch, input_ids, positions)
+                self.forward(input_ids, positions, batch)
+        seconds = time.perf_counter() - start
+        log.info("compiled the int4 decode step in %.1f s (--enforce-eager: not at all)", seconds)
+        return seconds
