@@ -1,7 +1,8 @@
 """loupe against llama.cpp's `llama-server` on the same GGUF file, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_vs_llamacpp.py                 # C = 1, 8, 32; ~15-20 min on 2 cores
-    .venv/bin/python benchmarks/bench_vs_llamacpp.py --quick         # smoke run, ~3 min
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py                 # every load; ~25 min on 2 cores
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py --quick         # smoke run, ~5 min
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py --loads stream  # one load (stream, chat, long)
     .venv/bin/python benchmarks/bench_vs_llamacpp.py --build-only    # just build (or find) llama-server
 
 llama-server comes from PATH, from --llama-server, or is built once from the llama.cpp sources
@@ -12,17 +13,25 @@ AMX kernels compiled out: on a CPU that advertises AMX they crashed (general pro
 `ldtilecfg`) on an earlier machine of this kind.
 
 Both servers listen on 127.0.0.1 and serve the bundled SmolLM2 GGUF file: loupe as `make serve`
-starts it (defaults: one matmul thread per core), llama-server with as many threads, continuous
-batching and `-np` slots for the highest concurrency, each slot with room for its prompt and
-answer. Both stay up; the idle one costs nothing. Every round runs `loupe bench`'s load
-(streaming /v1/completions, greedy, `ignore_eos`) on each server, the order alternating between
-rounds, with the same prompts for both and fresh prompts every round (neither prefix cache
-helps), each request on a fresh connection (llama-server closes its connection after every
-streamed answer without saying so, and a client that reuses it fails now and then under load).
-Every answer is --max-tokens long: the usage each server reports is checked, so output
-tok/s counts the same work on both. Prints, per concurrency, medians over rounds of output tok/s,
-TTFT and e2e p50/p90/p99 for both, and the per-round ratios loupe / llama-server: median and a
-95% bootstrap interval of the median, with the lowest and highest.
+starts it (defaults: one matmul thread per core, the int4 decode step compiled at start),
+llama-server with as many threads, continuous batching and `-np` slots for the highest
+concurrency, each slot with room for the longest prompt and its answer. Both stay up; the idle
+one costs nothing. Three loads, each `loupe bench`'s (greedy, `ignore_eos`, fresh prompts every
+round so neither prefix cache helps, the same prompts for both servers), every run's order
+alternating between rounds:
+
+- stream: streamed /v1/completions of 20-60-word prompts at C = 1, 8, 32, each on a fresh
+  connection (llama-server closes its connection after every streamed answer without saying
+  so, and a client that reuses it fails now and then under load);
+- chat: /v1/chat/completions of the same prompts answered whole, on kept-alive connections
+  (which llama-server serves much faster than streams); no first token to time;
+- long: streamed completions of ~1,000- and ~2,000-token prompts at C = 1 and 4: time to
+  first token and prefill tokens/s (prompt tokens over TTFT).
+
+Every answer is --max-tokens long: the usage each server reports is checked, so output tok/s
+counts the same work on both. Prints the CPU (model, AMX/VNNI/BF16 flags) and the memory
+bandwidth measured here, then per load and concurrency medians over rounds and the per-round
+ratios loupe / llama-server: median, a 95% bootstrap interval of the median, lowest and highest.
 """
 
 from __future__ import annotations
@@ -41,11 +50,13 @@ import sys
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench_ab import cpu_model
 from bench_tracing import median_interval, wait_ready
 
+from loupe.bench import PROMPT_WORDS
 from loupe.bench import run as run_load
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors the llama.cpp sources under vendor/llama.cpp
@@ -82,6 +93,27 @@ def cpu_flags() -> str:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("flags"))
     except (OSError, StopIteration):
         return platform.machine()
+
+
+def cpu_features() -> str:
+    """The instruction sets that decide these kernels' speed, as /proc/cpuinfo names them."""
+    flags = set(cpu_flags().split())
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "none of AVX2, AVX-512, VNNI, BF16, AMX"
+
+
+def memory_bandwidth_gbs(megabytes: int = 256, tries: int = 7) -> float:
+    """Copy bandwidth with PyTorch's threads (bytes read plus written per second), best of `tries`."""
+    import torch
+
+    src = torch.ones(megabytes << 18)  # float32: 4 bytes each
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(tries):
+        started = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - started)
+    return 2 * src.nbytes / best / 1e9
 
 
 def cache_dir() -> Path:
@@ -209,63 +241,97 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def requests_per_run(concurrency: int, quick: bool) -> int:
-    """Enough requests to hold the concurrency for a while: 8 at 1, 32 at 8, 64 at 32."""
-    if quick:
-        return max(2, concurrency)
-    return max(8, 4 * concurrency) if concurrency <= 16 else 2 * concurrency
+@dataclass(frozen=True)
+class Load:
+    name: str
+    chat: bool  # chat answered whole, on kept-alive connections; else streamed completions
+    words: tuple[int, int]  # each prompt's words, about a token each
+    concurrencies: tuple[int, ...]
+
+    def requests(self, concurrency: int, quick: bool) -> int:
+        """Enough to hold the concurrency for a while: 8 at 1, 32 at 8, 64 at 32; fewer long prompts."""
+        if quick:
+            return max(2, concurrency)
+        if self.words[0] > 500:
+            return 3 * concurrency if concurrency > 1 else 4
+        return max(8, 4 * concurrency) if concurrency <= 16 else 2 * concurrency
 
 
+LOADS = {
+    "stream": [Load("stream", False, PROMPT_WORDS, (1, 8, 32))],
+    "chat": [Load("chat", True, PROMPT_WORDS, (1, 8, 32))],
+    "long": [Load("long 1k", False, (950, 970), (1, 4)), Load("long 2k", False, (1900, 1940), (1, 4))],
+}
 SERVERS = ("loupe", "llama-server")
-KEYS = ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s")
+KEYS = ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
+        "prefill_tokens_per_s_p50", "prompt_tokens_mean")
 
 
-def load(url: str, model: str, concurrency: int, num: int, seed: int, max_tokens: int) -> dict:
-    summary = asyncio.run(run_load(url, model, concurrency, num, seed, None, max_tokens, keepalive=False))
+def load(url: str, model: str, workload: Load, concurrency: int, num: int, seed: int, max_tokens: int) -> dict:
+    summary = asyncio.run(run_load(url, model, concurrency, num, seed, None, max_tokens, keepalive=workload.chat,
+                                   chat=workload.chat, words=workload.words))
     if summary["failed"] or summary["wrong_lengths"]:
         raise RuntimeError(f"{url}: {summary['failed']} failed, {summary['wrong_lengths']} answers not "
                            f"{max_tokens} tokens long by their usage: {summary}")
     return summary
 
 
-def report(results: dict, concurrencies: list[int]) -> None:
-    print("\nmedians over rounds (each round's percentiles are over its requests); latencies in seconds")
-    print(f"{'C':>3} {'server':>12} {'tok/s':>8} {'TTFT p50':>9} {'p90':>7} {'p99':>7} "
-          f"{'e2e p50':>8} {'p90':>7} {'p99':>7}")
-    for c in concurrencies:
-        for name in SERVERS:
-            m = {k: statistics.median(r[k] for r in results[name, c]) for k in KEYS}
-            print(f"{c:>3} {name:>12} {m['output_tokens_per_s']:8.1f} {m['ttft_p50_s']:9.3f} {m['ttft_p90_s']:7.3f} "
-                  f"{m['ttft_p99_s']:7.3f} {m['e2e_p50_s']:8.3f} {m['e2e_p90_s']:7.3f} {m['e2e_p99_s']:7.3f}")
+def cell(value: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
+
+
+def report(results: dict, loads: list[Load]) -> None:
+    print("\nmedians over rounds (each round's percentiles are over its requests); latencies in seconds; "
+          "no TTFT for chat answered whole")
+    print(f"{'load':>8} {'C':>3} {'server':>12} {'tok/s':>8} {'TTFT p50':>9} {'p90':>7} {'p99':>7} "
+          f"{'e2e p50':>8} {'p90':>7} {'p99':>7} {'prompt':>7} {'prefill tok/s':>14}")
+    for workload in loads:
+        for c in workload.concurrencies:
+            for name in SERVERS:
+                rounds = results[name, workload.name, c]
+                m = {k: None if rounds[0][k] is None else statistics.median(r[k] for r in rounds) for k in KEYS}
+                print(f"{workload.name:>8} {c:>3} {name:>12} {m['output_tokens_per_s']:8.1f} "
+                      f"{cell(m['ttft_p50_s'], 9, 3)} {cell(m['ttft_p90_s'], 7, 3)} {cell(m['ttft_p99_s'], 7, 3)} "
+                      f"{m['e2e_p50_s']:8.3f} {m['e2e_p90_s']:7.3f} {m['e2e_p99_s']:7.3f} "
+                      f"{m['prompt_tokens_mean']:7.0f} {cell(m['prefill_tokens_per_s_p50'], 14, 1)}")
     print("\nper-round ratios loupe / llama-server: median (95% bootstrap interval of the median) [lowest, highest]")
     print("(tok/s above 1: loupe faster; latency below 1: loupe faster)")
-    shown = ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s")
-    for c in concurrencies:
-        cells = []
-        for key in shown:
-            ratios = [a[key] / b[key] for a, b in zip(results["loupe", c], results["llama-server", c], strict=True)]
-            low, high = median_interval(ratios)
-            cells.append(f"{key.removesuffix('_s').replace('output_tokens_per', 'tok/s')} "
-                         f"{statistics.median(ratios):.3f} ({low:.3f}-{high:.3f}) [{min(ratios):.3f}, {max(ratios):.3f}]")
-        print(f"C={c}:\n    " + "\n    ".join(cells))
+    shown = ("output_tokens_per_s", "ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
+             "prefill_tokens_per_s_p50")
+    for workload in loads:
+        for c in workload.concurrencies:
+            pairs = list(zip(results["loupe", workload.name, c], results["llama-server", workload.name, c], strict=True))
+            cells = []
+            for key in shown:
+                if pairs[0][0][key] is None or pairs[0][1][key] is None:
+                    continue
+                ratios = [a[key] / b[key] for a, b in pairs]
+                low, high = median_interval(ratios)
+                label = key.removesuffix("_s").replace("output_tokens_per", "tok/s").replace("_tokens_per_s_p50", " tok/s")
+                cells.append(f"{label} {statistics.median(ratios):.3f} ({low:.3f}-{high:.3f}) "
+                             f"[{min(ratios):.3f}, {max(ratios):.3f}]")
+            print(f"{workload.name} C={c}:\n    " + "\n    ".join(cells))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=None, help="default 8 (2 with --quick)")
+    parser.add_argument("--loads", nargs="+", choices=list(LOADS), default=list(LOADS), help="which loads to run")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="only these concurrencies (default: each load's own)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 6 (2 with --quick)")
     parser.add_argument("--num-requests", type=int, default=None,
-                        help="requests per run (default: 8 at C=1, 32 at C=8, 64 at C=32; C with --quick)")
+                        help="requests per run (default: 8 at C=1, 32 at C=8, 64 at C=32, 4 and 12 for long "
+                             "prompts; C with --quick)")
     parser.add_argument("--max-tokens", type=int, default=64, help="every answer's length (ignore_eos)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="llama-server's threads (default: one per core, as loupe's matmuls)")
-    parser.add_argument("--quick", action="store_true", help="a ~3-minute smoke run: 2 rounds, few requests")
+    parser.add_argument("--quick", action="store_true", help="a ~5-minute smoke run: 2 rounds, few requests")
     parser.add_argument("--llama-server", default=None, help="this binary (default: PATH's, else build one)")
     parser.add_argument("--build-only", action="store_true", help="build (or find) llama-server and stop")
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs of the build")
     parser.add_argument("--json", default=None, help="also write every round's summaries to this file")
     args = parser.parse_args()
-    rounds = args.rounds or (2 if args.quick else 8)
+    rounds = args.rounds or (2 if args.quick else 6)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop the servers
     binary = find_llama_server(args.llama_server, args.jobs)
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
@@ -279,15 +345,19 @@ def main() -> None:
 
     from loupe.model.gguf_loader import bundled_model_path
 
+    loads = [Load(w.name, w.chat, w.words, tuple(c for c in w.concurrencies if c in args.concurrency)
+                  if args.concurrency else w.concurrencies) for name in args.loads for w in LOADS[name]]
+    loads = [w for w in loads if w.concurrencies]
     gguf = bundled_model_path()
-    slots = max(args.concurrency)
-    per_slot = 256 + args.max_tokens  # prompts of 20-60 words are under 200 tokens
-    print(f"{cpu_model()}, {os.cpu_count()} cores; 1-min load average {os.getloadavg()[0]:.2f} at start")
+    slots = max(c for w in loads for c in w.concurrencies)
+    per_slot = int(max(w.words[1] for w in loads) * 1.1) + 64 + args.max_tokens  # ~1.04 tokens a word
+    print(f"{cpu_model()}, {os.cpu_count()} cores ({cpu_features()}); memory bandwidth "
+          f"{memory_bandwidth_gbs():.1f} GB/s (copy); 1-min load average {os.getloadavg()[0]:.2f} at start")
     print(f"model {gguf}")
     print(f"llama-server {binary} ({version_line}): {args.threads} threads, {slots} slots of {per_slot} tokens, "
           "continuous batching")
     print(f"loupe: `python -m loupe.launch_server` defaults ({os.cpu_count()} matmul threads; on this GGUF, "
-          "int4 weights for up to 16 rows, float32 otherwise: --quantization auto)")
+          "int4 weights for up to 16 rows, float32 otherwise: --quantization auto; the int4 decode step compiled)")
     logs = Path(tempfile.mkdtemp(prefix="loupe-vs-llamacpp-"))
     ports = {name: free_port() for name in SERVERS}
     commands = {
@@ -297,30 +367,36 @@ def main() -> None:
                          "-c", str(slots * per_slot), "--cont-batching", "--no-webui"],
     }
     servers: dict[str, subprocess.Popen] = {}
-    results: dict[tuple[str, int], list[dict]] = {(n, c): [] for n in SERVERS for c in args.concurrency}
+    results: dict[tuple[str, str, int], list[dict]] = {(n, w.name, c): [] for n in SERVERS for w in loads
+                                                       for c in w.concurrencies}
     started = time.perf_counter()
     try:
         for name in SERVERS:  # one at a time: loading is not measured, but keep it off the other's start
+            began = time.perf_counter()
             servers[name] = start(commands[name], logs / f"{name}.log")
             try:
                 model = wait_ready(ports[name], servers[name])
+                load(f"http://127.0.0.1:{ports[name]}", model, loads[0], 4, 4, 10**6, args.max_tokens)  # warm-up
             except RuntimeError as e:
                 tail = (logs / f"{name}.log").read_text()[-2000:]
                 raise RuntimeError(f"{name} did not start ({' '.join(commands[name])}); its log ends:\n{tail}") from e
-            load(f"http://127.0.0.1:{ports[name]}", model, 4, 4, 10**6, args.max_tokens)  # warm-up
             commands[name].append(model)  # remember the name to send
-            log(f"{name} ready on port {ports[name]} (log {logs / f'{name}.log'})")
+            log(f"{name} ready on port {ports[name]} and warmed up {time.perf_counter() - began:.0f} s after its "
+                f"start (log {logs / f'{name}.log'})")
         for r in range(rounds):
-            for c in args.concurrency:
-                num = args.num_requests or requests_per_run(c, args.quick)
-                line = []
-                for name in (SERVERS if r % 2 == 0 else SERVERS[::-1]):
-                    summary = load(f"http://127.0.0.1:{ports[name]}", commands[name][-1], c, num, 1000 * r + c,
-                                   args.max_tokens)
-                    results[name, c].append(summary)
-                    line.append(f"{name} {summary['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
-                                f"{summary['ttft_p50_s']:.3f} s, e2e p50 {summary['e2e_p50_s']:.2f} s")
-                log(f"round {r + 1}/{rounds} C={c} ({num} requests, load {os.getloadavg()[0]:.1f}): " + "; ".join(line))
+            for workload in loads:
+                for c in workload.concurrencies:
+                    num = args.num_requests or workload.requests(c, args.quick)
+                    line = []
+                    for name in (SERVERS if r % 2 == 0 else SERVERS[::-1]):
+                        summary = load(f"http://127.0.0.1:{ports[name]}", commands[name][-1], workload, c, num,
+                                       1000 * r + c, args.max_tokens)
+                        results[name, workload.name, c].append(summary)
+                        ttft = "-" if summary["ttft_p50_s"] is None else f"{summary['ttft_p50_s']:.3f} s"
+                        line.append(f"{name} {summary['output_tokens_per_s']:6.1f} tok/s, TTFT p50 {ttft}, "
+                                    f"e2e p50 {summary['e2e_p50_s']:.2f} s")
+                    log(f"round {r + 1}/{rounds} {workload.name} C={c} ({num} requests, load "
+                        f"{os.getloadavg()[0]:.1f}): " + "; ".join(line))
     except BaseException:
         log(f"stopped; the servers' logs are in {logs}")
         raise
@@ -329,9 +405,9 @@ def main() -> None:
             stop(proc)
     print(f"\n{rounds} rounds, {args.max_tokens} output tokens per request (checked in every answer's usage), "
           f"run in {time.perf_counter() - started:.0f} s; 1-min load average {os.getloadavg()[0]:.2f} at end")
-    report(results, args.concurrency)
+    report(results, loads)
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{n} C={c}": v for (n, c), v in results.items()}, indent=1))
+        Path(args.json).write_text(json.dumps({f"{n} {w} C={c}": v for (n, w, c), v in results.items()}, indent=1))
     shutil.rmtree(logs, ignore_errors=True)
 
 
