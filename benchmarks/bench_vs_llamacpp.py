@@ -1,6 +1,6 @@
 """loupe against llama.cpp's `llama-server` on the same GGUF file, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_vs_llamacpp.py                 # every load; ~25 min on 2 cores
+    .venv/bin/python benchmarks/bench_vs_llamacpp.py                 # every load, 6 rounds: ~40 min on 2 cores
     .venv/bin/python benchmarks/bench_vs_llamacpp.py --quick         # smoke run, ~5 min
     .venv/bin/python benchmarks/bench_vs_llamacpp.py --loads stream  # one load (stream, chat, long)
     .venv/bin/python benchmarks/bench_vs_llamacpp.py --build-only    # just build (or find) llama-server
@@ -249,11 +249,12 @@ class Load:
     concurrencies: tuple[int, ...]
 
     def requests(self, concurrency: int, quick: bool) -> int:
-        """Enough to hold the concurrency for a while: 8 at 1, 32 at 8, 64 at 32; fewer long prompts."""
+        """Enough to hold the concurrency for a while: 8 at 1, 32 at 8, 64 at 32; long prompts 3 at
+        1, 8 at 4."""
         if quick:
             return max(2, concurrency)
         if self.words[0] > 500:
-            return 3 * concurrency if concurrency > 1 else 4
+            return 2 * concurrency if concurrency > 1 else 3
         return max(8, 4 * concurrency) if concurrency <= 16 else 2 * concurrency
 
 
@@ -320,7 +321,7 @@ def main() -> None:
                         help="only these concurrencies (default: each load's own)")
     parser.add_argument("--rounds", type=int, default=None, help="default 6 (2 with --quick)")
     parser.add_argument("--num-requests", type=int, default=None,
-                        help="requests per run (default: 8 at C=1, 32 at C=8, 64 at C=32, 4 and 12 for long "
+                        help="requests per run (default: 8 at C=1, 32 at C=8, 64 at C=32, 3 and 8 for long "
                              "prompts; C with --quick)")
     parser.add_argument("--max-tokens", type=int, default=64, help="every answer's length (ignore_eos)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),

@@ -33,9 +33,9 @@ def compiles(loaded: LoadedModel, device: torch.device, single_rank: bool) -> bo
 def mark_dynamic(batch: ForwardBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
     """The sizes that change from step to step (the rows where there are two or more, the keys)
     or from cache to cache (its slots); all others, the weights' above all, stay constants."""
-    rows = [0] if len(input_ids) > 1 else []
-    for tensor in (input_ids, positions, batch.out_slots):
-        if rows:
+    rows = [0] if len(input_ids) > 1 else []  # one row: a graph of its own
+    if rows:
+        for tensor in (input_ids, positions, batch.out_slots):
             torch._dynamo.mark_dynamic(tensor, 0)
     torch._dynamo.mark_dynamic(batch.decode.slots, [*rows, 1])
     if batch.decode.mask is not None:
@@ -69,8 +69,7 @@ class CompiledDecode:
         start = time.perf_counter()
         layer = loaded.model.layers[0].self_attn
         dtype = next(loaded.model.parameters()).dtype
-        # Sizes that no other dimension has, or the compiler would take them for one of those and
-        # compile for this cache's size only.
+        # A size that no other dimension has (the compiler takes equal sizes for one symbol).
         kv = KVCache(len(loaded.model.layers), 2 * 37, layer.num_kv_heads, layer.head_dim, dtype, "cpu")
         scratch = ModelRunner(loaded, kv, torch.arange(2 * 37).view(2, 37), torch.device("cpu"))
         for lengths in ((5,), (7, 4)):
