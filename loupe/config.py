@@ -69,7 +69,8 @@ class ServerArgs:
         "auto", "int4: the layers' weights held and multiplied as 4-bit groups of 32 (CPU); none: in --dtype, "
                 "dequantised exactly from a quantised GGUF; auto: int4 for a GGUF stored in Q4_0/Q4_1, else none")
     enforce_eager: bool = _flag(False, "run every forward pass eagerly: do not compile the int4 decode step "
-                                       "(torch.compile, at start: ~20-40 s on 2 cores for the bundled model)")
+                                       "(torch.compile, before the server is ready: for the bundled model on 2 "
+                                       "cores 15-20 s from the compiler's cache, 1-2 minutes the first time)")
     device: Literal["auto", "cpu", "cuda"] = _flag("auto", "where the model runs")
     tp_size: int = _flag(1, "tensor parallel degree: each layer split over this many scheduler processes")
     pp_size: int = _flag(1, "pipeline parallel degree: the layers split into this many stages")
