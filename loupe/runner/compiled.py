@@ -56,7 +56,7 @@ class CompiledDecode:
 
     @staticmethod
     def serves(batch: ForwardBatch, num_tokens: int) -> bool:
-        return batch.prefill is None and not batch.prefill_is_causal and num_tokens <= INT4_MAX_ROWS
+        return batch.num_decode == num_tokens <= INT4_MAX_ROWS  # decodes only, few enough for int4
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # Inputs the graphs compiled at start do not cover run eagerly rather than stall a step to compile.

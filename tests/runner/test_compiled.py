@@ -1,5 +1,7 @@
 """The int4 decode step compiled at start (runner/compiled.py), on a tiny random llama."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -22,8 +24,7 @@ def decode_step_inputs(engine, prompts):
     reqs = []
     for i, prompt in enumerate(prompts):
         ids = engine.tokenizer.encode(prompt)
-        reqs.append(type("Req", (), {"row": i, "kv_len": len(ids), "seq_len": len(ids) + 1, "all_ids": ids + [7],
-                                     "output_ids": [7]})())
+        reqs.append(SimpleNamespace(row=i, kv_len=len(ids), seq_len=len(ids) + 1, all_ids=ids + [7], output_ids=[7]))
     runner = engine.worker.runner
     with torch.inference_mode():
         for req in reqs:  # the prompts' KV, written eagerly
@@ -58,11 +59,17 @@ def test_greedy_text_is_the_same_compiled_or_not(engine):
 
 def test_prefills_and_wide_batches_run_eagerly(engine):
     runner = engine.worker.runner
-    batch, ids, _ = decode_step_inputs(engine, PROMPTS[:2])
-    assert runner.compiled.serves(batch, 16) and not runner.compiled.serves(batch, 17)
-    prefill, ids, _ = runner._prepare([type("Req", (), {"row": 0, "kv_len": 0, "seq_len": 5, "all_ids": [1] * 5,
-                                                        "output_ids": []})()], [5])
-    assert not runner.compiled.serves(prefill, len(ids))
+
+    def batch(lengths, num_new):
+        reqs = [SimpleNamespace(row=row, kv_len=n - new, seq_len=n, all_ids=[1] * n, output_ids=[1])
+                for row, (n, new) in enumerate(zip(lengths, num_new, strict=True))]
+        batch, ids, _ = runner._prepare(reqs, num_new)
+        return batch, len(ids)
+
+    assert runner.compiled.serves(*batch([6] * 16, [1] * 16))
+    assert not runner.compiled.serves(*batch([6] * 17, [1] * 17))  # wider than the int4 kernel's side
+    assert not runner.compiled.serves(*batch([5], [5]))  # a prefill
+    assert not runner.compiled.serves(*batch([6, 5], [1, 5]))  # decodes beside a prefill chunk
 
 
 def test_only_int4_models_on_one_rank_compile_and_enforce_eager_turns_it_off(tiny_model_dir):
