@@ -4,13 +4,13 @@
     .venv/bin/python benchmarks/soak_pd.py                    # 10 minutes, KV by nixl
     .venv/bin/python benchmarks/soak_pd.py --seconds 120 --backend tcp
 
-A prefill server, a decode server (sharing a secret) and the router in PD mode, on loopback
-and the bundled model. --concurrency clients send one request after another through the
-router: chat, completions and /generate, streamed and not, with short and long (300-800
-word) prompts and 1-64 new tokens. Every request must end in one of two ways: answered (200,
-a finish reason, the tokens asked for), or failed with a clear error (an HTTP error with a
-body, or a stream's error event followed by [DONE]). Anything else is a failure: a
-connection cut, a stream without [DONE], no answer in two minutes.
+A prefill server, a decode server (its decode step compiled, as served by default) sharing a
+secret, and the router in PD mode, on loopback and the bundled model. --concurrency clients
+send one request after another through the router: chat, completions and /generate, streamed
+and not, with short and long (300-800 word) prompts and 1-64 new tokens. Every request must end
+in one of two ways: answered (200, a finish reason, the tokens asked for), or failed with a
+clear error (an HTTP error with a body, or a stream's error event followed by [DONE]). Anything
+else is a failure: a connection cut, a stream without [DONE], no answer in two minutes.
 
 Phases: long prompts that use every page of both KV caches once (their memory is mapped
 lazily), prompts of 64 lengths (to fill oneDNN's per-shape matmul cache), warm-up (a tenth
@@ -215,7 +215,8 @@ def main() -> None:
                           port=prefill_port, log_dir=args.log_dir, env=env).start()
 
     prefill = prefill_server()
-    decode = LiveServer("--disaggregation-mode", "decode", *flags, log_dir=args.log_dir, env=env).start()
+    decode = LiveServer("--disaggregation-mode", "decode", *flags, log_dir=args.log_dir, env=env,
+                        compile=True).start()  # as served by default: its int4 decode step compiled
     router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap, "--decode", decode.base_url,
                         "--cb-timeout-duration-secs", ROUTER_CB_TIMEOUT_S, log_dir=args.log_dir)
     out, problems = Outcomes(), []
