@@ -358,7 +358,7 @@ def main() -> None:
     print(f"llama-server {binary} ({version_line}): {args.threads} threads, {slots} slots of {per_slot} tokens, "
           "continuous batching")
     print(f"loupe: `python -m loupe.launch_server` defaults ({os.cpu_count()} matmul threads; on this GGUF, "
-          "int4 weights for up to 16 rows, float32 otherwise: --quantization auto; the int4 decode step compiled)")
+          "int4 weights for up to 16 rows, bfloat16 or float32 for more: --quantization auto; the int4 decode step compiled)")
     logs = Path(tempfile.mkdtemp(prefix="loupe-vs-llamacpp-"))
     ports = {name: free_port() for name in SERVERS}
     commands = {

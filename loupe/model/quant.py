@@ -11,6 +11,7 @@ again finds the file's own grid: loupe computes from the checkpoint's quantised 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
@@ -45,6 +46,18 @@ def int8_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
+@functools.cache
+def bf16_native() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where oneDNN's
+    bfloat16 matmul has about twice float32's arithmetic; elsewhere it would emulate it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(4-bit codes 0..15 `[out, in]`, scales and zeros `[in / 32, out, 2]`) of a float weight,
     min-max per group; the kernel's weight is `(code - 8) * scale + zero`."""
@@ -68,10 +81,11 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torc
 
 class Int4Linear(nn.Module):
     """A linear layer computed from int4 groups for decoding up to INT4_MAX_ROWS rows (where
-    reading the weights is the cost), and from the same grid in the model's dtype for more rows
-    and for prefill (where arithmetic is the cost and the int4 kernel, unpacking the weights
-    again for every four rows, is slower than oneDNN's). The int4 kernel computes in bfloat16;
-    the wide path is exact."""
+    reading the weights is the cost), and from the same grid through oneDNN for more rows
+    (where arithmetic is the cost and the int4 kernel, unpacking the weights again for every
+    four rows, is slower). The int4 kernel computes in bfloat16, and so do wider decode steps
+    where the CPU has bfloat16 arithmetic (`bf16_native`: twice float32's); prefill takes the
+    grid in the model's dtype, exact."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -79,18 +93,28 @@ class Int4Linear(nn.Module):
         codes, scales_and_zeros = quantize_int4(linear.weight.detach())
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
-        grid = nn.Linear(self.in_features, self.out_features, bias=False)
-        grid.weight = nn.Parameter(dequantize_int4(codes, scales_and_zeros).to(linear.weight.dtype), requires_grad=False)
-        grid.bias = linear.bias
-        self.wide = PackedLinear(grid)
+        weight = dequantize_int4(codes, scales_and_zeros)
+        self.wide = PackedLinear(self._grid(weight.to(linear.weight.dtype), linear.bias))
+        bf16_decode = bf16_native() and linear.weight.dtype == torch.float32
+        self.wide_decode = PackedLinear(self._grid(weight.to(torch.bfloat16), None)) if bf16_decode else None
         self.bias = linear.bias
+
+    def _grid(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+        grid = nn.Linear(self.in_features, self.out_features, bias=False)
+        grid.weight = nn.Parameter(weight, requires_grad=False)
+        grid.bias = bias
+        return grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if _exact_only or flat.shape[0] > INT4_MAX_ROWS:
+        wide = flat.shape[0] > INT4_MAX_ROWS
+        if _exact_only or (wide and self.wide_decode is None):
             return self.wide(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
-                                                        self.scales_and_zeros)
+        if wide:
+            y = self.wide_decode(flat.to(torch.bfloat16))
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
+                                                            self.scales_and_zeros)
         y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

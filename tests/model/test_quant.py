@@ -47,10 +47,27 @@ def test_an_int4_linear_computes_what_its_grid_does(rows):
     with torch.inference_mode():
         got = Int4Linear(linear)(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    if rows > quant.INT4_MAX_ROWS:  # the exact path
+    if rows > quant.INT4_MAX_ROWS and not quant.bf16_native():  # the exact path
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    else:  # the kernel, in bfloat16
-        assert (got - expected).abs().max() < 0.02 * expected.abs().max()
+    else:  # the int4 kernel, or oneDNN in bfloat16 for more rows: both round the inputs to bfloat16
+        assert 0 < (got - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_wide_decode_steps_compute_in_bfloat16_only_where_the_cpu_does(native, monkeypatch):
+    monkeypatch.setattr(quant, "bf16_native", lambda: native)
+    linear = nn.Linear(128, 96, bias=True)
+    linear.weight.data = q4_1_like(96, 128)
+    x = torch.randn(quant.INT4_MAX_ROWS + 8, 128)
+    with torch.inference_mode():
+        int4 = Int4Linear(linear)
+        got = int4(x)
+        with quant.exact_matmuls(True):
+            exact = int4(x)
+    torch.testing.assert_close(exact, linear(x), rtol=1e-5, atol=1e-5)  # a prefill: exact either way
+    assert (int4.wide_decode is not None) == native
+    assert torch.equal(got, exact) != native
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
 
 
 @pytest.mark.parametrize(("rows", "bias"), [(1, False), (16, False), (64, True)])
