@@ -58,6 +58,7 @@ from bench_tracing import median_interval, wait_ready
 
 from loupe.bench import PROMPT_WORDS
 from loupe.bench import run as run_load
+from loupe.model import quant
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors the llama.cpp sources under vendor/llama.cpp
 CMAKE_FLAGS = [
@@ -88,11 +89,7 @@ def log(msg: str) -> None:
 
 
 def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.machine()
+    return quant.cpu_flags() or platform.machine()
 
 
 def cpu_features() -> str:

@@ -46,16 +46,20 @@ def int8_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
+def cpu_flags() -> str:
+    """The CPU's instruction-set flags as /proc/cpuinfo lists them; empty where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 @functools.cache
 def bf16_native() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX), where oneDNN's
     bfloat16 matmul has about twice float32's arithmetic; elsewhere it would emulate it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(flags))
+    return torch.backends.mkldnn.is_available() and bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags().split()))
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
