@@ -88,6 +88,8 @@ class ForwardBatch:
 
     @staticmethod
     def _attend(group: AttentionGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        if group.query_index is None and torch.compiler.is_compiling():
+            return _attend_by_slot(q, group.slots, group.mask, k_cache, v_cache)
         b, length = group.slots.shape
         # index_select copies whole slots (~5x faster than indexing, which copies by element)
         flat = group.slots.flatten()
@@ -102,6 +104,23 @@ class ForwardBatch:
         out = _sdpa(queries, keys, values, group.mask, False)
         out = out.flatten(0, 1)
         return out if group.query_index is None else out[group.query_index]
+
+
+def _attend_by_slot(q: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor | None, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor) -> torch.Tensor:
+    """One query per request ([B, H, D]) against its keys, written as the sums they are so that
+    the compiler fuses the whole of it into one loop nest that reads each key and value from its
+    slot in the cache: no gathered copy of the keys, no call out of the compiled step.
+    SDPA's CPU kernel, for one query, costs as much again as the arithmetic (BENCHMARKS.md)."""
+    b, heads, dim = q.shape
+    kv_heads = k_cache.shape[1]
+    q = q.view(b, 1, kv_heads, heads // kv_heads, dim) * dim ** -0.5
+    keys, values = k_cache[slots].unsqueeze(3), v_cache[slots].unsqueeze(3)  # [B, K, kv_heads, 1, D]
+    scores = (q * keys).sum(-1)  # [B, K, kv_heads, group]
+    if mask is not None:  # [B, 1, 1, K]
+        scores = scores.masked_fill(~mask.view(b, -1, 1, 1), float("-inf"))
+    weights = scores.softmax(1).unsqueeze(-1)
+    return (weights * values).sum(1).reshape(b, heads, dim)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
