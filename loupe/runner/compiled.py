@@ -3,10 +3,11 @@
 Eagerly, a decode step of the bundled model is ~1,000 small PyTorch ops, and their dispatch
 and Python cost more than the int4 matmuls that read the weights. Compiled as one graph
 (inductor), each layer's norms, rotary, residual adds and SwiGLU fuse into a few C++ loops and
-the step is one call. It serves forward passes that only decode, at most INT4_MAX_ROWS rows
-(the int4 kernel's side of the model), on a model that runs on one rank on a CPU: prefills and
-wider batches run eagerly, and so does everything under `--quantization none`, which stays
-exact. It compiles once, at start, from a scratch KV cache (BENCHMARKS.md: warm-up and speed).
+the step is one call. It serves forward passes that only decode, of any row count, on a model
+that runs on one rank on a CPU: prefills run eagerly, and so does everything under
+`--quantization none`, which stays exact. It compiles once, at start, from a scratch KV cache:
+three graphs, for one row, for 2 to INT4_MAX_ROWS (the int4 kernel's side of the model) and for
+more (the bfloat16 or float copy's side) (BENCHMARKS.md: warm-up and speed).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def mark_dynamic(batch: ForwardBatch, input_ids: torch.Tensor, positions: torch.
 
 
 class CompiledDecode:
-    """`model.forward` for decode-only batches of up to INT4_MAX_ROWS rows, compiled."""
+    """`model.forward` for decode-only batches, compiled."""
 
     def __init__(self, loaded: LoadedModel):
         # Guards on the model's modules and weights are skipped: neither changes after loading,
@@ -56,7 +57,7 @@ class CompiledDecode:
 
     @staticmethod
     def serves(batch: ForwardBatch, num_tokens: int) -> bool:
-        return batch.num_decode == num_tokens <= INT4_MAX_ROWS  # decodes only, few enough for int4
+        return batch.num_decode == num_tokens  # decodes only
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # Inputs the graphs compiled at start do not cover run eagerly rather than stall a step to compile.
@@ -64,15 +65,17 @@ class CompiledDecode:
             return self.forward(input_ids, positions, batch)
 
     def _warm_up(self, loaded: LoadedModel) -> float:
-        """Compile the graphs for one row and for several (one mask over their keys), on a
-        scratch cache: the real one is not written."""
+        """Compile the graphs for one row, for a few and for more than INT4_MAX_ROWS (both with
+        one mask over their keys), on a scratch cache: the real one is not written."""
         start = time.perf_counter()
         layer = loaded.model.layers[0].self_attn
         dtype = next(loaded.model.parameters()).dtype
-        # A size that no other dimension has (the compiler takes equal sizes for one symbol).
-        kv = KVCache(len(loaded.model.layers), 2 * 37, layer.num_kv_heads, layer.head_dim, dtype, "cpu")
-        scratch = ModelRunner(loaded, kv, torch.arange(2 * 37).view(2, 37), torch.device("cpu"))
-        for lengths in ((5,), (7, 4)):
+        # Sizes that no other dimension has (the compiler takes equal sizes for one symbol):
+        # rows of 37 slots, and INT4_MAX_ROWS + 3 rows of 3 to INT4_MAX_ROWS + 5 keys for the widest.
+        wide = INT4_MAX_ROWS + 3
+        kv = KVCache(len(loaded.model.layers), wide * 37, layer.num_kv_heads, layer.head_dim, dtype, "cpu")
+        scratch = ModelRunner(loaded, kv, torch.arange(wide * 37).view(wide, 37), torch.device("cpu"))
+        for lengths in ((5,), (7, 4), tuple(range(3, 3 + wide))):
             reqs = [SimpleNamespace(row=row, kv_len=n - 1, seq_len=n, all_ids=[1] * n, output_ids=[1])
                     for row, n in enumerate(lengths)]
             # Floats (the norms' epsilon) as constants: taken as inputs, they make the compiler
