@@ -58,7 +58,7 @@ from bench_tracing import median_interval, wait_ready
 
 from loupe.bench import PROMPT_WORDS
 from loupe.bench import run as run_load
-from loupe.model import quant
+from loupe.model import kernels
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors the llama.cpp sources under vendor/llama.cpp
 CMAKE_FLAGS = [
@@ -89,7 +89,7 @@ def log(msg: str) -> None:
 
 
 def cpu_flags() -> str:
-    return quant.cpu_flags() or platform.machine()
+    return kernels.cpu_flags() or platform.machine()
 
 
 def cpu_features() -> str:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from loupe.model.kernels import cpu_flags, int4_vnni_available, int4_vnni_linear, pack_int4_blocks
 from loupe.model.layers import PackedLinear
 
 GROUP = 32
@@ -44,15 +45,6 @@ def int4_supported() -> bool:
 
 def int8_supported() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
-
-
-def cpu_flags() -> str:
-    """The CPU's instruction-set flags as /proc/cpuinfo lists them; empty where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 @functools.cache
@@ -84,23 +76,30 @@ def dequantize_int4(codes: torch.Tensor, scales_and_zeros: torch.Tensor) -> torc
 
 
 class Int4Linear(nn.Module):
-    """A linear layer computed from int4 groups for decoding up to INT4_MAX_ROWS rows (where
-    reading the weights is the cost), and from the same grid through oneDNN for more rows
-    (where arithmetic is the cost and the int4 kernel, unpacking the weights again for every
-    four rows, is slower). The int4 kernel computes in bfloat16, and so do wider decode steps
-    where the CPU has bfloat16 arithmetic (`bf16_native`: twice float32's); prefill takes the
-    grid in the model's dtype, exact."""
+    """A linear layer whose decode steps multiply int4 groups and whose prefill takes the same
+    grid in the model's dtype, exact. Where the CPU has AVX-512 VNNI, every decode step goes
+    through loupe's own kernel (model/kernels.py: 8-bit activations, integer dot products),
+    faster than the alternatives at any number of rows measured (BENCHMARKS.md, int4 weights).
+    Elsewhere PyTorch's int4 kernel takes up to INT4_MAX_ROWS rows (reading the weights is the
+    cost) and wider steps go through oneDNN (arithmetic is the cost, and PyTorch's kernel unpacks
+    the weights again for every four rows): from a bfloat16 copy of the grid where the CPU has
+    bfloat16 arithmetic (`bf16_native`: twice float32's), else from the exact one."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.out_features, self.in_features = linear.weight.shape
         codes, scales_and_zeros = quantize_int4(linear.weight.detach())
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+        self.vnni = self.packed = self.scales_and_zeros = self.wide_decode = None
         weight = dequantize_int4(codes, scales_and_zeros)
+        if int4_vnni_available():
+            scale, zero = scales_and_zeros.unbind(-1)  # [in / 32, out]: w = (code - 8) * scale + zero
+            self.vnni = pack_int4_blocks(codes, scale.t(), (zero - 8 * scale).t())
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+            if bf16_native() and linear.weight.dtype == torch.float32:
+                self.wide_decode = PackedLinear(self._grid(weight.to(torch.bfloat16), None))
         self.wide = PackedLinear(self._grid(weight.to(linear.weight.dtype), linear.bias))
-        bf16_decode = bf16_native() and linear.weight.dtype == torch.float32
-        self.wide_decode = PackedLinear(self._grid(weight.to(torch.bfloat16), None)) if bf16_decode else None
         self.bias = linear.bias
 
     def _grid(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -112,9 +111,11 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         wide = flat.shape[0] > INT4_MAX_ROWS
-        if _exact_only or (wide and self.wide_decode is None):
+        if _exact_only or (self.vnni is None and wide and self.wide_decode is None):
             return self.wide(x)
-        if wide:
+        if self.vnni is not None:
+            y = int4_vnni_linear(flat.float().contiguous(), self.vnni)
+        elif wide:
             y = self.wide_decode(flat.to(torch.bfloat16))
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,

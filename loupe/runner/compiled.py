@@ -6,8 +6,9 @@ and Python cost more than the int4 matmuls that read the weights. Compiled as on
 the step is one call. It serves forward passes that only decode, of any row count, on a model
 that runs on one rank on a CPU: prefills run eagerly, and so does everything under
 `--quantization none`, which stays exact. It compiles once, at start, from a scratch KV cache:
-three graphs, for one row, for 2 to INT4_MAX_ROWS (the int4 kernel's side of the model) and for
-more (the bfloat16 or float copy's side) (BENCHMARKS.md: warm-up and speed).
+three graphs, for one row, for 2 to INT4_MAX_ROWS and for more (without loupe's VNNI kernel the
+two sides of quant.Int4Linear: PyTorch's int4 kernel, then the bfloat16 or float copy) (BENCHMARKS.md:
+warm-up and speed).
 """
 
 from __future__ import annotations

@@ -45,16 +45,18 @@ def test_an_int4_linear_computes_what_its_grid_does(rows):
     x = torch.randn(rows, 128)
     expected = linear(x)
     with torch.inference_mode():
-        got = Int4Linear(linear)(x)
+        layer = Int4Linear(linear)
+        got = layer(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    if rows > quant.INT4_MAX_ROWS and not quant.bf16_native():  # the exact path
+    if layer.vnni is None and rows > quant.INT4_MAX_ROWS and not quant.bf16_native():  # the exact path
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    else:  # the int4 kernel, or oneDNN in bfloat16 for more rows: both round the inputs to bfloat16
+    else:  # an int4 kernel, or oneDNN in bfloat16 for more rows: each rounds the inputs (8 bits, bfloat16)
         assert 0 < (got - expected).abs().max() < 0.02 * expected.abs().max()
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_wide_decode_steps_compute_in_bfloat16_only_where_the_cpu_does(native, monkeypatch):
+def test_without_the_vnni_kernel_wide_decode_steps_compute_in_bfloat16_only_where_the_cpu_does(native, monkeypatch):
+    monkeypatch.setattr(quant, "int4_vnni_available", lambda: False)
     monkeypatch.setattr(quant, "bf16_native", lambda: native)
     linear = nn.Linear(128, 96, bias=True)
     linear.weight.data = q4_1_like(96, 128)
