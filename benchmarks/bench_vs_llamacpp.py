@@ -354,8 +354,10 @@ def main() -> None:
     print(f"model {gguf}")
     print(f"llama-server {binary} ({version_line}): {args.threads} threads, {slots} slots of {per_slot} tokens, "
           "continuous batching")
+    matmuls = ("every decode step through loupe's int4 VNNI kernel" if kernels.int4_vnni_wanted() else
+               "PyTorch's int4 kernel for up to 16 rows, bfloat16 or float32 for more")
     print(f"loupe: `python -m loupe.launch_server` defaults ({os.cpu_count()} matmul threads; on this GGUF, "
-          "int4 weights for up to 16 rows, bfloat16 or float32 for more: --quantization auto; the int4 decode step compiled)")
+          f"int4 weights, {matmuls}: --quantization auto; the int4 decode step compiled)")
     logs = Path(tempfile.mkdtemp(prefix="loupe-vs-llamacpp-"))
     ports = {name: free_port() for name in SERVERS}
     commands = {

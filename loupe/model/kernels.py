@@ -40,10 +40,15 @@ def cpu_flags() -> str:
         return ""
 
 
+def int4_vnni_wanted() -> bool:
+    """Whether the CPU can run the kernel and `LOUPE_INT4_KERNEL=torch` does not turn it off."""
+    return os.environ.get("LOUPE_INT4_KERNEL") != "torch" and NEEDED_FLAGS <= set(cpu_flags().split())
+
+
 @functools.cache
 def int4_vnni_available() -> bool:
     """Whether `int4_vnni_linear` can run here: the CPU's flags, then the build (once a process)."""
-    if os.environ.get("LOUPE_INT4_KERNEL") == "torch" or not NEEDED_FLAGS <= set(cpu_flags().split()):
+    if not int4_vnni_wanted():
         return False
     start = time.perf_counter()
     try:
