@@ -12,9 +12,11 @@ through the 30 layers of the bundled model 3.2 ms against PyTorch's 4.7, 32 rows
 oneDNN bfloat16's 26.
 
 It is compiled once on first use with the machine's C++ compiler (torch.utils.cpp_extension,
-~10 s, cached under ~/.cache/torch_extensions/loupe_kernels-*) and used only where the CPU has AVX-512 VNNI and
-F16C; elsewhere, if the build fails, or with `LOUPE_INT4_KERNEL=torch`, PyTorch's kernels stay.
+~10 s, cached under ~/.cache/torch_extensions/loupe_kernels-*) and used only where the CPU has
+AVX-512 VNNI and F16C; elsewhere, if the build fails, or with `LOUPE_INT4_KERNEL=torch`,
+PyTorch's kernels stay.
 """
+
 from __future__ import annotations
 
 import contextlib

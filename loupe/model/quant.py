@@ -1,8 +1,9 @@
 """Weight-only int4 linears for CPU decoding: 4-bit weights in groups of 32 along the input,
-each group with a scale and a zero, multiplied by PyTorch's int4 CPU kernel.
+each group with a scale and a zero, multiplied by loupe's VNNI kernel (model/kernels.py) where
+the CPU has AVX-512 VNNI, else by PyTorch's int4 CPU kernel.
 
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth over
-weight bytes: int4 groups read ~0.75 byte a weight against float32's 4. The groups are those
+weight bytes: int4 groups read ~0.6-0.75 byte a weight against float32's 4. The groups are those
 of GGUF's Q4_0 and Q4_1 (32 weights, a scale and a minimum), and Q4_1's quantiser puts the
 smallest weight of a group on 0 and the largest on 15, so quantising a dequantised Q4_1 tensor
 again finds the file's own grid: loupe computes from the checkpoint's quantised weights.
