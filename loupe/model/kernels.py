@@ -66,12 +66,14 @@ def int4_vnni_available() -> bool:
 
 
 def build_folder() -> str:
-    """Where the kernel is built and cached: one folder a PyTorch and Python, since a kernel
-    built against another PyTorch's headers must not load."""
+    """Where the kernel is built and cached: under `TORCH_EXTENSIONS_DIR` as PyTorch's own
+    extensions, one folder a PyTorch and Python, since a kernel built against another
+    PyTorch's headers must not load."""
     from torch.utils import cpp_extension
 
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     version = f"torch{torch.__version__}-py{sys.version_info.major}{sys.version_info.minor}"
-    return os.path.join(cpp_extension.get_default_build_root(), f"loupe_kernels-{version}")
+    return os.path.join(root, f"loupe_kernels-{version}")
 
 
 def _build() -> None:
