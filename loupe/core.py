@@ -14,11 +14,23 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 class InvalidRequest(ValueError):
-    """A request that cannot run; `param` names the field at fault."""
+    """A request that cannot run; `param` names the field at fault. An error made by `about`
+    starts its text with the field's name, so an API that spells the field its own way
+    (OpenAI's max_tokens for max_new_tokens) can name it so (`named`)."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, detail: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.detail = param, detail
+
+    @classmethod
+    def about(cls, param: str, detail: str) -> InvalidRequest:
+        """"<param><detail>", e.g. about("top_p", " must be a number in (0, 1], got 2")."""
+        return cls(param + detail, param, detail)
+
+    def named(self, names: dict[str, str]) -> tuple[str, str | None]:
+        """The text and the field's name, the field spelled as `names` maps it."""
+        param = names.get(self.param, self.param)
+        return (param + self.detail if self.detail is not None else str(self)), param
 
 
 @dataclass
@@ -53,7 +65,7 @@ class SamplingParams:
     def validate(self) -> None:
         def check(ok: bool, name: str, rule: str) -> None:
             if not ok:
-                raise InvalidRequest(f"{name} must be {rule}, got {getattr(self, name)!r}", name)
+                raise InvalidRequest.about(name, f" must be {rule}, got {getattr(self, name)!r}")
 
         def is_int(v: object) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -93,16 +105,6 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob)
 
 
-def native_logprobs(logprobs: list[TokenLogprob], top: bool, text=lambda token_id: None) -> dict:
-    """The `meta_info` fields of the native API (SGLang's shape): `output_token_logprobs` as
-    [logprob, token id, text] triples, and with `top` `output_top_logprobs`, a list of such
-    triples per position. `text(token_id)` gives each token's text, or None."""
-    meta = {"output_token_logprobs": [[lp.logprob, lp.token_id, text(lp.token_id)] for lp in logprobs]}
-    if top:
-        meta["output_top_logprobs"] = [[[value, token, text(token)] for token, value in lp.top] for lp in logprobs]
-    return meta
-
-
 @dataclass(frozen=True)
 class RequestLimits:
     """What a request must fit in: the served model's, known wherever requests are checked."""
@@ -117,20 +119,16 @@ class RequestLimits:
             raise InvalidRequest("the prompt is empty", "prompt")
         vocab = self.vocab_size
         if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in input_ids):
-            raise InvalidRequest(f"input_ids must be token ids in [0, {vocab})", "input_ids")
+            raise InvalidRequest.about("input_ids", f" must be token ids in [0, {vocab})")
         n = len(input_ids)
         if n >= self.context_length:
             raise InvalidRequest(f"the prompt has {n} tokens; the context length is {self.context_length}", "prompt")
         if n + sampling.max_new_tokens > self.context_length:
-            raise InvalidRequest(
-                f"max_new_tokens={sampling.max_new_tokens} plus the prompt's {n} tokens "
-                f"exceeds the context length {self.context_length}", "max_new_tokens"
-            )
+            raise InvalidRequest.about("max_new_tokens", f"={sampling.max_new_tokens} plus the prompt's {n} "
+                                       f"tokens exceeds the context length {self.context_length}")
         if n + sampling.max_new_tokens > self.max_total_tokens:
-            raise InvalidRequest(
-                f"the prompt's {n} tokens plus max_new_tokens={sampling.max_new_tokens} "
-                f"do not fit in the KV cache ({self.max_total_tokens} tokens)", "max_new_tokens"
-            )
+            raise InvalidRequest.about("max_new_tokens", f"={sampling.max_new_tokens} plus the prompt's {n} "
+                                       f"tokens do not fit in the KV cache ({self.max_total_tokens} tokens)")
 
 
 @dataclass(frozen=True)

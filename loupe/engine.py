@@ -5,11 +5,12 @@ from __future__ import annotations
 import itertools
 
 from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
-from loupe.core import TokenizedRequest, native_logprobs
+from loupe.core import TokenizedRequest
 from loupe.distributed.parallel import Comm
 from loupe.runner.worker import Worker
 from loupe.scheduler.request import Req
 from loupe.scheduler.scheduler import Scheduler
+from loupe.server.native import generate_response, logprob_switches
 from loupe.stops import final_text
 
 
@@ -48,7 +49,7 @@ class Engine:
         if len(params) != len(id_lists):
             raise ValueError(f"got {len(params)} sampling_params for {len(id_lists)} prompts")
         if return_logprob or top_logprobs_num:
-            params = [{**(p or {}), "logprobs": return_logprob, "top_logprobs": top_logprobs_num} for p in params]
+            params = [{**(p or {}), **logprob_switches(return_logprob, top_logprobs_num)} for p in params]
         # Validate every request before queueing any, so a bad one changes nothing.
         requests = [TokenizedRequest.validated(f"engine-{next(self._ids)}", ids, p, self.worker.limits)
                     for ids, p in zip(id_lists, params, strict=True)]
@@ -59,21 +60,14 @@ class Engine:
         return outputs[0] if single else outputs
 
     def _output(self, req: Req) -> dict:
-        output = {
-            "text": final_text(self.tokenizer, req.output_ids, req.finish_reason, req.matched_stop),
-            "output_ids": list(req.output_ids),
-            "meta_info": {
-                "id": req.rid,
-                "prompt_tokens": len(req.prompt_ids),
-                "completion_tokens": len(req.output_ids),
-                "cached_tokens": req.cached_tokens or 0,
-                "finish_reason": req.finish_reason.value,
-                "matched_stop": req.matched_stop,
-            },
-        }
-        if req.sampling.logprobs:
-            output["meta_info"].update(native_logprobs(req.output_logprobs, req.sampling.top_logprobs > 0))
-        return output
+        """The answer /generate gives (`server/native.py`), token texts left None."""
+        text = final_text(self.tokenizer, req.output_ids, req.finish_reason, req.matched_stop)
+        answer = generate_response(
+            req.rid, text, list(req.output_ids), prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens or 0,
+            finish_reason=req.finish_reason.value, matched_stop=req.matched_stop,
+            logprobs=req.output_logprobs if req.sampling.logprobs else None, top=req.sampling.top_logprobs > 0)
+        return answer.model_dump(mode="json", exclude_unset=True)
 
     def shutdown(self) -> None:
         self.scheduler = self.worker = None

@@ -282,7 +282,7 @@ def launch(args: ServerArgs) -> int:
     endpoints = ipc.Endpoints.create(args.dp_size)
     supervisor = Supervisor(args, endpoints, tracing)
     from loupe.model.loader import load_tokenizer
-    from loupe.server.http_server import create_app
+    from loupe.server.app import create_app
     from loupe.server.metrics import Metrics
     from loupe.server.tokenizer_manager import TokenizerManager
     from loupe.tracing.spans import RequestTracer, open_tracer

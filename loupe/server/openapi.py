@@ -4,16 +4,15 @@ rely on it.
 
 Request bodies are protocol.py's models, with what the engine checks added: `model` takes
 only the served model's names, sampling values their ranges (`core.SamplingParams.validate`),
-token ids the vocabulary. Response bodies are the models below, for documentation only:
-no route's answer is filtered or checked through them (`responses=`, never `response_model=`).
-A constraint is written here only if the server refuses every value outside it, for any
+token ids the vocabulary. Response bodies are the models each answer is built from
+(`openai_api.py`, `native.py`, `admin_api.py`, `protocol.ErrorResponse`), named in the routes'
+`responses=`. A constraint is written here only if the server refuses every value outside it, for any
 model: a schema looser than the server is merely vague, one stricter than it is wrong.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -21,196 +20,9 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.json_schema import models_json_schema
 
 from loupe.core import RequestLimits
-
-# ---- response bodies ----------------------------------------------------------------------
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorResponse(BaseModel):
-    """Every error, whatever its status, in OpenAI's shape."""
-
-    error: ErrorBody
-
-
-class Status(BaseModel):
-    status: Literal["ok"]
-
-
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-FinishReason = Literal["stop", "length"]
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: FinishReason
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"]
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    finish_reason: FinishReason | None
-    logprobs: ChatLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One event of a chat stream; with `stream_options.include_usage`, the last one has no
-    choices and the usage."""
-
-    id: str
-    object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason
-    logprobs: CompletionLogprobs | None
-
-
-class TextCompletion(BaseModel):
-    id: str
-    object: Literal["text_completion"]
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class CompletionChunkChoice(CompletionChoice):
-    finish_reason: FinishReason | None
-
-
-class TextCompletionChunk(TextCompletion):
-    """One event of a completion stream (OpenAI names it `text_completion` too)."""
-
-    choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-
-
-class GenerateMeta(BaseModel):
-    id: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    finish_reason: Literal["stop", "length", "abort"] | None
-    matched_stop: int | str | None
-
-
-class GenerateResponse(BaseModel):
-    """/generate's answer, and each event of its stream (the text and ids so far)."""
-
-    text: str
-    output_ids: list[int]
-    meta_info: GenerateMeta
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"]
-    created: int
-    owned_by: str
-    root: str | None
-    max_model_len: int
-
-
-class ModelList(BaseModel):
-    object: Literal["list"]
-    data: list[ModelCard]
-
-
-class ServedModel(BaseModel):
-    served_model_name: str
-    model_path: str
-    device: str
-    dtype: str
-    load_seconds: float
-    max_total_tokens: int
-    context_length: int
-
-
-class ModelInfoResponse(ServedModel):
-    is_generation: bool
-
-
-class ServerInfo(ServedModel):
-    """The server's flags (all but --api-key, by their Python names), what it serves, and
-    loupe's version."""
-
-    version: str
-
-
-class TracingSettings(BaseModel):
-    """Whether requests are traced and how; the settings only when tracing is enabled."""
-
-    enabled: bool
-    level: int | None = None
-    sampling_ratio: float | None = None
-    parent_based: bool | None = None
-    keep_errors: bool | None = None
-    keep_slower_than_ms: float | None = None
-
+from loupe.server.native import GenerateResponse
+from loupe.server.openai_api import STREAM_EVENTS as OPENAI_EVENTS
+from loupe.server.protocol import ErrorResponse
 
 # ---- request bodies the routes take as plain dicts ----------------------------------------
 
@@ -299,7 +111,7 @@ def ref(model: type[BaseModel]) -> dict:
 METRICS_TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}},
                                   "application/openmetrics-text": {"schema": {"type": "string"}}}}}
 
-STREAM_EVENTS = [ChatCompletionChunk, TextCompletionChunk, GenerateResponse, ErrorResponse]  # named by sse_event
+STREAM_EVENTS = [*OPENAI_EVENTS, GenerateResponse, ErrorResponse]  # named by sse_event
 
 # ---- the document -------------------------------------------------------------------------
 

@@ -1,13 +1,26 @@
-"""Request bodies of the HTTP API (OpenAI-compatible and native), and the error shape."""
+"""Request bodies of the HTTP API (OpenAI-compatible and native), and the error answer."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from loupe.core import MAX_TOP_LOGPROBS, Bootstrap
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, whatever its status, in OpenAI's shape."""
+
+    error: ErrorBody
 
 
 class APIError(Exception):
@@ -24,11 +37,12 @@ class APIError(Exception):
     def type(self) -> str:
         return self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
 
-    def body(self) -> dict:
-        return {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+    def answer(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
-    def response(self, headers: dict | None = None) -> JSONResponse:
-        return JSONResponse({"error": self.body()}, status_code=self.status, headers=headers)
+    def response(self, headers: dict | None = None) -> Response:
+        return Response(self.answer().model_dump_json(), status_code=self.status, media_type="application/json",
+                        headers=headers)
 
 
 # Parameters loupe does not implement, with the values that ask for nothing: any other
