@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PYTHON ?= python3
 ARGS ?=
 
-.PHONY: setup serve test lint bench clean phoenix-setup demo demo-pd
+.PHONY: setup serve test test-fast lint bench clean phoenix-setup demo demo-pd
 
 setup: $(VENV)/.installed
 
@@ -24,10 +24,14 @@ serve: setup
 	$(PY) -m loupe.launch_server $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check loupe tests benchmarks scripts
+	$(PY) -m ruff check loupe tests benchmarks scripts harness
 
 test: lint phoenix-setup
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+# The unit tests on tiny models: no server, not the bundled model (tests/README.md); under 2 minutes.
+test-fast: lint
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" $(ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_engine.py $(ARGS)

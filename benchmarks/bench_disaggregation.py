@@ -27,53 +27,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from types import SimpleNamespace
 
 import httpx
 from bench_ab import cpu_model
-from bench_tracing import wait_ready
 
-from loupe.bench import run as run_load
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
+from harness import LiveRouter, LiveServer, free_port  # noqa: E402
+from loupe.bench import run as run_load  # noqa: E402
 
 BASELINE = "one server"
 LONG_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(*args: object, module: str = "loupe.launch_server", env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
-
-
-def router(*args: object) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    return launch("--host", "127.0.0.1", "--port", port, "--prometheus-host", "127.0.0.1", "--prometheus-port",
-                  free_port(), *args, module="sglang_router.launch_router"), port
-
-
-def wait_router(port: int, num_workers: int) -> None:
-    for _ in range(600):
-        try:
-            workers = httpx.get(f"http://127.0.0.1:{port}/workers", timeout=2).json()["workers"]
-            if len(workers) == num_workers and all(w["is_healthy"] for w in workers):
-                return
-        except (httpx.HTTPError, ValueError, KeyError):
-            pass
-        asyncio.run(asyncio.sleep(0.5))
-    raise RuntimeError(f"the router on port {port} has no {num_workers} healthy workers")
+def bench_server(*flags: object, env: dict | None = None) -> LiveServer:
+    """A server on the bundled model, its decode step compiled as served by default."""
+    return LiveServer(*flags, env=env, compile=True, ready_timeout=600)
 
 
 def kv_rate(port: int) -> tuple[float, float]:
@@ -187,33 +163,27 @@ def main() -> None:
     if args.transfer_only:
         return
     os.environ.setdefault("UCX_NET_DEVICES", "lo")  # both ends here: keep UCX on loopback
-    procs, urls, prefill_ports = [], {}, {}
-    try:
-        single = free_port()
-        kv = ("--max-total-tokens", args.max_total_tokens)
-        procs.append(launch("--port", single, *kv))
-        urls[BASELINE] = f"http://127.0.0.1:{single}"
-        model = wait_ready(single, procs[-1])
-        proc, port = router("--worker-urls", urls[BASELINE])
-        procs.append(proc)
-        wait_router(port, 1)
-        urls["router + one server"] = f"http://127.0.0.1:{port}"
+    kv = ("--max-total-tokens", args.max_total_tokens)
+    urls, prefills = {}, {}
+    with contextlib.ExitStack() as servers:  # each started once the one before is ready; all stopped at the end
+        single = servers.enter_context(bench_server(*kv))
+        urls[BASELINE] = single.base_url
+        model = single.served_model()
+        urls["router + one server"] = servers.enter_context(
+            LiveRouter("--worker-urls", single.base_url, num_workers=1, ready_timeout=300)).base_url
         for backend, spin in itertools.product(args.backends, args.spincounts or [None]):
-            env = None if spin is None else {**os.environ, "GOMP_SPINCOUNT": str(spin)}
+            env = None if spin is None else {"GOMP_SPINCOUNT": str(spin)}
             name = f"{backend}, spin {spin}" if spin is not None else backend
-            prefill, decode, bootstrap = free_port(), free_port(), free_port()
-            procs.append(launch("--port", prefill, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                                bootstrap, "--disaggregation-transfer-backend", backend, *kv, env=env))
-            wait_ready(prefill, procs[-1])
-            procs.append(launch("--port", decode, "--disaggregation-mode", "decode",
-                                "--disaggregation-transfer-backend", backend, *kv, env=env))
-            wait_ready(decode, procs[-1])
-            proc, port = router("--pd-disaggregation", "--prefill", f"http://127.0.0.1:{prefill}", bootstrap,
-                                "--decode", f"http://127.0.0.1:{decode}")
-            procs.append(proc)
-            wait_router(port, 2)
-            urls[f"router + PD ({name})"] = f"http://127.0.0.1:{port}"
-            prefill_ports[name] = prefill
+            bootstrap = free_port()
+            prefill = servers.enter_context(bench_server(
+                "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", bootstrap,
+                "--disaggregation-transfer-backend", backend, *kv, env=env))
+            decode = servers.enter_context(bench_server(
+                "--disaggregation-mode", "decode", "--disaggregation-transfer-backend", backend, *kv, env=env))
+            router = servers.enter_context(LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap,
+                                                      "--decode", decode.base_url, num_workers=2, ready_timeout=300))
+            urls[f"router + PD ({name})"] = router.base_url
+            prefills[name] = prefill
         for url in urls.values():  # warm every path once
             asyncio.run(run_load(url, model, 2, 2, 99, None))
         if args.long_rounds:
@@ -229,12 +199,7 @@ def main() -> None:
                 results[name].append(summary)
                 print(f"round {r + 1} {name:>20}: {summary['output_tokens_per_s']:6.1f} tok/s, TTFT p50 "
                       f"{summary['ttft_p50_s']:.3f} s, e2e p50 {summary['e2e_p50_s']:.3f} s", file=sys.stderr)
-        rates = {backend: kv_rate(port) for backend, port in prefill_ports.items()}
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            proc.wait(30)
+        rates = {backend: kv_rate(server.port) for backend, server in prefills.items()}
 
     def median(name: str, key: str) -> float:
         return statistics.median(s[key] for s in results[name])

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-from bench_tracing import wait_ready
-
-from loupe.bench import run as run_load
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
+from harness import LiveServer, running  # noqa: E402
+from loupe.bench import run as run_load  # noqa: E402
 
 CONFIGS = {  # name: (model, flags); the first of each model is its baseline
     "8-head tp1": ("random", []),
@@ -56,29 +56,21 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     args = parser.parse_args()
     folder = write_random_model(tempfile.mkdtemp(prefix="loupe-bench-8head-"))
-    ports = {name: 31200 + i for i, name in enumerate(CONFIGS)}
-    servers, models = {}, {}
-    for name, (model, flags) in CONFIGS.items():
-        path = ["--model-path", folder] if model == "random" else []
-        servers[name] = subprocess.Popen([sys.executable, "-m", "loupe.launch_server", "--port", str(ports[name]),
-                                          *path, *flags], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = {name: LiveServer(*(["--model-path", folder] if model == "random" else []), *flags, port=31200 + i,
+                                compile=True, ready_timeout=600)  # as served by default
+               for i, (name, (model, flags)) in enumerate(CONFIGS.items())}
     results: dict[str, list[float]] = {name: [] for name in CONFIGS}
-    try:
-        for name in CONFIGS:
-            models[name] = wait_ready(ports[name], servers[name])
-            asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", models[name], 4, 4, 99, None))  # warm up
+    with running(*servers.values()):
+        models = {name: server.served_model() for name, server in servers.items()}
+        for name, server in servers.items():
+            asyncio.run(run_load(server.base_url, models[name], 4, 4, 99, None))  # warm up
         for r in range(args.rounds):
             for name in (list(CONFIGS) if r % 2 == 0 else list(reversed(CONFIGS))):
-                summary = asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", models[name],
+                summary = asyncio.run(run_load(servers[name].base_url, models[name],
                                                args.concurrency, args.num_requests, r, None))
                 assert summary["failed"] == 0, summary
                 results[name].append(summary["output_tokens_per_s"])
                 print(f"round {r + 1} {name:>12}: {summary['output_tokens_per_s']:7.1f} tok/s", file=sys.stderr)
-    finally:
-        for proc in servers.values():
-            proc.terminate()
-        for proc in servers.values():
-            proc.wait(30)
     print(f"\nconcurrency {args.concurrency}, {args.num_requests} requests per run, {args.rounds} rounds, medians")
     print(f"{'config':>12} {'tok/s':>8} {'vs tp1':>8}")
     baseline = {}

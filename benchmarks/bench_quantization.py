@@ -20,9 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # run from a checkout, uninstalled; the tests' logits probe
-from reference_models import loupe_step_logits  # noqa: E402
-
+sys.path.insert(0, str(ROOT))  # run from a checkout, uninstalled; harness
+from harness.reference_models import loupe_step_logits  # noqa: E402
 from loupe import Engine  # noqa: E402
 
 PARITY_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",

@@ -32,15 +32,14 @@ import os
 import pstats
 import random
 import statistics
-import subprocess
 import sys
 import time
 
 import httpx
 import psutil
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
+from harness import LiveServer  # noqa: E402
 from loupe import ipc  # noqa: E402
 from loupe.bench import run as run_load  # noqa: E402
 from loupe.core import TraceContext  # noqa: E402
@@ -323,21 +322,19 @@ def tracing_flags(level: int | None, *extra: str) -> list[str] | None:
     return None if level is None else ["--trace-level", str(level), *extra]
 
 
-def start_server(port: int, tracing: list[str] | None, otlp_port: int, model_threads: int | None = None,
-                 env: dict | None = None) -> subprocess.Popen:
-    """A server on the bundled model: tracing off (None) or on with these flags (and `env`)."""
-    flags = ["--port", str(port)]
-    if tracing is not None:
-        flags += ["--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{otlp_port}", *tracing]
-    env = dict(os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {}))
-    return subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *flags], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+def bench_server(port: int, tracing: list[str] | None, otlp_port: int, model_threads: int | None = None,
+                 env: dict | None = None) -> LiveServer:
+    """A server on the bundled model, its decode step compiled as served by default (not
+    started): tracing off (None) or on with these flags (and `env`)."""
+    flags = [] if tracing is None else ["--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{otlp_port}", *tracing]
+    env = {**(env or {}), **({"OMP_NUM_THREADS": str(model_threads)} if model_threads else {})}
+    return LiveServer(*flags, port=port, env=env, compile=True, ready_timeout=600)
 
 
-def cpu_seconds(proc: subprocess.Popen) -> tuple[float, float]:
-    """CPU time used so far by a server (its main process and every child) and, of that, by
-    its span exporter (the one child that runs at the lowest priority)."""
-    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time used so far by a server (its main process `pid` and every child) and, of that,
+    by its span exporter (the one child that runs at the lowest priority)."""
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     total = sum(sum(p.cpu_times()[:2]) for p in tree)
     exporter = sum(sum(p.cpu_times()[:2]) for p in tree if p.nice() > 0)
     return total, exporter
@@ -358,20 +355,6 @@ def tail_counts(port: int) -> tuple[int, int]:
     values = tracing_metrics(port)
     return tuple(int(sum(v for k, v in values.items() if k.startswith(f"loupe_tracing_traces_{kind}_total")))
                  for kind in ("kept", "discarded"))
-
-
-def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> str:
-    """The name of the model a server on `port` serves, once it is ready."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-            if models.status_code == 200:
-                return models.json()["data"][0]["id"]
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"server on port {port} did not start")
 
 
 def thread_use(pid: int) -> dict[str, tuple[float, int]]:
@@ -399,11 +382,10 @@ def census(level: int | None, concurrency: int, num_requests: int, model_threads
     of the stand-in backend, to see where tracing's side work goes (on a busy machine each
     wake-up takes a core from the model's threads)."""
     receiver, otlp_port = start_receiver()
-    port = 31190
-    server = start_server(port, tracing_flags(level), otlp_port, model_threads)
+    server = bench_server(31190, tracing_flags(level), otlp_port, model_threads)
     try:
-        wait_ready(port, server)
-        url = f"http://127.0.0.1:{port}"
+        server.start().wait_ready()
+        url = server.base_url
         asyncio.run(run_load(url, "SmolLM2-135M-Instruct", 4, 4, 99, None))  # warm
         procs = {f"server main {server.pid}": server.pid, f"otlp receiver {receiver.pid}": receiver.pid}
         for child in psutil.Process(server.pid).children(recursive=True):
@@ -414,8 +396,7 @@ def census(level: int | None, concurrency: int, num_requests: int, model_threads
         seconds = time.monotonic() - start
         after = {label: thread_use(pid) for label, pid in procs.items()}
     finally:
-        server.terminate()
-        server.wait(30)
+        server.stop()
         receiver.kill()
     print(f"tracing {'off' if level is None else f'level {level}'}: {summary['output_tokens_per_s']:.1f} tok/s; "
           f"per second of load ({seconds:.1f} s): CPU ms and wake-ups, per process and thread name")
@@ -445,21 +426,23 @@ def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], mo
         configs.update({"ratio 0.01": tracing_flags(3, *SAMPLED), "0.01+keep": tracing_flags(3, *KEEPING)})
     envs = {"0.01+keep": HOLDING_ROOM}
     ports = {name: 31100 + i for i, name in enumerate(configs)}
-    servers = {name: start_server(ports[name], flags, otlp_port, model_threads, envs.get(name))
+    servers = {name: bench_server(ports[name], flags, otlp_port, model_threads, envs.get(name))
                for name, flags in configs.items()}
     results: dict[str, list[dict]] = {name: [] for name in configs}
     try:
+        for server in servers.values():
+            server.start()
         for name in configs:
-            wait_ready(ports[name], servers[name])
+            servers[name].wait_ready()
             asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct", 4, 4, 99, None))  # warm
         for r in range(rounds):
             order = list(configs) if r % 2 == 0 else list(reversed(configs))  # alternate, to spread drift
             for name in order:
-                cpu_before, exporter_before = cpu_seconds(servers[name])
+                cpu_before, exporter_before = cpu_seconds(servers[name].pid)
                 summary = asyncio.run(run_load(f"http://127.0.0.1:{ports[name]}", "SmolLM2-135M-Instruct",
                                                concurrency, num_requests, r, None))
                 tokens = summary["output_tokens_per_s"] * summary["wall_s"]
-                cpu_after, exporter_after = cpu_seconds(servers[name])
+                cpu_after, exporter_after = cpu_seconds(servers[name].pid)
                 summary["cpu_ms_per_token"] = (cpu_after - cpu_before) * 1000 / tokens
                 summary["exporter_cpu_pct"] = 100 * (exporter_after - exporter_before) / (cpu_after - cpu_before)
                 assert summary["failed"] == 0, summary
@@ -471,10 +454,8 @@ def live(rounds: int, concurrency: int, num_requests: int, levels: list[int], mo
         spans = {name: span_counts(ports[name]) for name in configs if configs[name] is not None}
         kept = {name: tail_counts(ports[name]) for name in envs if name in configs}
     finally:
-        for proc in servers.values():
-            proc.terminate()
-        for proc in servers.values():
-            proc.wait(30)
+        for server in servers.values():
+            server.stop()
         receiver.kill()
     def median(name: str, key: str) -> float:
         return statistics.median(s[key] for s in results[name])

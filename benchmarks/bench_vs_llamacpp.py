@@ -53,12 +53,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from bench_ab import cpu_model
-from bench_tracing import median_interval, wait_ready
+from bench_tracing import median_interval
 
-from loupe.bench import PROMPT_WORDS
-from loupe.bench import run as run_load
-from loupe.model import kernels
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
+from harness import LiveProcess, LiveServer, free_port  # noqa: E402
+from loupe.bench import PROMPT_WORDS  # noqa: E402
+from loupe.bench import run as run_load  # noqa: E402
+from loupe.model import kernels  # noqa: E402
 
 LLAMA_CPP_PYTHON = "0.3.36"  # its sdist vendors the llama.cpp sources under vendor/llama.cpp
 CMAKE_FLAGS = [
@@ -192,50 +195,9 @@ def find_llama_server(given: str | None, jobs: int) -> Path:
     return build_llama_server(jobs)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM when this script dies, even by SIGKILL (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def start(cmd: list[str], logfile: Path) -> subprocess.Popen:
-    """A server in its own process group (stopped as a group), its output to `logfile`."""
-    with open(logfile, "w") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, preexec_fn=die_with_parent)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, then SIGKILL to whatever of it is left after 30 s."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def served_model(url: str) -> str:
+    """The name an OpenAI-compatible server at `url` serves its model under."""
+    return httpx.get(url + "/v1/models", timeout=10, trust_env=False).json()["data"][0]["id"]
 
 
 @dataclass(frozen=True)
@@ -359,37 +321,37 @@ def main() -> None:
     print(f"loupe: `python -m loupe.launch_server` defaults ({os.cpu_count()} matmul threads; on this GGUF, "
           f"int4 weights, {matmuls}: --quantization auto; the int4 decode step compiled)")
     logs = Path(tempfile.mkdtemp(prefix="loupe-vs-llamacpp-"))
-    ports = {name: free_port() for name in SERVERS}
-    commands = {
-        "loupe": [sys.executable, "-m", "loupe.launch_server", "--port", str(ports["loupe"])],
-        "llama-server": [str(binary), "-m", gguf, "--host", "127.0.0.1", "--port", str(ports["llama-server"]),
-                         "-t", str(args.threads), "-tb", str(args.threads), "-np", str(slots),
-                         "-c", str(slots * per_slot), "--cont-batching", "--no-webui"],
+    llama_port = free_port()
+    servers = {
+        "loupe": LiveServer(log_path=str(logs / "loupe.log"), compile=True, ready_timeout=600),  # no flags: defaults
+        "llama-server": LiveProcess([binary, "-m", gguf, "--host", "127.0.0.1", "--port", llama_port,
+                                     "-t", args.threads, "-tb", args.threads, "-np", slots, "-c", slots * per_slot,
+                                     "--cont-batching", "--no-webui"], name="llama-server", port=llama_port,
+                                    ready_path="/v1/models", log_dir=str(logs), ready_timeout=600),
     }
-    servers: dict[str, subprocess.Popen] = {}
+    models: dict[str, str] = {}
     results: dict[tuple[str, str, int], list[dict]] = {(n, w.name, c): [] for n in SERVERS for w in loads
                                                        for c in w.concurrencies}
     started = time.perf_counter()
     try:
         for name in SERVERS:  # one at a time: loading is not measured, but keep it off the other's start
-            began = time.perf_counter()
-            servers[name] = start(commands[name], logs / f"{name}.log")
+            began, server = time.perf_counter(), servers[name]
             try:
-                model = wait_ready(ports[name], servers[name])
-                load(f"http://127.0.0.1:{ports[name]}", model, loads[0], 4, 4, 10**6, args.max_tokens)  # warm-up
+                server.start().wait_ready()
+                models[name] = served_model(server.base_url)
+                load(server.base_url, models[name], loads[0], 4, 4, 10**6, args.max_tokens)  # warm-up
             except RuntimeError as e:
-                tail = (logs / f"{name}.log").read_text()[-2000:]
-                raise RuntimeError(f"{name} did not start ({' '.join(commands[name])}); its log ends:\n{tail}") from e
-            commands[name].append(model)  # remember the name to send
-            log(f"{name} ready on port {ports[name]} and warmed up {time.perf_counter() - began:.0f} s after its "
-                f"start (log {logs / f'{name}.log'})")
+                raise RuntimeError(f"{name} did not start ({' '.join(server.command)}); its log ends:\n"
+                                   f"{server.log()[-2000:]}") from e
+            log(f"{name} ready on port {server.port} and warmed up {time.perf_counter() - began:.0f} s after its "
+                f"start (log {server.log_path})")
         for r in range(rounds):
             for workload in loads:
                 for c in workload.concurrencies:
                     num = args.num_requests or workload.requests(c, args.quick)
                     line = []
                     for name in (SERVERS if r % 2 == 0 else SERVERS[::-1]):
-                        summary = load(f"http://127.0.0.1:{ports[name]}", commands[name][-1], workload, c, num,
+                        summary = load(servers[name].base_url, models[name], workload, c, num,
                                        1000 * r + c, args.max_tokens)
                         results[name, workload.name, c].append(summary)
                         ttft = "-" if summary["ttft_p50_s"] is None else f"{summary['ttft_p50_s']:.3f} s"
@@ -401,8 +363,8 @@ def main() -> None:
         log(f"stopped; the servers' logs are in {logs}")
         raise
     finally:
-        for proc in servers.values():
-            stop(proc)
+        for server in servers.values():
+            server.stop()
     print(f"\n{rounds} rounds, {args.max_tokens} output tokens per request (checked in every answer's usage), "
           f"run in {time.perf_counter() - started:.0f} s; 1-min load average {os.getloadavg()[0]:.2f} at end")
     report(results, loads)

@@ -28,9 +28,10 @@ import time
 
 import httpx
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
 from bench_ab import cpu_model  # noqa: E402
-from server_harness import LiveServer, free_port  # noqa: E402
+
+from harness import LiveServer, free_port, running  # noqa: E402
 
 SECRET = "pd-fault-times-0123456789"
 rng = random.Random(5)
@@ -87,25 +88,21 @@ def silent_listener() -> socket.socket:
 def measure(backend: str, repeats: int, log_dir: str) -> dict[str, list[float]]:
     env = {"LOUPE_DISAGGREGATION_SECRET": SECRET, "UCX_NET_DEVICES": "lo"}
     common = ("--disaggregation-transfer-backend", backend, "--max-total-tokens", 8192)
-    servers = []
 
-    def start(mode: str, extra_env: dict | None = None) -> LiveServer:
+    def pd_server(mode: str, extra_env: dict | None = None) -> LiveServer:
         port = free_port()
         args = ("--disaggregation-bootstrap-port", port) if mode == "prefill" else ()
         server = LiveServer("--disaggregation-mode", mode, *args, *common, log_dir=log_dir,
-                            env={**env, **(extra_env or {})}).start()
+                            env={**env, **(extra_env or {})})
         server.bootstrap_port = port
-        servers.append(server)
         return server
 
+    decode = pd_server("decode")
+    stranger = pd_server("decode", {"LOUPE_DISAGGREGATION_SECRET": "another-secret-0123456789"})
+    prefills = [pd_server("prefill") for _ in range(repeats)]
+    victims = [pd_server("decode") for _ in range(repeats)]
     times: dict[str, list[float]] = {}
-    try:
-        decode = start("decode")
-        stranger = start("decode", {"LOUPE_DISAGGREGATION_SECRET": "another-secret-0123456789"})
-        prefills = [start("prefill") for _ in range(repeats)]
-        victims = [start("decode") for _ in range(repeats)]
-        for server in servers:
-            server.wait_ready()
+    with running(decode, stranger, *prefills, *victims):
         listener = silent_listener()
         for _ in range(repeats):
             for name, server, port in (("connection refused", decode, free_port()),
@@ -134,9 +131,6 @@ def measure(backend: str, repeats: int, log_dir: str) -> dict[str, list[float]]:
             killed = time.monotonic()
             stream.join(300)
             times.setdefault("prefill server SIGKILLed", []).append(stream.result - killed)
-    finally:
-        for server in servers:
-            server.stop()
     return times
 
 

@@ -35,13 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -51,7 +47,9 @@ import httpx
 import psutil
 from bench_tracing import start_receiver
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
+from harness import LiveServer, parse_metrics  # noqa: E402
+
 REQUEST_TIMEOUT = 120.0  # seconds: a request unanswered by then has hung
 GIVE_UP_AFTER = 0.5  # seconds: an impatient client's read timeout (its request asks for 256 tokens)
 MAX_RSS_GROWTH = 0.05
@@ -280,33 +278,12 @@ async def sample(server: Server, tally: Tally, every: float) -> None:
         print(f"  {time.monotonic() - start:5.0f} s, {sum(tally.ok.values()):5} requests: RSS MB {rss}", flush=True)
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text: {'name{labels}': value}."""
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
-
-
 def kv_in_use(metrics: dict[str, float]) -> float:
     """KV tokens held by requests or kept by the prefix cache."""
     return metrics["loupe_kv_used_tokens"] + metrics["loupe_kv_cached_tokens"]
 
 
 # ---- the server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def die_with_parent() -> None:
-    """In the server, before exec: SIGTERM when this script dies, however it dies."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @dataclass
@@ -316,47 +293,25 @@ class Usage:
     threads: int
 
 
-class Server:
+class Server(LiveServer):
+    """The soaked server on the bundled model, its decode step compiled as served by default."""
+
     def __init__(self, otlp_port: int, kv_tokens: int, model_threads: int, log_path: str):
-        self.port, self.log_path = free_port(), log_path
-        flags = ["--port", self.port, "--enable-tracing", "--trace-level", 3, "--otlp-endpoint",
-                 f"127.0.0.1:{otlp_port}", "--max-total-tokens", kv_tokens, "--max-request-body-mb", MAX_BODY_MB]
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loupe.launch_server", *map(str, flags)], cwd=REPO,
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(model_threads)},
-                                     preexec_fn=die_with_parent)
-        self.http = httpx.Client(base_url=self.url, timeout=10, trust_env=False)
+        super().__init__("--enable-tracing", "--trace-level", 3, "--otlp-endpoint", f"127.0.0.1:{otlp_port}",
+                         "--max-total-tokens", kv_tokens, "--max-request-body-mb", MAX_BODY_MB, log_path=log_path,
+                         env={"OMP_NUM_THREADS": str(model_threads)}, compile=True, ready_timeout=600)
+        self.http = httpx.Client(base_url=self.base_url, timeout=10, trust_env=False)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def wait_ready(self, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; its log: {self.log_path}")
-            try:
-                if self.http.get("/health").status_code == 200:
-                    self.info = self.http.get("/server_info").json()
-                    self.processes = {label(p): p for p in [psutil.Process(self.proc.pid),
-                                                            *psutil.Process(self.proc.pid).children(recursive=True)]}
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the server was not ready within {timeout:.0f} s; its log: {self.log_path}")
+    def wait_ready(self, timeout: float | None = None) -> Server:
+        """Ready; then its settings and its processes, as first seen."""
+        super().wait_ready(timeout)
+        self.info = self.http.get("/server_info").json()
+        self.processes = {label(p): p for p in [psutil.Process(self.pid), *psutil.Process(self.pid).children(recursive=True)]}
+        return self
 
     def stop(self) -> None:
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        super().stop()
 
     def metrics(self) -> dict[str, float]:
         return parse_metrics(self.http.get("/metrics").text)
@@ -390,9 +345,7 @@ class Server:
         return out
 
     def log_lines(self, *marks: str) -> Counter:
-        self.log.flush()
-        with open(self.log_path, errors="replace") as f:
-            return Counter(mark for line in f for mark in marks if mark in line)
+        return Counter(mark for line in self.log().splitlines() for mark in marks if mark in line)
 
 
 def label(p: psutil.Process) -> str:
@@ -483,7 +436,7 @@ async def run(args, server: Server) -> int:
     tally = Tally.new()
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     # A client per phase: no connection stays open while the figures are taken.
-    async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT, limits=limits, trust_env=False) as http:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=REQUEST_TIMEOUT, limits=limits, trust_env=False) as http:
         model = (await http.get("/v1/models")).json()["data"][0]
         traffic = Traffic(http, model["id"], model["max_model_len"], args.seed)
         started = time.monotonic()
@@ -497,7 +450,7 @@ async def run(args, server: Server) -> int:
     rest = max(args.seconds - warm_up_s, args.seconds / 2)  # a warm-up that ran long leaves half the run
     print(f"warm-up took {warm_up_s:.0f} s ({100 * kv_in_use(start) / info['max_total_tokens']:.0f}% of the KV "
           f"cache cached now); load for {rest:.0f} s more", flush=True)
-    async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT, limits=limits, trust_env=False) as http:
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=REQUEST_TIMEOUT, limits=limits, trust_env=False) as http:
         traffic.http = http
         sampler = asyncio.create_task(sample(server, tally, args.sample_every))
         load_s = await load(traffic, rngs, tally, rest)
@@ -529,7 +482,7 @@ def main() -> None:
     receiver, otlp_port = start_receiver()
     server = Server(otlp_port, args.kv_tokens, args.model_threads, args.log or os.path.join("/tmp", f"loupe-soak-{os.getpid()}.log"))
     try:
-        server.wait_ready()
+        server.start().wait_ready()
         status = asyncio.run(run(args, server))
     finally:
         server.stop()

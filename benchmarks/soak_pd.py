@@ -41,9 +41,10 @@ from collections import Counter
 import httpx
 import psutil
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # for harness
 from bench_ab import cpu_model  # noqa: E402
-from server_harness import LiveRouter, LiveServer, free_port, read_metrics  # noqa: E402
+
+from harness import LiveRouter, LiveServer, free_port, read_metrics  # noqa: E402
 
 SECRET = "soak-pd-secret-0123456789"
 MODEL = "SmolLM2-135M-Instruct"
@@ -218,12 +219,12 @@ def main() -> None:
     decode = LiveServer("--disaggregation-mode", "decode", *flags, log_dir=args.log_dir, env=env,
                         compile=True).start()  # as served by default: its int4 decode step compiled
     router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap, "--decode", decode.base_url,
-                        "--cb-timeout-duration-secs", ROUTER_CB_TIMEOUT_S, log_dir=args.log_dir)
+                        "--cb-timeout-duration-secs", ROUTER_CB_TIMEOUT_S, num_workers=2, log_dir=args.log_dir)
     out, problems = Outcomes(), []
     try:
         prefill.wait_ready()
         decode.wait_ready()
-        router.start(num_workers=2)
+        router.start().wait_ready()
         print(f"{cpu_model()}, {os.cpu_count()} cores; {args.seconds:.0f} s, {args.concurrency} clients, KV by "
               f"{args.backend}; logs in {args.log_dir}", flush=True)
         warm = args.seconds / 10

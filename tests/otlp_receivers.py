@@ -20,7 +20,8 @@ def flatten(value):
 
 
 class Receiver:
-    """Collects every span it is sent; `hang_seconds` makes each export wait first."""
+    """Collects every span it is sent; `hang_seconds` makes each export wait first. As a
+    context manager, stopped on leaving."""
 
     def __init__(self, hang_seconds: float = 0.0):
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
@@ -68,6 +69,15 @@ class Receiver:
     def export_count(self) -> int:
         with self.lock:
             return len(self.requests)
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
 
 
 class GrpcReceiver(Receiver, trace_service_pb2_grpc.TraceServiceServicer):

@@ -2,8 +2,9 @@
 
 import asyncio
 
-from server_harness import BUNDLED_NAME
+import pytest
 
+from harness import BUNDLED_NAME
 from loupe.bench import make_prompts, run
 
 
@@ -14,6 +15,7 @@ def test_prompt_words_bound_each_prompt_and_a_seed_repeats_its_prompts():
     assert make_prompts(3, seed=1) == make_prompts(3, seed=1, words=(20, 60))
 
 
+@pytest.mark.slow
 def test_streamed_completions_time_the_first_token_and_the_prefill(bundled_server):
     summary = asyncio.run(run(bundled_server.url(""), BUNDLED_NAME, 2, 2, 0, None, max_tokens=4,
                               words=(200, 220)))
@@ -23,6 +25,7 @@ def test_streamed_completions_time_the_first_token_and_the_prefill(bundled_serve
     assert summary["prefill_tokens_per_s_p50"] > 0
 
 
+@pytest.mark.slow
 def test_chat_answered_whole_counts_its_tokens_and_times_no_first_token(bundled_server):
     summary = asyncio.run(run(bundled_server.url(""), BUNDLED_NAME, 2, 3, 0, None, max_tokens=5, chat=True))
     assert summary["failed"] == 0 and summary["wrong_lengths"] == 0, summary

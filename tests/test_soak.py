@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # benchmarks/soak.py: a server on the bundled model for a minute
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -4,8 +4,8 @@ prefilling and one decoding, talking over a real loopback bootstrap socket."""
 import time
 
 import pytest
-from server_harness import free_port
 
+from harness import free_port
 from loupe import Engine
 from loupe.core import Bootstrap, SamplingParams, TokenizedRequest
 from loupe.disagg.decode import DecodeIntake

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import zmq
-from server_harness import free_port
 from test_exchange import PROMPTS, assert_nothing_held, engine, pair, run, submit
 
+from harness import free_port
 from loupe.core import Bootstrap, SamplingParams, TokenizedRequest
 from loupe.disagg import channel, wire
 from loupe.disagg.decode import DecodeIntake

@@ -19,9 +19,12 @@ import time
 import httpx
 import pytest
 import zmq
-from server_harness import LiveServer, assert_openai_error, free_port, read_metrics, wait_metrics
+from assertions import assert_openai_error
 
+from harness import LiveServer, free_port, read_metrics, running, wait_metrics
 from loupe.disagg import channel
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 SECRET = "pd-faults-secret-0123456789"
 FAILURE_BOUND_S = 5  # from a peer's death to its requests' errors
@@ -50,15 +53,8 @@ def servers(request, server_logs):
         found[name].bootstrap_port = port
     for name in ("D1", "D2"):
         found[name] = LiveServer("--disaggregation-mode", "decode", *common, log_dir=server_logs, env=env)
-    try:
-        for server in found.values():
-            server.start()
-        for server in found.values():
-            server.wait_ready()
+    with running(*found.values()):
         yield found
-    finally:
-        for server in found.values():
-            server.stop()
 
 
 def body(prefill: LiveServer, room: int, input_ids: list[int] | None = None, **extra) -> dict:

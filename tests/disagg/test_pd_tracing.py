@@ -5,7 +5,10 @@ import time
 
 import httpx
 import pytest
-from server_harness import LiveRouter, LiveServer, free_port, read_metrics
+
+from harness import LiveRouter, LiveServer, free_port, read_metrics, running
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 CLIENT_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
@@ -18,15 +21,10 @@ def traced_pd(tmp_path_factory, tiny_model_dir, receiver):
              "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}", "--disaggregation-timeout", 3,
              "--disaggregation-transfer-backend", "tcp"]  # the bundled pair in test_router_pd uses nixl
     prefill = LiveServer(*flags, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                         bootstrap_port, "--chunked-prefill-size", 8, log_dir=logs).start()
-    decode = LiveServer(*flags, "--disaggregation-mode", "decode", log_dir=logs).start()
-    try:
-        prefill.wait_ready()
-        decode.wait_ready()
+                         bootstrap_port, "--chunked-prefill-size", 8, log_dir=logs)
+    decode = LiveServer(*flags, "--disaggregation-mode", "decode", log_dir=logs)
+    with running(prefill, decode):
         yield prefill, decode, bootstrap_port, logs
-    finally:
-        prefill.stop()
-        decode.stop()
 
 
 def model_of(server: LiveServer) -> str:
@@ -44,10 +42,9 @@ def one(spans: list[dict]) -> dict:
 
 def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
     prefill, decode, bootstrap_port, logs = traced_pd
-    router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
-                        decode.base_url, "--enable-trace", "--otlp-traces-endpoint", f"127.0.0.1:{receiver.port}",
-                        log_dir=logs).start(num_workers=2)
-    try:
+    with LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
+                    decode.base_url, "--enable-trace", "--otlp-traces-endpoint", f"127.0.0.1:{receiver.port}",
+                    num_workers=2, log_dir=logs) as router:
         body = {"model": model_of(decode), "prompt": "one two three four five six seven eight nine ten",
                 "max_tokens": 6, "ignore_eos": True}
         r = httpx.post(router.base_url + "/v1/completions", json=body, timeout=60, trust_env=False)
@@ -61,8 +58,6 @@ def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
                 s["name"].startswith("Req ") for s in mine) == 2
 
         spans = [s for s in receiver.wait_for(whole, timeout=40) if s["trace_id"] == trace_id]
-    finally:
-        router.stop()
     router_span = next(s for s in spans if s["name"] == "http_request" and s["parent_id"] is None)
     roots = {s["attributes"]["disaggregation.role"]: s for s in children(spans, router_span)}
     assert set(roots) == {"prefill", "decode"}
@@ -89,15 +84,12 @@ def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
 
 def test_a_client_traceparent_joins_both_servers_without_the_routers_tracing(traced_pd, receiver):
     prefill, decode, bootstrap_port, logs = traced_pd
-    router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
-                        decode.base_url, log_dir=logs).start(num_workers=2)
-    try:
+    with LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
+                    decode.base_url, num_workers=2, log_dir=logs) as router:
         body = {"text": "Hello, my name is loupe", "sampling_params": {"max_new_tokens": 3}}
         r = httpx.post(router.base_url + "/generate", json=body, headers={"traceparent": CLIENT_TRACEPARENT},
                        timeout=60, trust_env=False)
         assert r.status_code == 200, r.text
-    finally:
-        router.stop()
     client_trace, client_span = CLIENT_TRACEPARENT.split("-")[1:3]
     roots = receiver.wait_for(lambda spans: sum(s["trace_id"] == client_trace and s["name"].startswith("Req ")
                                                 for s in spans) == 2)

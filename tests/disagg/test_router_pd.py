@@ -6,7 +6,18 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from server_harness import BUNDLED_NAME, LiveRouter, LiveServer, free_port, read_metrics, sse_events
+
+from harness import (
+    BUNDLED_NAME,
+    LiveRouter,
+    LiveServer,
+    free_port,
+    read_metrics,
+    running,
+    sse_events,
+)
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 CHATS = ["What is the capital of France?", "Write one sentence about a lighthouse keeper who climbs the stairs "
          "every evening, and what he sees from the top when the weather is clear."]
@@ -19,19 +30,12 @@ def pd(server_logs, bundled_server):
     tokens, so most prompts here take several chunks there."""
     bootstrap_port = free_port()
     prefill = LiveServer("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", bootstrap_port,
-                         "--chunked-prefill-size", 32, log_dir=server_logs, compile=True).start()
-    decode = LiveServer("--disaggregation-mode", "decode", log_dir=server_logs, compile=True).start()  # compiled
+                         "--chunked-prefill-size", 32, log_dir=server_logs, compile=True)
+    decode = LiveServer("--disaggregation-mode", "decode", log_dir=server_logs, compile=True)  # compiled
     router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port,
-                        "--decode", decode.base_url, log_dir=server_logs)
-    try:
-        prefill.wait_ready()
-        decode.wait_ready()
-        router.start(num_workers=2)
+                        "--decode", decode.base_url, num_workers=2, log_dir=server_logs)
+    with running(prefill, decode), router:
         yield router, prefill, decode
-    finally:
-        router.stop()
-        prefill.stop()
-        decode.stop()
 
 
 def both(pd, bundled_server, path: str, body: dict) -> tuple[dict, dict]:

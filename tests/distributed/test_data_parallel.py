@@ -3,18 +3,22 @@
 import threading
 
 import httpx
-from server_harness import LiveServer, kill_child_and_expect_shutdown, read_metrics
+import pytest
+from assertions import kill_child_and_expect_shutdown
 
+from harness import LiveServer, read_metrics
 from loupe import Engine
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 PROMPTS = [f"one two three {i} Hello, my name is" for i in range(4)]
 
 
-def start(tiny_model_dir, tmp_path_factory, receiver, method):
-    server = LiveServer("--model-path", tiny_model_dir("llama"), "--dp-size", 2, "--load-balance-method", method,
-                        "--enable-tracing", "--trace-level", 2, "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
-                        log_dir=str(tmp_path_factory.mktemp("dp-logs")), env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
-    return server.start().wait_ready()
+def dp_server(tiny_model_dir, tmp_path_factory, receiver, method) -> LiveServer:
+    """Two replicas on a tiny model, traced at level 2 (not started)."""
+    return LiveServer("--model-path", tiny_model_dir("llama"), "--dp-size", 2, "--load-balance-method", method,
+                      "--enable-tracing", "--trace-level", 2, "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
+                      log_dir=str(tmp_path_factory.mktemp("dp-logs")), env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
 
 
 def generate(server, prompt, max_new_tokens=12, start: threading.Barrier | None = None):
@@ -47,8 +51,7 @@ def replica_of(receiver, response) -> int:
 
 
 def test_round_robin_spreads_requests_and_keeps_outputs(tiny_model_dir, tmp_path_factory, receiver):
-    server = start(tiny_model_dir, tmp_path_factory, receiver, "round_robin")
-    try:
+    with dp_server(tiny_model_dir, tmp_path_factory, receiver, "round_robin") as server:
         expected = Engine(tiny_model_dir("llama"), dtype="float32").generate(
             PROMPTS, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
         responses = [generate(server, p) for p in PROMPTS]
@@ -57,13 +60,10 @@ def test_round_robin_spreads_requests_and_keeps_outputs(tiny_model_dir, tmp_path
         metrics = read_metrics(server)
         assert metrics["loupe_num_running_reqs"] == 0 and metrics["loupe_kv_used_tokens"] == 0
         assert metrics['loupe_requests_total{status="length"}'] == 4
-    finally:
-        server.stop()
 
 
 def test_least_loaded_sends_concurrent_requests_to_the_idle_replica(tiny_model_dir, tmp_path_factory, receiver):
-    server = start(tiny_model_dir, tmp_path_factory, receiver, "least_loaded")
-    try:
+    with dp_server(tiny_model_dir, tmp_path_factory, receiver, "least_loaded") as server:
         # Long enough that all four overlap even on a busy machine, and sent at one moment.
         responses, at_once = [], threading.Barrier(len(PROMPTS))
         threads = [threading.Thread(target=lambda p=p: responses.append(generate(server, p, 600, at_once)))
@@ -74,13 +74,8 @@ def test_least_loaded_sends_concurrent_requests_to_the_idle_replica(tiny_model_d
             t.join()
         ranks = sorted(replica_of(receiver, r) for r in responses)
         assert ranks == [0, 0, 1, 1]
-    finally:
-        server.stop()
 
 
 def test_a_dead_replica_takes_the_server_down_naming_it(tiny_model_dir, tmp_path_factory, receiver):
-    server = start(tiny_model_dir, tmp_path_factory, receiver, "round_robin")
-    try:
+    with dp_server(tiny_model_dir, tmp_path_factory, receiver, "round_robin") as server:
         kill_child_and_expect_shutdown(server, "scheduler [DP 1]")
-    finally:
-        server.stop()

@@ -7,6 +7,8 @@ from parallel_harness import generate_on_ranks
 
 from loupe import Engine
 
+pytestmark = pytest.mark.slow  # a process per rank: ~95 s in all
+
 PROMPTS = ["Hello, my name is", "one two three four five", "The capital of France is Paris."]
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 SEEDED = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.9, "seed": 7, "ignore_eos": True}

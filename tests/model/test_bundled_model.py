@@ -2,10 +2,13 @@
 
 import time
 
+import pytest
 import torch
-from reference_models import bundled_reference, loupe_step_logits
 
+from harness.reference_models import bundled_reference, loupe_step_logits
 from loupe import Engine
+
+pytestmark = pytest.mark.slow  # the bundled model, in process
 
 
 def test_bundled_model_matches_transformers():

@@ -92,6 +92,7 @@ def _assert_same_tokenizer(ours, theirs):
 # --- the bundled SmolLM2-135M-Instruct Q4_1 file ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_bundled_config(loaded):
     config, state_dict, _ = loaded
     assert config == {
@@ -120,11 +121,13 @@ def test_bundled_config(loaded):
     assert state_dict["model.layers.0.mlp.down_proj.weight"].shape == (576, 1536)
 
 
+@pytest.mark.slow
 def test_bundled_weights_match_transformers(bundled, loaded):
     config, theirs = _transformers_model(bundled)
     _assert_same_weights(loaded[1], config, theirs)
 
 
+@pytest.mark.slow
 def test_bundled_tokenizer_matches_transformers(bundled, loaded):
     tokenizer = loaded[2]
     _assert_same_tokenizer(tokenizer, _transformers_tokenizer(bundled))
@@ -135,6 +138,7 @@ def test_bundled_tokenizer_matches_transformers(bundled, loaded):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_bundled_model_answers(loaded):
     from transformers import AutoConfig, AutoModelForCausalLM
 

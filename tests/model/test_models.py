@@ -3,8 +3,8 @@
 import pytest
 import torch
 import transformers
-from reference_models import loupe_step_logits
 
+from harness.reference_models import loupe_step_logits
 from loupe import Engine
 
 from tiny_models import FAMILIES, write_tiny_model

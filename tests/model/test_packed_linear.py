@@ -5,6 +5,10 @@ whichever path builds it."""
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a fresh process that builds hundreds of shapes: ~15 s
+
 GROWTH = """
 import ctypes, os, sys, torch
 from torch import nn

@@ -124,12 +124,14 @@ def engines():
     exact.shutdown(), fast.shutdown()
 
 
+@pytest.mark.slow
 def test_the_bundled_model_computes_from_its_int4_weights_by_default(engines):
     exact, fast = engines
     assert fast.worker.model.quantization == "int4" and exact.worker.model.quantization == "none"
     assert fast.worker.info.as_dict()["quantization"] == "int4"
 
 
+@pytest.mark.slow
 def test_quantized_decoding_parts_from_the_exact_path_only_at_near_ties(engines):
     exact, fast = engines
     greedy = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True}

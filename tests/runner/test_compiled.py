@@ -8,6 +8,8 @@ import torch
 from loupe import Engine
 from loupe.runner.attention import KVCache
 
+pytestmark = pytest.mark.slow  # compiles the decode step of a tiny model: ~20 s
+
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = ["one two three", "Hello, my name is loupe and I trace", "The capital of France is", "Where"]
 

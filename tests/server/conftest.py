@@ -1,9 +1,8 @@
-"""Live servers for the HTTP tests: a factory for the tests that need a server of their own
-(the shared bundled-model server is in tests/conftest.py)."""
+"""Clients of the shared bundled-model server (tests/conftest.py), and the flags of a fast
+server on a tiny model for the tests that start their own (with `launch` or `LiveServer`)."""
 
 import openai
 import pytest
-from server_harness import LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -17,21 +16,6 @@ def http(bundled_server):
     """An httpx client of the shared bundled-model server."""
     with bundled_server.client() as c:
         yield c
-
-
-@pytest.fixture
-def launch(server_logs):
-    """Factory: start a server with the given flags (not waited on); all stopped at teardown."""
-    started = []
-
-    def start(*args, **kw) -> LiveServer:
-        server = LiveServer(*args, log_dir=server_logs, **kw).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

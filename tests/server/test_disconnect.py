@@ -4,7 +4,10 @@ import threading
 
 import httpx
 import pytest
-from server_harness import BUNDLED_NAME, wait_metrics
+
+from harness import BUNDLED_NAME, wait_metrics
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 ABORTS = 'loupe_requests_total{status="abort"}'
 LONG = {"max_tokens": 2000, "temperature": 0, "ignore_eos": True}

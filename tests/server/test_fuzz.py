@@ -19,7 +19,10 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
-from server_harness import BUNDLED_NAME, LiveServer
+
+from harness import BUNDLED_NAME, LiveServer
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 CHECKS = [not_a_server_error, response_schema_conformance, negative_data_rejection]
 CASES = 30  # per operation and mode; an operation without inputs has one distinct request
@@ -41,10 +44,9 @@ STREAMED = {
 def fuzzed(server_logs, receiver):
     """The bundled model, traced to a real receiver (so that the tracing routes get past their
     first check), tracing off until a case raises it."""
-    server = LiveServer("--context-length", CONTEXT, "--enable-tracing", "--otlp-endpoint",
-                        f"127.0.0.1:{receiver.port}", "--trace-level", 0, log_dir=server_logs).start()
-    yield server.wait_ready()
-    server.stop()
+    with LiveServer("--context-length", CONTEXT, "--enable-tracing", "--otlp-endpoint",
+                    f"127.0.0.1:{receiver.port}", "--trace-level", 0, log_dir=server_logs) as server:
+        yield server
 
 
 class Tally:

@@ -5,7 +5,11 @@ import time
 
 import httpx
 import pytest
-from server_harness import BUNDLED_NAME, assert_openai_error, sse_events
+from assertions import assert_openai_error
+
+from harness import BUNDLED_NAME, LiveServer, sse_events
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 MODEL = BUNDLED_NAME
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -15,26 +19,11 @@ TINY_KV = 48
 
 
 @pytest.fixture(scope="module")
-def auth_server(launch_module):
+def auth_server(server_logs, tiny_flags):
     """A tiny model with an API key, a small context, and a KV cache smaller still."""
-    return launch_module("--context-length", TINY_CONTEXT, "--max-total-tokens", TINY_KV,
-                         "--served-model-name", "tiny", api_key=KEY)
-
-
-@pytest.fixture(scope="module")
-def launch_module(server_logs, tiny_flags):
-    from server_harness import LiveServer
-
-    started = []
-
-    def start(*args, **kw):
-        server = LiveServer(*tiny_flags, *args, log_dir=server_logs, **kw).start()
-        started.append(server)
-        return server.wait_ready()
-
-    yield start
-    for server in started:
-        server.stop()
+    with LiveServer(*tiny_flags, "--context-length", TINY_CONTEXT, "--max-total-tokens", TINY_KV,
+                    "--served-model-name", "tiny", log_dir=server_logs, api_key=KEY) as server:
+        yield server
 
 
 def chat_body(**kw):

@@ -4,8 +4,12 @@ in OpenAI's shapes (the `openai` client parses them), streamed, and /generate's 
 import openai
 import pytest
 import torch
-from reference_models import bundled_reference
-from server_harness import BUNDLED_NAME, assert_openai_error, serving, sse_events
+from assertions import assert_openai_error
+
+from harness import BUNDLED_NAME, LiveServer, sse_events
+from harness.reference_models import bundled_reference
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 MODEL = BUNDLED_NAME
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]  # the parity prompt (tests/model)
@@ -17,7 +21,7 @@ TOP = 5
 def exact_server(server_logs):
     """The bundled model on its exact float32 path (its default computes from int4 weights,
     transformers from the dequantised ones): a server of this module's own."""
-    with serving("--quantization", "none", log_dir=server_logs) as server:
+    with LiveServer("--quantization", "none", log_dir=server_logs) as server:
         yield server
 
 

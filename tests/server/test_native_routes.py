@@ -1,7 +1,11 @@
 """Native routes: /generate (text and input_ids, plain and streamed), /health_generate,
 /get_model_info and the Prometheus /metrics, on the bundled model."""
 
-from server_harness import BUNDLED_NAME, read_metrics, sse_events
+import pytest
+
+from harness import BUNDLED_NAME, read_metrics, sse_events
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 

@@ -2,7 +2,11 @@
 
 import uuid
 
-from server_harness import BUNDLED_NAME
+import pytest
+
+from harness import BUNDLED_NAME
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 MODEL = BUNDLED_NAME
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -10,7 +10,11 @@ from contextlib import ExitStack
 import httpx
 import psutil
 import pytest
-from server_harness import LiveServer, assert_openai_error, read_metrics, wait_metrics
+from assertions import assert_openai_error
+
+from harness import LiveServer, read_metrics, wait_metrics
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 # Each event of /generate's stream holds the text and ids so far: 1000 tokens make megabytes,
 # more than the sockets buffer, so a client that does not read holds its stream up.
@@ -76,10 +80,9 @@ def tree_rss(server) -> int:
 @pytest.fixture(scope="module")
 def sized_server(server_logs, tiny_flags):
     """Sized for 64 running requests and 64 queued."""
-    server = LiveServer(*tiny_flags, "--max-running-requests", 64, "--max-queued-requests", 64,
-                        log_dir=server_logs).start()
-    yield server.wait_ready()
-    server.stop()
+    with LiveServer(*tiny_flags, "--max-running-requests", 64, "--max-queued-requests", 64,
+                    log_dir=server_logs) as server:
+        yield server
 
 
 def test_500_connections_each_complete_or_are_refused(sized_server):

@@ -7,14 +7,16 @@ import uuid
 
 import httpx
 import pytest
-from server_harness import LiveServer, read_metrics
 
+from harness import LiveServer, read_metrics
 from loupe import ipc
 from loupe.config import ServerArgs
 from loupe.core import FinishReason, TraceContext
 from loupe.detokenizer import DetokenizerProcess
 from loupe.tracing.recorder import Recorder
 from loupe.tracing.spans import DetokenizerTracer
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 LATENCIES = ("e2e_ms", "ttft_ms", "queue_ms", "prefill_ms", "decode_ms", "detokenize_ms")
 LATENCY_HISTOGRAMS = ("loupe_time_to_first_token_seconds", "loupe_e2e_request_latency_seconds",
@@ -26,12 +28,9 @@ OPENMETRICS = {"Accept": "application/openmetrics-text; version=1.0.0"}
 @pytest.fixture(scope="module")
 def server(server_logs, tiny_flags, receiver):
     """Traced (every request, by default) and logging each request."""
-    live = LiveServer(*tiny_flags, "--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
-                      "--log-requests", log_dir=server_logs).start()
-    try:
-        yield live.wait_ready()
-    finally:
-        live.stop()
+    with LiveServer(*tiny_flags, "--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{receiver.port}",
+                    "--log-requests", log_dir=server_logs) as live:
+        yield live
 
 
 def complete(server: LiveServer, **body) -> httpx.Response:

@@ -8,7 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from server_harness import LiveRouter, read_metrics
+
+from harness import LiveRouter, LiveServer, read_metrics, running
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 PROMPTS = ["alpha beta gamma delta", "one two three four five", "Paris is the capital of",
            "where did the time go", "zebra yak xylophone", "the quick brown fox", "hello, my name is",
@@ -18,19 +21,12 @@ PROMPTS = ["alpha beta gamma delta", "one two three four five", "Paris is the ca
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory, tiny_model_dir, receiver):
     """Two traced loupe servers on a tiny model, exporting to the module's OTLP receiver."""
-    from server_harness import LiveServer
-
     logs = str(tmp_path_factory.mktemp("router-workers"))
     flags = ["--model-path", tiny_model_dir("llama"), "--max-total-tokens", 4096, "--enable-tracing",
              "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}"]
-    servers = [LiveServer(*flags, log_dir=logs).start() for _ in range(2)]
-    try:
-        for server in servers:
-            server.wait_ready()
+    servers = [LiveServer(*flags, log_dir=logs) for _ in range(2)]
+    with running(*servers):
         yield servers
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def test_server_info_and_model_info_say_what_a_router_reads(workers):
@@ -76,12 +72,11 @@ def send(client: openai.OpenAI, model: str, i: int, prompt: str) -> list[str]:
 def test_the_router_spreads_requests_over_loupe_servers_under_its_own_span(workers, receiver, server_logs, policy):
     urls = [server.base_url for server in workers]
     router = LiveRouter("--worker-urls", *urls, "--policy", policy, *POLICIES[policy], "--enable-trace",
-                        "--otlp-traces-endpoint", f"127.0.0.1:{receiver.port}", log_dir=server_logs)
+                        "--otlp-traces-endpoint", f"127.0.0.1:{receiver.port}", num_workers=2, log_dir=server_logs)
     model = httpx.get(workers[0].url("/v1/models"), trust_env=False).json()["data"][0]["id"]
     before = [sum(v for k, v in read_metrics(s).items() if k.startswith("loupe_requests_total")) for s in workers]
     started = time.time_ns()  # the router spans of this test start after this
-    router.start(num_workers=2)
-    try:
+    with router:
         assert {w["url"] for w in router.workers} == set(urls)
         assert {w["model_id"] for w in router.workers} == {model}  # from /server_info: no fallback needed
         with (openai.OpenAI(base_url=router.base_url + "/v1", api_key="x", max_retries=0, timeout=60) as client,
@@ -95,8 +90,6 @@ def test_the_router_spreads_requests_over_loupe_servers_under_its_own_span(worke
             return sum(by_id[span_id]["parent_id"] in by_id for _, span_id in roots) >= len(roots) - ROUTER_SPANS_LOST
 
         spans = receiver.wait_for(complete, timeout=60)  # before the router stops: it sends its spans every few seconds
-    finally:
-        router.stop()
     after = [sum(v for k, v in read_metrics(s).items() if k.startswith("loupe_requests_total")) for s in workers]
     served = [b - a for a, b in zip(before, after, strict=True)]
     assert sum(served) == len(PROMPTS) and min(served) >= 1, served  # both servers served

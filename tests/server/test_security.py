@@ -5,7 +5,11 @@ import socket
 
 import httpx
 import pytest
-from server_harness import assert_openai_error
+from assertions import assert_openai_error
+
+from harness import LiveServer
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 KEY = "s3cret-key"
 ORIGIN = "https://app.example"
@@ -14,12 +18,9 @@ SECRET_PROMPT = "zebra-quartz-7391 says"
 
 @pytest.fixture(scope="module")
 def guarded(server_logs, tiny_flags):
-    from server_harness import LiveServer
-
-    server = LiveServer(*tiny_flags, "--cors-allow-origins", f"{ORIGIN}, https://other.example",
-                        "--log-level", "debug", "--log-requests", log_dir=server_logs, api_key=KEY).start()
-    yield server.wait_ready()
-    server.stop()
+    with LiveServer(*tiny_flags, "--cors-allow-origins", f"{ORIGIN}, https://other.example",
+                    "--log-level", "debug", "--log-requests", log_dir=server_logs, api_key=KEY) as server:
+        yield server
 
 
 def test_every_route_but_health_needs_the_api_key(guarded):

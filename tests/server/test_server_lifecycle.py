@@ -12,7 +12,10 @@ import time
 import httpx
 import psutil
 import pytest
-from server_harness import REPO, free_port, server_command, server_env
+
+from harness import free_port, run_server
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 
 def stream_long(server, on_line=lambda: None) -> str:
@@ -173,8 +176,7 @@ def test_the_main_process_death_leaves_no_request_hanging_and_no_process(launch,
 
 def run_server_expecting_failure(*args, timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
     start = time.monotonic()
-    result = subprocess.run(server_command(*args), capture_output=True, text=True, timeout=timeout,
-                            cwd=REPO, env=server_env(), stdin=subprocess.DEVNULL)
+    result = run_server(*args, timeout=timeout)
     return result, time.monotonic() - start
 
 

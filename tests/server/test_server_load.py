@@ -6,7 +6,11 @@ import time
 
 import httpx
 import openai
-from server_harness import BUNDLED_NAME, read_metrics, wait_metrics
+import pytest
+
+from harness import BUNDLED_NAME, read_metrics, wait_metrics
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 CLIENTS = 64
 TOPICS = ["cats", "the sea", "Paris", "bread", "rain", "music", "stars", "trains"]

@@ -8,12 +8,14 @@ import threading
 import httpx
 import pytest
 from rich.console import Console
-from server_harness import LiveServer, read_metrics
 
+from harness import LiveServer, read_metrics
 from loupe.cli import main
 from loupe.traces.reader import read_files
 from loupe.traces.requests import all_requests
 from loupe.traces.waterfall import waterfall
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 STAGE_METRICS = {"queue": "loupe_queue_time_seconds", "prefill": "loupe_prefill_time_seconds",
                  "decode": "loupe_decode_time_seconds", "detokenize": "loupe_detokenize_time_seconds"}
@@ -25,13 +27,12 @@ def run(tiny_model_dir, tmp_path_factory):
     the file once the server has stopped, the responses, and /metrics before it stopped."""
     folder = tmp_path_factory.mktemp("traces-live")
     path = folder / "traces.jsonl"
-    server = LiveServer("--model-path", tiny_model_dir("llama"), "--tp-size", 2, "--enable-tracing",
-                        "--otlp-endpoint", f"file://{path}", "--trace-level", 3, "--chunked-prefill-size", 8,
-                        "--max-total-tokens", 4096, log_dir=str(folder),
-                        env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
     responses = []
-    try:
-        server.start().wait_ready()
+    # Leaving the block stops it with SIGTERM: the exporter writes what it holds before it exits.
+    with LiveServer("--model-path", tiny_model_dir("llama"), "--tp-size", 2, "--enable-tracing",
+                    "--otlp-endpoint", f"file://{path}", "--trace-level", 3, "--chunked-prefill-size", 8,
+                    "--max-total-tokens", 4096, log_dir=str(folder),
+                    env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"}) as server:
         model = httpx.get(server.url("/v1/models")).json()["data"][0]["id"]
 
         def client(i: int) -> None:
@@ -50,8 +51,6 @@ def run(tiny_model_dir, tmp_path_factory):
         for t in threads:
             t.join()
         metrics = read_metrics(server)
-    finally:
-        server.stop()  # SIGTERM: the exporter writes what it holds before it exits
     assert [r.status_code for _, r in responses] == [200] * 8
     return str(path), responses, metrics
 

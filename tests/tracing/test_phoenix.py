@@ -17,16 +17,15 @@ import json
 import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import openai
-import psutil
 import pytest
-from server_harness import LiveRouter, LiveServer, alive_pids, free_port
+
+from harness import LiveProcess, LiveRouter, LiveServer, free_port, running
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOENIX_VENV = os.environ.get("LOUPE_PHOENIX_VENV", os.path.join(REPO, ".phoenix-venv"))
@@ -34,7 +33,6 @@ PHOENIX_BIN = os.path.join(PHOENIX_VENV, "bin", "phoenix")
 MODEL = "SmolLM2-135M-Instruct"
 READY_TIMEOUT = 120  # seconds, Phoenix and each server; the machines are small and shared
 SPANS_TIMEOUT = 30  # seconds to wait for a request's spans to be queryable in Phoenix
-STOP_TIMEOUT = 15
 
 THREAD_SPAN = {
     "Tokenizer": re.compile(r"^Tokenizer \(host:[0-9a-f]{8} \| pid:\d+\)$"),
@@ -45,75 +43,6 @@ THREAD_SPAN = {
 STAGE_PARENT = {"tokenize": "Tokenizer", "dispatch": "Tokenizer", "queue": "Scheduler",
                 "prefill": "Scheduler", "decode": "Scheduler", "detokenize": "Detokenizer"}
 VARIANTS = {"grpc": "loupe-e2e-grpc", "http/protobuf": "loupe-e2e-http"}  # protocol -> project
-
-
-class Proc:
-    """A subprocess in its own session with its output in a log file; `stop()` ends it and
-    every descendant it was seen with, and says which pids (if any) outlived it."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_dir: str):
-        self.name = name
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=REPO, env=env,
-                                     start_new_session=True)
-        self.pids = {self.proc.pid}
-
-    def remember_children(self) -> None:
-        try:
-            self.pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
-
-    def wait_http(self, url: str, timeout: float = READY_TIMEOUT) -> float:
-        """Poll `url` until it answers 200; seconds it took."""
-        start = time.monotonic()
-        with httpx.Client(timeout=5, trust_env=False) as http:
-            while True:
-                if self.proc.poll() is not None:
-                    raise AssertionError(f"{self.name} exited with {self.proc.returncode} while "
-                                         f"starting:\n{self.log_tail()}")
-                if time.monotonic() - start > timeout:
-                    raise AssertionError(f"{self.name} was not ready at {url} within {timeout} s:\n"
-                                         f"{self.log_tail()}")
-                try:
-                    if http.get(url).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        self.remember_children()
-        return time.monotonic() - start
-
-    def alive(self) -> list[int]:
-        return alive_pids(self.pids)
-
-    def stop(self) -> list[int]:
-        """SIGTERM (not SIGINT: a shell may have started us with SIGINT ignored, and children
-        inherit that), then SIGKILL for what lingers; the pids that had to be killed."""
-        self.remember_children()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while self.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        self.proc.poll()  # reap
-        lingering = self.alive()
-        for pid in lingering:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-        self._log.close()
-        return lingering
-
-    def log_tail(self, chars: int = 6000) -> str:
-        self._log.flush()
-        with open(self.log_path, errors="replace") as f:
-            return f.read()[-chars:]
 
 
 def base_env() -> dict[str, str]:
@@ -143,35 +72,30 @@ def stack(tmp_path_factory):
         "PHOENIX_GRPC_PORT": str(grpc_port),  # OTLP/gRPC (Phoenix binds it on every interface)
         "PYTHONUNBUFFERED": "1",
     }
-    procs: list[Proc] = []
+    phoenix = LiveProcess([PHOENIX_BIN, "serve"], name="phoenix", port=http_port, ready_path="/healthz",
+                          log_dir=logs, env=phoenix_env, ready_timeout=READY_TIMEOUT)
+    servers = {}
+    for protocol, project in VARIANTS.items():
+        endpoint = (f"http://127.0.0.1:{grpc_port}" if protocol == "grpc"
+                    else f"http://127.0.0.1:{http_port}")  # loupe adds /v1/traces
+        env = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol,
+               "OTEL_RESOURCE_ATTRIBUTES": f"openinference.project.name={project}",
+               "LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "100"}
+        servers[protocol] = LiveServer("--enable-tracing", "--otlp-endpoint", endpoint, log_dir=logs, env=env,
+                                       base_env=base_env(), compile=True, ready_timeout=READY_TIMEOUT)
+    everything = [phoenix, *servers.values()]
     try:
-        phoenix = Proc("phoenix", [PHOENIX_BIN, "serve"], phoenix_env, logs)
-        procs.append(phoenix)
-        servers = {}
-        for protocol, project in VARIANTS.items():
-            port = free_port()
-            endpoint = (f"http://127.0.0.1:{grpc_port}" if protocol == "grpc"
-                        else f"http://127.0.0.1:{http_port}")  # loupe adds /v1/traces
-            env = {**base_env(), "PYTHONUNBUFFERED": "1",
-                   "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": protocol,
-                   "OTEL_RESOURCE_ATTRIBUTES": f"openinference.project.name={project}",
-                   "LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "100"}
-            command = [sys.executable, "-m", "loupe.launch_server", "--port", str(port),
-                       "--enable-tracing", "--otlp-endpoint", endpoint]
-            server = Proc(f"loupe-{project}", command, env, logs)
-            procs.append(server)
-            servers[protocol] = (server, port)
-        print(f"Phoenix healthy after {phoenix.wait_http(f'http://127.0.0.1:{http_port}/healthz'):.1f} s")
-        for server, port in servers.values():
-            print(f"{server.name} ready {server.wait_http(f'http://127.0.0.1:{port}/health'):.1f} s later")
-        yield {"phoenix": f"http://127.0.0.1:{http_port}", "phoenix_proc": phoenix,
-               "servers": servers, "grpc_port": grpc_port, "logs": logs}
+        with running(*everything):
+            print(f"Phoenix healthy after {phoenix.ready_seconds:.1f} s")
+            for server in servers.values():
+                print(f"{server.name} ready after {server.ready_seconds:.1f} s")
+            yield {"phoenix": phoenix.base_url, "phoenix_proc": phoenix, "servers": servers,
+                   "grpc_port": grpc_port, "logs": logs}
     finally:
-        lingering = {p.name: p.stop() for p in reversed(procs)}
-        survivors = {name: pids for name, pids in lingering.items() if pids}
         # Loupe servers must exit on SIGTERM by themselves, children included; Phoenix too.
-        assert not survivors, f"processes that outlived SIGTERM and had to be killed: {survivors}"
-        still = {p.name: p.alive() for p in procs if p.alive()}
+        killed = {p.name: p.killed for p in everything if p.killed}
+        assert not killed, f"processes that outlived SIGTERM and had to be killed: {killed}"
+        still = {p.name: p.alive_pids() for p in everything if p.alive_pids()}
         assert not still, f"processes left running after teardown: {still}"
 
 
@@ -186,7 +110,7 @@ def phoenix_spans(base: str, project: str, trace_id: str) -> list[dict]:
     return body["data"]
 
 
-def wait_for_trace(base: str, project: str, trace_id: str, want: set[str], phoenix: Proc) -> list[dict]:
+def wait_for_trace(base: str, project: str, trace_id: str, want: set[str], phoenix: LiveProcess) -> list[dict]:
     """Poll Phoenix until the trace holds a root and every span name family in `want`."""
     start = time.monotonic()
     spans: list[dict] = []
@@ -200,7 +124,7 @@ def wait_for_trace(base: str, project: str, trace_id: str, want: set[str], phoen
         time.sleep(0.25)
     raise AssertionError(
         f"Phoenix project {project!r} never showed trace {trace_id} with spans {sorted(want)}; "
-        f"it has {sorted(s['name'] for s in spans)}\nPhoenix log tail:\n{phoenix.log_tail(3000)}")
+        f"it has {sorted(s['name'] for s in spans)}\nPhoenix log tail:\n{phoenix.log()[-3000:]}")
 
 
 def family(name: str) -> str:
@@ -238,10 +162,10 @@ def send_requests(port: int) -> list[dict]:
 
 @pytest.mark.parametrize("protocol", list(VARIANTS))
 def test_traces_land_in_phoenix(stack, protocol):
-    server, port = stack["servers"][protocol]
+    server = stack["servers"][protocol]
     project = VARIANTS[protocol]
     want = {"Req", *THREAD_SPAN, *STAGE_PARENT}
-    for sent in send_requests(port):
+    for sent in send_requests(server.port):
         trace_id, caller_span = sent["trace_id"], sent["span_id"]
         usage = sent["response"].usage
         where = f"[{protocol}, {sent['operation']}, trace {trace_id}]"
@@ -333,15 +257,12 @@ def test_a_prefill_decode_pair_and_the_router_make_one_trace_in_phoenix(stack, t
     flags = ["--model-path", tiny_model_dir("llama"), "--enable-tracing", "--otlp-endpoint", f"http://{endpoint}"]
     env = {"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "100"}
     prefill = LiveServer(*flags, "--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                         bootstrap_port, log_dir=logs, env=env).start()
-    decode = LiveServer(*flags, "--disaggregation-mode", "decode", log_dir=logs, env=env).start()
-    router = None
-    try:
-        prefill.wait_ready()
-        decode.wait_ready()
-        router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
-                            decode.base_url, "--enable-trace", "--otlp-traces-endpoint", endpoint,
-                            log_dir=logs).start(num_workers=2)
+                         bootstrap_port, log_dir=logs, env=env)
+    decode = LiveServer(*flags, "--disaggregation-mode", "decode", log_dir=logs, env=env)
+    router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
+                        decode.base_url, "--enable-trace", "--otlp-traces-endpoint", endpoint, num_workers=2,
+                        log_dir=logs)
+    with running(prefill, decode), router:
         r = httpx.post(router.base_url + "/generate", json={"text": "Where did the time go?",
                        "sampling_params": {"max_new_tokens": 4}}, timeout=60, trust_env=False)
         assert r.status_code == 200, r.text
@@ -349,11 +270,6 @@ def test_a_prefill_decode_pair_and_the_router_make_one_trace_in_phoenix(stack, t
         spans = wait_for_trace(stack["phoenix"], "default", trace_id,
                                {"http_request", "Req", "bootstrap", "kv_transfer", "kv_receive", "decode_step"},
                                stack["phoenix_proc"])
-    finally:
-        if router:
-            router.stop()
-        prefill.stop()
-        decode.stop()
     by_id = {s["context"]["span_id"]: s for s in spans}
     roots = [s for s in spans if family(s["name"]) == "Req"]
     assert len(roots) == 2 and {by_id[s["parent_id"]]["name"] for s in roots} == {"http_request"}

@@ -4,15 +4,16 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 from otlp_receivers import GrpcReceiver, HttpReceiver
-from server_harness import LiveServer, wait_metrics
+
+from harness import LiveServer, run_server, running, wait_metrics
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 CALLER_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CALLER_SPAN = "b7ad6b7169203331"
@@ -25,24 +26,21 @@ def logs(tmp_path_factory):
     return str(tmp_path_factory.mktemp("traced-server-logs"))
 
 
-def start_server(model: str, logs: str, endpoint: str, *flags, env: dict | None = None) -> LiveServer:
-    server = LiveServer("--model-path", model, "--enable-tracing", "--otlp-endpoint", endpoint,
-                        "--chunked-prefill-size", 8, *flags, log_dir=logs, env=env)
-    return server.start().wait_ready()
+def traced_server(model: str, logs: str, endpoint: str, *flags, env: dict | None = None) -> LiveServer:
+    """A server on `model` exporting its spans to `endpoint` (not started)."""
+    return LiveServer("--model-path", model, "--enable-tracing", "--otlp-endpoint", endpoint,
+                      "--chunked-prefill-size", 8, *flags, log_dir=logs, env=env)
 
 
 @pytest.fixture(scope="module")
 def traced(tiny_model_dir, logs, receiver):
     """level -> server: one per trace level, all exporting to `receiver`."""
-    servers = {}
     fast = {"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"}
-    for level in (1, 2, 3):
-        content = ["--trace-include-content"] if level == 1 else []
-        servers[level] = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
-                                      "--trace-level", level, *content, env=fast)
-    yield servers
-    for server in servers.values():
-        server.stop()
+    servers = {level: traced_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}", "--trace-level",
+                                    level, *(["--trace-include-content"] if level == 1 else []), env=fast)
+               for level in (1, 2, 3)}
+    with running(*servers.values()):
+        yield servers
 
 
 def complete(server: LiveServer, headers: dict | None = None, **body) -> httpx.Response:
@@ -196,27 +194,22 @@ def test_refused_and_aborted_requests_end_their_traces_with_errors(traced, recei
 
 
 def test_http_protobuf_export_to_a_bare_host_port(tiny_model_dir, logs):
-    receiver = HttpReceiver()
-    server = start_server(tiny_model_dir("llama"), logs, f"http://127.0.0.1:{receiver.port}",
-                          env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
-                               "LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
-    try:
+    with HttpReceiver() as receiver, traced_server(
+            tiny_model_dir("llama"), logs, f"http://127.0.0.1:{receiver.port}",
+            env={"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+                 "LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"}) as server:
         r = complete(server)
         spans = trace_of(receiver, r, expected=10)
         assert len(spans) >= 10 and set(receiver.paths) == {"/v1/traces"}
-    finally:
-        server.stop()
-        receiver.stop()
 
 
 def test_a_hanging_or_absent_backend_leaves_serving_alone(tiny_model_dir, logs, unused_port):
-    hanging = GrpcReceiver(hang_seconds=30)
     env = {"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "10", "OTEL_BSP_MAX_QUEUE_SIZE": "20",
            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "60"}
-    slow = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{hanging.port}", env=env)
-    absent = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{unused_port}",
-                          env={**env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2"})
-    try:
+    with GrpcReceiver(hang_seconds=30) as hanging, running(
+            traced_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{hanging.port}", env=env),
+            traced_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{unused_port}",
+                          env={**env, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "2"})) as (slow, absent):
         for server in (slow, absent):
             took = []
             for _ in range(8):
@@ -235,18 +228,13 @@ def test_a_hanging_or_absent_backend_leaves_serving_alone(tiny_model_dir, logs, 
         assert f"exporting spans over OTLP grpc to http://127.0.0.1:{unused_port}" in absent.log()
         assert f"nothing answers at 127.0.0.1:{unused_port}" in absent.log()
         assert "nothing answers" not in slow.log()
-    finally:
-        slow.stop()
-        absent.stop()
-        hanging.stop()
 
 
 def test_shutdown_flushes_queued_spans(tiny_model_dir, logs):
-    receiver = GrpcReceiver()
-    server = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
-                          env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "60000",
-                               "LOUPE_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE": "10000"})
-    try:
+    with GrpcReceiver() as receiver, traced_server(
+            tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
+            env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "60000",
+                 "LOUPE_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE": "10000"}) as server:
         r = complete(server)
         assert r.status_code == 200
         time.sleep(0.5)
@@ -255,9 +243,6 @@ def test_shutdown_flushes_queued_spans(tiny_model_dir, logs):
         assert server.wait_exit(20) == 0
         spans = [s for s in receiver.spans() if s["trace_id"] == r.headers["traceparent"].split("-")[1]]
         assert len(spans) >= 10 + 5
-    finally:
-        server.stop()
-        receiver.stop()
 
 
 def test_tracing_without_opentelemetry_refuses_to_start(tmp_path, tiny_model_dir):
@@ -269,9 +254,8 @@ def test_tracing_without_opentelemetry_refuses_to_start(tmp_path, tiny_model_dir
         "            raise ModuleNotFoundError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "loupe.launch_server", "--enable-tracing", "--port", "1",
-                           "--model-path", tiny_model_dir("llama")], env=env, capture_output=True, text=True, timeout=60)
+    done = run_server("--enable-tracing", "--port", 1, "--model-path", tiny_model_dir("llama"), timeout=60,
+                      env={"PYTHONPATH": str(tmp_path)})
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "pip install opentelemetry-sdk" in lines[0], done.stderr
@@ -298,10 +282,8 @@ def test_concurrent_traced_requests_keep_their_own_traces(traced, receiver):
 
 
 def test_the_span_exporters_death_leaves_serving_alone_and_it_starts_again(tiny_model_dir, logs):
-    receiver = GrpcReceiver()
-    server = start_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
-                          env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"})
-    try:
+    with GrpcReceiver() as receiver, traced_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
+                                                   env={"LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS": "50"}) as server:
         exporter = int(re.search(r"\[exporter pid:(\d+)\]", server.log()).group(1))
         results = []
 
@@ -326,6 +308,3 @@ def test_the_span_exporters_death_leaves_serving_alone_and_it_starts_again(tiny_
         exported = wait_metrics(server, lambda m: m.get("loupe_tracing_spans_exported_total", 0) > 0)
         assert exported["loupe_tracing_spans_exported_total"] > 0
         assert httpx.get(server.url("/health"), timeout=5).status_code == 200
-    finally:
-        server.stop()
-        receiver.stop()

@@ -6,19 +6,19 @@ import secrets
 import httpx
 import openai
 import pytest
-from server_harness import LiveServer, wait_metrics
+
+from harness import LiveServer, wait_metrics
+
+pytestmark = pytest.mark.slow  # it starts servers
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_model_dir, receiver):
     """Traced, at a sampling ratio of 0: only what a caller or the request itself asks for."""
-    s = LiveServer("--model-path", tiny_model_dir("llama"), "--max-total-tokens", 4096, "--enable-tracing",
-                   "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}", "--trace-sampling-ratio", 0,
-                   log_dir=str(tmp_path_factory.mktemp("trace-control"))).start()
-    try:
-        yield s.wait_ready()
-    finally:
-        s.stop()
+    with LiveServer("--model-path", tiny_model_dir("llama"), "--max-total-tokens", 4096, "--enable-tracing",
+                    "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}", "--trace-sampling-ratio", 0,
+                    log_dir=str(tmp_path_factory.mktemp("trace-control"))) as s:
+        yield s
 
 
 def generate(server: LiveServer, headers: dict | None = None, **extra) -> tuple[str, str]:
