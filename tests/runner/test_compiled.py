@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loupe import Engine
-from loupe.runner.attention import KVCache
+from loupe.model.attention import KVCache
 
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
 PROMPTS = ["one two three", "Hello, my name is loupe and I trace", "The capital of France is", "Where"]
