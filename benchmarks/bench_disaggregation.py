@@ -101,7 +101,7 @@ def transfer_seconds(backend: str, num_tokens: int, repeats: int) -> list[float]
     from loupe.core import Bootstrap, KVLayout
     from loupe.disagg.decode import DecodeIntake
     from loupe.disagg.prefill import PrefillHandoff
-    from loupe.runner.attention import KVCache
+    from loupe.model.attention import KVCache
 
     page, pages = 16, list(range(1, -(-num_tokens // 16) + 1))
     caches = [KVCache(30, (len(pages) + 1) * page, 3, 64, torch.float32, "cpu") for _ in range(2)]

@@ -229,8 +229,6 @@ def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
     from loupe.core import SamplingParams, TokenizedRequest
     from loupe.tracing.spans import SchedulerTracer
 
-    engine = Engine(max_running_requests=concurrency)
-    scheduler = engine.scheduler
     tracer = SchedulerTracer(Recorder("ipc:///tmp/loupe-bench-hooks", "Scheduler", {"TP": 0}))
     spent = [0]
 
@@ -245,7 +243,8 @@ def hook_share(steps: int = 60, concurrency: int = 32) -> dict[str, float]:
 
     for name in ("arrived", "admitted", "forward", "retracted", "finished"):
         setattr(tracer, name, timed(getattr(tracer, name)))
-    scheduler.tracer = tracer
+    engine = Engine(max_running_requests=concurrency, tracer=tracer)
+    scheduler = engine.scheduler
     sampling = SamplingParams(max_new_tokens=steps, temperature=0, ignore_eos=True)
     for i in range(concurrency):
         prompt = engine.tokenizer.encode(f"Request number {i} asks where time goes.")

@@ -38,7 +38,7 @@ def loupe_step_logits(scheduler: Scheduler, prompt: list[int], continuation: lis
         assert scheduler.kv.grow(req, req.seq_len)
         batch, ids, pos = runner._prepare([req], [n])
         with torch.inference_mode():
-            out.append(runner.model.compute_logits(runner.model(ids, pos, batch)))
+            out.append(runner.model.compute_logits(runner.model(ids, pos, batch), batch.exact))  # as the engine runs it
         req.kv_len += n
     scheduler.kv.release(req, cache=False)
     return out

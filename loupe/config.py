@@ -43,6 +43,18 @@ class SchedulerSettings:
     random_seed: int
 
 
+@dataclass(frozen=True)
+class ExchangeSettings:
+    """What one server of a prefill/decode pair needs to exchange KV with the other."""
+
+    disaggregation_mode: str
+    bootstrap_host: str
+    disaggregation_bootstrap_port: int
+    disaggregation_timeout: float
+    disaggregation_transfer_backend: str
+    disaggregation_secret: str | None
+
+
 def _flag(default, help: str, *aliases: str):
     return field(default=default, metadata={"help": help, "aliases": aliases})
 
@@ -58,7 +70,7 @@ def flag_type(annotation) -> tuple[type, tuple | None]:
     return annotation, None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ServerArgs:
     model_path: str | None = _flag(None, "Hugging Face model folder or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     served_model_name: str | None = _flag(None, "name clients send as `model` (default: derived from the path)")

@@ -7,7 +7,6 @@ import time
 import zmq
 
 from loupe import ipc
-from loupe.config import ServerArgs
 from loupe.core import TokenLogprob
 from loupe.stops import final_text, held_back
 from loupe.tracing.spans import DetokenizerTracer, open_tracer
@@ -53,11 +52,11 @@ class IncrementalText:
 
 
 class DetokenizerProcess:
-    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints):
+    def __init__(self, model_path: str | None, traced: bool, endpoints: ipc.Endpoints):
         from loupe.model.loader import load_tokenizer
 
-        self.tokenizer = load_tokenizer(args.model_path)
-        self.tracer = open_tracer(DetokenizerTracer, args.enable_tracing, endpoints.tracing)
+        self.tokenizer = load_tokenizer(model_path)
+        self.tracer = open_tracer(DetokenizerTracer, traced, endpoints.tracing)
         ctx = zmq.Context()
         self.tokens = ipc.bind(ctx, zmq.PULL, endpoints.detokenizer)
         if self.tracer:  # wake at least once a second to flush spans (a timeout, not a poll per message)

@@ -14,21 +14,23 @@ import time
 import zmq
 
 from loupe import ipc
-from loupe.config import ServerArgs
+from loupe.core import TokenizedRequest
 from loupe.tracing.spans import DispatchTracer, open_tracer
 
 
 class DataParallelController:
-    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints):
-        self.method = args.load_balance_method
+    def __init__(self, method: str, traced: bool, endpoints: ipc.Endpoints):
+        self.method = method  # --load-balance-method
         ctx = zmq.Context()
         self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.scheduler)
         self.stats_inbox = ipc.bind(ctx, zmq.PULL, endpoints.dp_stats)
-        self.replicas = [ipc.connect(ctx, zmq.PUSH, endpoints.replica(d)) for d in range(args.dp_size)]
-        self.dispatched = [0] * args.dp_size  # requests sent to each replica, ever
-        self.stats: list[ipc.SchedulerStats | None] = [None] * args.dp_size
+        dp_size = endpoints.dp_size
+        self.replicas = [ipc.connect(ctx, zmq.PUSH, endpoints.replica(d)) for d in range(dp_size)]
+        self.dispatched = [0] * dp_size  # requests sent to each replica, ever
+        self.stats: list[ipc.SchedulerStats | None] = [None] * dp_size
         self.next = 0
-        self.tracer = open_tracer(DispatchTracer, args.enable_tracing, endpoints.tracing)
+        self.tracer = open_tracer(DispatchTracer, traced, endpoints.tracing)
+        self.route = ipc.Dispatch({TokenizedRequest: self.send_to_one, ipc.AbortRequest: self.send_to_all})
 
     def run_forever(self) -> None:
         poller = zmq.Poller()
@@ -48,11 +50,12 @@ class DataParallelController:
             if self.tracer:
                 self.tracer.flush()
 
-    def route(self, message) -> None:
-        if isinstance(message, ipc.AbortRequest):
-            for replica in self.replicas:
-                ipc.send(replica, message)
-            return
+    def send_to_all(self, abort: ipc.AbortRequest) -> None:
+        """An abort goes to every replica: only the one holding the request answers."""
+        for replica in self.replicas:
+            ipc.send(replica, abort)
+
+    def send_to_one(self, message: TokenizedRequest) -> None:
         start = time.perf_counter_ns()
         rank = self.choose()
         self.dispatched[rank] += 1

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import itertools
 
-from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
+from loupe.config import ExchangeSettings, SchedulerSettings, ServerArgs, WorkerSettings
 from loupe.core import TokenizedRequest
 from loupe.distributed.parallel import Comm
 from loupe.runner.worker import Worker
+from loupe.scheduler.exchange import exchange_for
 from loupe.scheduler.request import Req
 from loupe.scheduler.scheduler import Scheduler
 from loupe.server.native import generate_response, logprob_switches
 from loupe.stops import final_text
+from loupe.tracing.spans import SchedulerTracer
 
 
 class Engine:
     """`Engine(model_path=..., dtype=..., **server_args)`; see `ServerArgs` for the options.
     With a `comm`, this is one rank of a tensor/pipeline-parallel group: every rank must
-    call `generate` with the same arguments."""
+    call `generate` with the same arguments. With --disaggregation-mode it is one side of a
+    prefill/decode pair (its requests then go in through `scheduler.add_request`)."""
 
-    def __init__(self, model_path: str | None = None, comm: Comm | None = None, **kwargs):
+    def __init__(self, model_path: str | None = None, comm: Comm | None = None,
+                 tracer: SchedulerTracer | None = None, **kwargs):
         self.args = ServerArgs(model_path=model_path, **kwargs)
         self.worker = Worker(self.args.settings(WorkerSettings), comm)
-        self.scheduler = Scheduler(self.worker, self.args.settings(SchedulerSettings))
+        exchange = exchange_for(self.args.settings(ExchangeSettings), self.worker)
+        self.scheduler = Scheduler(self.worker, self.args.settings(SchedulerSettings), exchange, tracer)
         self.tokenizer = self.worker.tokenizer
         self._ids = itertools.count()
 

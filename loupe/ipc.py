@@ -20,7 +20,9 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -190,3 +192,20 @@ def recv(sock: zmq.Socket, flags: int = 0) -> object:
 
 def decode(frame: bytes) -> object:
     return pickle.loads(frame)
+
+
+class Dispatch:
+    """What a process does with each kind of message it reads: the handler registered for the
+    message's type; `unexpected` for any other (by default a TypeError: a bug between loupe's
+    own processes)."""
+
+    def __init__(self, handlers: dict[type, Callable[[Any], Any]], unexpected: Callable[[Any], Any] | None = None):
+        self.handlers, self.unexpected = handlers, unexpected
+
+    def __call__(self, message: object) -> Any:
+        handler = self.handlers.get(type(message))
+        if handler is not None:
+            return handler(message)
+        if self.unexpected is None:
+            raise TypeError(f"no handler for a {type(message).__name__} message")
+        return self.unexpected(message)

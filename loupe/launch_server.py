@@ -151,13 +151,14 @@ class Supervisor:
         if tracing is not None:  # first, so that the others' spans have somewhere to go
             self.start("exporter", *self.exporter_args)
         if args.dp_size > 1 and serves_http:
-            self.start("DP controller", DataParallelController, args, endpoints)
+            self.start("DP controller", DataParallelController, args.load_balance_method, args.enable_tracing,
+                       endpoints)
         for dp_rank in range(args.dp_size):
             address = replica_address(args, dp_rank)
             for ranks in replica_ranks(args, dp_rank):
                 self.start(ranks.process_name(), SchedulerProcess, args, endpoints, ranks, address)
         if serves_http:
-            self.start("detokenizer", DetokenizerProcess, args, endpoints)
+            self.start("detokenizer", DetokenizerProcess, args.model_path, args.enable_tracing, endpoints)
         self.stopping = False
         self.exit_code = 0
 

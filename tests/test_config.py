@@ -1,5 +1,6 @@
 """Server arguments: flag types from the annotations, one-line refusals naming the flag."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,7 +37,7 @@ def test_bad_values_are_refused_naming_the_flag(capsys, argv, flag):
 
 
 def test_a_float_flag_parses_as_a_float():
-    @dataclass
+    @dataclass(frozen=True)
     class WithRatio(ServerArgs):
         ratio: float = field(default=1.0, metadata={"help": "a ratio", "aliases": ()})
 
@@ -50,3 +51,9 @@ def test_each_component_gets_only_its_settings():
     assert args.settings(SchedulerSettings) == SchedulerSettings(8, 64, False, 0)
     worker = args.settings(WorkerSettings)
     assert (worker.page_size, worker.max_running_requests, worker.ranks_per_node) == (4, 8, 2)
+
+
+def test_server_args_cannot_change_once_validated():
+    args = ServerArgs(max_running_requests=8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.max_running_requests = 0  # would skip validation

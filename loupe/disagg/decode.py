@@ -32,7 +32,7 @@ from loupe.core import KVLayout
 from loupe.disagg import channel, wire
 from loupe.disagg.nixl import NixlKV
 from loupe.disagg.prefill import page_slots
-from loupe.runner.attention import KVCache
+from loupe.model.attention import KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class DecodeIntake:
         if link is None:
             link = self.links[b.host, b.port] = channel.Link(self.keys, b.host, b.port, self.max_frame)
         self.idle_since.pop((b.host, b.port), None)
-        target = self.nixl.target(req.pages) if self.nixl else None
+        target = self.nixl.target(req.kv.pages) if self.nixl else None
         self.claimed[b.room] = (req, time.monotonic())
         self._send(link, wire.Claim(b.room, len(req.prompt_ids), self.layout, self.backend, target))
 
@@ -218,7 +218,7 @@ class DecodeIntake:
                 self._send(self.links[key], wire.Received(req.bootstrap.room, ok=True))
 
     def _fill(self, req, num_tokens: int, k: memoryview, v: memoryview) -> None:
-        slots = page_slots(req.pages, self.layout.page_size, num_tokens).to(self.kv.k.device)
+        slots = page_slots(req.kv.pages, self.layout.page_size, num_tokens).to(self.kv.k.device)
         for cache, data in ((self.kv.k, k), (self.kv.v, v)):
             shape = (cache.shape[0], num_tokens, *cache.shape[2:])
             with warnings.catch_warnings():  # the frame is read-only, and only read here

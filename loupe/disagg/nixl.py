@@ -24,7 +24,7 @@ import uuid
 import numpy as np
 
 from loupe.disagg.wire import NixlTarget
-from loupe.runner.attention import KVCache
+from loupe.model.attention import KVCache
 
 INSTALL = "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1"
 

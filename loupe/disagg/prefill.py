@@ -31,7 +31,7 @@ import zmq
 from loupe.core import KVLayout
 from loupe.disagg import channel, wire
 from loupe.disagg.nixl import NixlKV
-from loupe.runner.attention import KVCache
+from loupe.model.attention import KVCache
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class PrefillHandoff:
                 self._fail(req, "the decode server named too few pages for it", identity)
                 return
             try:
-                self.nixl.write(room, req.pages[:num_pages], claim.target)
+                self.nixl.write(room, req.kv.pages[:num_pages], claim.target)
             except RuntimeError as e:
                 self._send(identity, wire.Refused(room, "transfer_failed"))
                 self._fail(req, str(e), identity)
@@ -250,7 +250,7 @@ class PrefillHandoff:
             self._send(identity, wire.Writing(room))
             return
         start = time.perf_counter_ns()
-        slots = page_slots(req.pages, self.layout.page_size, n).to(self.kv.k.device)
+        slots = page_slots(req.kv.pages, self.layout.page_size, n).to(self.kv.k.device)
         k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
         ready = wire.KVReady(room, req.output_ids[0], n, k.nbytes + v.nbytes, first_logprob=first_logprob(req))
         if self._send(identity, ready, k, v):

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loupe.distributed.parallel import Comm
+from loupe.model.attention import ForwardBatch
 from loupe.model.config import ModelConfig
 
-if TYPE_CHECKING:
-    from loupe.runner.attention import ForwardBatch
+
+class Linear(nn.Linear):
+    """Every linear layer of a model is called with `exact`: whether the forward pass prefills,
+    when quantized layers (model/quant.py) take their exact path; float ones are exact anyway."""
+
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        return super().forward(x)
 
 
 class PackedLinear(nn.Module):
@@ -32,7 +37,7 @@ class PackedLinear(nn.Module):
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return packed_linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
@@ -158,19 +163,19 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # q, k and v in one matmul: fewer kernel launches per layer.
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q and k side by side as one [tokens, heads + kv_heads, head_dim]: one rotary for both.
-        qk, v = self.qkv_proj(x).view(len(x), -1, self.head_dim).split(
+        qk, v = self.qkv_proj(x, batch.exact).view(len(x), -1, self.head_dim).split(
             [self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
         q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        return self.comm.all_reduce(self.o_proj(batch.attention(self.layer_id, q, k, v)))
+        return self.comm.all_reduce(self.o_proj(batch.attention(self.layer_id, q, k, v), batch.exact))
 
 
 class MLP(nn.Module):
@@ -180,12 +185,12 @@ class MLP(nn.Module):
         super().__init__()
         self.comm = comm
         size = config.intermediate_size // comm.ranks.tp_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * size, bias=False)
-        self.down_proj = nn.Linear(size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * size, bias=False)
+        self.down_proj = Linear(size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.comm.all_reduce(self.down_proj(F.silu(gate) * up))
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, exact).chunk(2, dim=-1)
+        return self.comm.all_reduce(self.down_proj(F.silu(gate) * up, exact))
 
 
 class DecoderLayer(nn.Module):
@@ -198,7 +203,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch.exact)
 
 
 def vocab_shard_size(vocab_size: int, tp_size: int) -> int:
@@ -233,7 +238,7 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         self.comm = comm
         self.vocab_size = vocab_size
-        self.proj = nn.Linear(hidden_size, vocab_shard_size(vocab_size, comm.ranks.tp_size), bias=False)
+        self.proj = Linear(hidden_size, vocab_shard_size(vocab_size, comm.ranks.tp_size), bias=False)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_gather(self.proj(hidden))[..., : self.vocab_size]
+    def forward(self, hidden: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        return self.comm.all_gather(self.proj(hidden, exact))[..., : self.vocab_size]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from loupe.distributed.parallel import Comm, Ranks, stage_layers
+from loupe.model.attention import ForwardBatch
 from loupe.model.config import ModelConfig
 from loupe.model.layers import (
     DecoderLayer,
@@ -18,9 +17,6 @@ from loupe.model.layers import (
     local_heads,
     vocab_shard_size,
 )
-
-if TYPE_CHECKING:
-    from loupe.runner.attention import ForwardBatch
 
 # Hugging Face checkpoint names that loupe stores fused: (our name, shard index).
 FUSED = {
@@ -65,8 +61,8 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, batch)
         return self.norm(x) if self.norm is not None else x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        return self.lm_head(hidden, exact).float()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str) -> None:
         """Take a Hugging Face-named state dict, keeping this rank's layers and slices and fusing

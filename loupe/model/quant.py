@@ -11,9 +11,7 @@ again finds the file's own grid: loupe computes from the checkpoint's quantised 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -24,20 +22,6 @@ from loupe.model.layers import PackedLinear
 GROUP = 32
 LEVELS = 15  # 4 bits: 0..15
 INT4_MAX_ROWS = 16  # more rows than this go through the exact copy (measured: BENCHMARKS.md, int4 weights)
-_exact_only = False  # set for a forward pass that prefills (see exact_matmuls)
-
-
-@contextlib.contextmanager
-def exact_matmuls(on: bool) -> Iterator[None]:
-    """While on, every Int4Linear takes its exact path. The runner turns it on for a forward
-    pass that prefills, so a prompt's first token comes out the same whether its prefix was
-    cached (a few rows left to compute) or not (many)."""
-    global _exact_only
-    before, _exact_only = _exact_only, on
-    try:
-        yield
-    finally:
-        _exact_only = before
 
 
 def int4_supported() -> bool:
@@ -84,7 +68,11 @@ class Int4Linear(nn.Module):
     Elsewhere PyTorch's int4 kernel takes up to INT4_MAX_ROWS rows (reading the weights is the
     cost) and wider steps go through oneDNN (arithmetic is the cost, and PyTorch's kernel unpacks
     the weights again for every four rows): from a bfloat16 copy of the grid where the CPU has
-    bfloat16 arithmetic (`bf16_native`: twice float32's), else from the exact one."""
+    bfloat16 arithmetic (`bf16_native`: twice float32's), else from the exact one.
+
+    A forward pass that prefills calls it `exact` (model/attention.py ForwardBatch): then it
+    multiplies by the exact copy whatever the row count, so a prompt's first token comes out
+    the same whether its prefix was cached (a few rows left to compute) or not (many)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -109,10 +97,10 @@ class Int4Linear(nn.Module):
         grid.bias = bias
         return grid
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         wide = flat.shape[0] > INT4_MAX_ROWS
-        if _exact_only or (self.vnni is None and wide and self.wide_decode is None):
+        if exact or (self.vnni is None and wide and self.wide_decode is None):
             return self.wide(x)
         if self.vnni is not None:
             y = int4_vnni_linear(flat.float().contiguous(), self.vnni)
@@ -142,8 +130,8 @@ class Int8Linear(nn.Module):
         self.wide = PackedLinear(linear)
         self.bias = linear.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _exact_only:
+    def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        if exact:
             return self.wide(x)
         flat = x.reshape(-1, x.shape[-1]).float()
         low, high = flat.aminmax()

@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import torch
 
+from loupe.model.attention import ForwardBatch, KVCache
 from loupe.model.loader import LoadedModel
-from loupe.model.quant import INT4_MAX_ROWS, exact_matmuls
-from loupe.runner.attention import ForwardBatch, KVCache
+from loupe.model.quant import INT4_MAX_ROWS
 from loupe.runner.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class CompiledDecode:
                     for row, n in enumerate(lengths)]
             # Floats (the norms' epsilon) as constants: taken as inputs, they make the compiler
             # start each graph over, a third of its time.
-            with torch.inference_mode(), exact_matmuls(False), torch._dynamo.config.patch(specialize_float=True):
+            with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
                 batch, input_ids, positions = scratch._prepare(reqs, [1] * len(reqs))
                 mark_dynamic(batch, input_ids, positions)
                 self.forward(input_ids, positions, batch)

@@ -7,9 +7,8 @@ from typing import NamedTuple, Protocol
 import torch
 
 from loupe.core import SamplingParams, TokenLogprob
+from loupe.model.attention import AttentionGroup, ForwardBatch, KVCache
 from loupe.model.loader import LoadedModel
-from loupe.model.quant import exact_matmuls
-from loupe.runner.attention import AttentionGroup, ForwardBatch, KVCache
 from loupe.runner.sampler import sample, token_logprobs
 
 
@@ -85,12 +84,10 @@ class ModelRunner:
         previous = None
         if not ranks.is_first_stage:
             previous = self.comm.recv_from_previous_stage((len(input_ids), self.hidden_size), self.kv.k.dtype)
-        prefills = batch.num_decode < len(input_ids)
         if self.compiled is not None and self.compiled.serves(batch, len(input_ids)):
             hidden = self.compiled(input_ids, positions, batch)
         else:
-            with exact_matmuls(prefills):  # a prefill: exact (model/quant.py)
-                hidden = self.model(input_ids, positions, batch, previous)
+            hidden = self.model(input_ids, positions, batch, previous)
         if not ranks.is_last_stage:
             self.comm.send_to_next_stage(hidden)
 
@@ -108,8 +105,7 @@ class ModelRunner:
             wants_logprobs = any(r.sampling.logprobs for r in chosen)
             sampled = found = None
             if ranks.is_last_stage:
-                with exact_matmuls(prefills):
-                    logits = self.model.compute_logits(hidden[ends])
+                logits = self.model.compute_logits(hidden[ends], batch.exact)
                 sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
                 if wants_logprobs:
                     found = requested_logprobs(logits, sampled, chosen)
@@ -145,7 +141,8 @@ class ModelRunner:
         causal = len(reqs) - num_single == 1 and int(starts[-1]) == 0
         if num_single < len(reqs) and not causal:
             prefill = self._group(table, rows[num_single:], starts[num_single:], counts[num_single:])
-        batch = ForwardBatch(self.kv, out_slots, sum(num_new[:num_single]), decode, prefill, causal)
+        num_decode = sum(num_new[:num_single])
+        batch = ForwardBatch(self.kv, out_slots, num_decode, decode, prefill, causal, exact=num_decode < len(input_ids))
         return batch, ids_t, pos_t
 
     def _group(self, table: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> AttentionGroup:

@@ -16,8 +16,8 @@ import torch
 from loupe.config import WorkerSettings
 from loupe.core import KVLayout, ModelInfo, RequestLimits
 from loupe.distributed.parallel import Comm, Ranks
+from loupe.model.attention import KVCache
 from loupe.model.loader import LoadedModel, load_model
-from loupe.runner.attention import KVCache
 from loupe.runner.compiled import CompiledDecode, compiles
 from loupe.runner.model_runner import ModelRunner, Sampled, Sequence
 

@@ -10,12 +10,14 @@ Ownership — every page other than page 0 is in exactly one of three places:
 
     free list          PagePool.free_pages; nobody's
     radix tree         a node's `pages`; shared, read-only, evictable when unlocked
-    a request's tail   req.pages[req.num_tree_pages:]; private to that request
+    a request's tail   req.kv.pages[req.kv.num_tree_pages:]; private to that request
 
-    req.pages:  [ tree pages (matched, locked) | private pages (written by this request) ]
+A request's `kv` (a `KVHold`, None while it holds nothing) is all it holds:
+
+    kv.pages:   [ tree pages (matched, locked) | private pages (written by this request) ]
                  ^ 0                           ^ num_tree_pages                          ^ len
 
-A request locks the deepest tree node it matched (`req.prefix_node`), which pins that node
+A request locks the deepest tree node it matched (`kv.prefix_node`), which pins that node
 and all its ancestors against eviction. When it ends (finish or retraction) its computed
 full pages are inserted into the tree: pages the tree already holds for the same tokens
 are duplicates and go back to the free list, the rest become the tree's, and the partial
@@ -199,20 +201,19 @@ class RadixCache:
 
 
 @dataclass
-class HeldKV:
-    """A row and pages no request holds any more, kept from reuse until `KVManager.release`."""
+class KVHold:
+    """The slot-table row and pages one request holds, and the tree node it locked."""
 
-    row: int | None
-    prefix_node: Node | None
+    row: int
+    prefix_node: Node
     pages: list[int]
-    num_tree_pages: int
-    kv_len: int = 0
+    num_tree_pages: int  # the first pages are the tree's (matched); the rest the request's own
 
 
 class KVManager:
-    """Which pages and slot-table row each request holds. Only these methods set a request's
-    `row`, `pages`, `num_tree_pages` and `prefix_node`, and its `kv_len` on admission and
-    release; the scheduler advances `kv_len` as forward passes compute more."""
+    """Which pages and slot-table row each request holds. Only these methods give a request its
+    `kv` (a KVHold) or take it back, and set its `kv_len` on admission and release; the
+    scheduler advances `kv_len` as forward passes compute more."""
 
     def __init__(self, num_pages: int, page_size: int, slot_table: torch.Tensor, radix: bool = True):
         self.page_size = page_size
@@ -242,12 +243,13 @@ class KVManager:
             self.release(req, cache=False)
             return None
         req.kv_len = num_tokens
-        return list(req.pages)
+        return list(req.kv.pages)
 
     def grow(self, req, new_len: int, reserve: int = 0) -> bool:
         """Pages for the first `new_len` tokens of `req`, evicting cached prefixes if needed,
         and leaving `reserve` pages free; False (nothing changed) if memory is short."""
-        needed = -(-new_len // self.page_size) - len(req.pages)
+        hold = req.kv
+        needed = -(-new_len // self.page_size) - len(hold.pages)
         if needed <= 0:
             return True
         shortfall = needed + reserve - len(self.pool.free_pages)
@@ -256,36 +258,43 @@ class KVManager:
         if len(self.pool.free_pages) < needed + reserve:
             return False
         pages = self.pool.alloc(needed)
-        self.slots.write_pages(req.row, len(req.pages), pages)
-        req.pages.extend(pages)
+        self.slots.write_pages(hold.row, len(hold.pages), pages)
+        hold.pages.extend(pages)
         return True
 
     def export_prefill(self, req) -> tuple[list[int], int]:
         """(the pages holding a finished prefill's KV, its first token), for another server to
         copy. They stay the request's until `release`."""
-        return req.pages[: -(-req.kv_len // self.page_size)], req.output_ids[0]
+        return req.kv.pages[: -(-req.kv_len // self.page_size)], req.output_ids[0]
 
     def release(self, req, cache: bool) -> None:
         """Give back a request's row and pages; with `cache`, its computed full pages go to the
         prefix tree (pages the tree holds already for the same tokens are freed)."""
-        if req.row is None:
+        computed = req.kv_len
+        hold = self.detach(req)
+        if hold is None:
             return
-        own = req.pages[req.num_tree_pages :]
-        if cache and self.tree.enabled:
-            num_full = req.kv_len // self.page_size
-            already = self.tree.insert(req.all_ids[: num_full * self.page_size], req.pages[:num_full])
-            own = req.pages[req.num_tree_pages : already] + req.pages[num_full:]
-        self.pool.free(own)
-        self.tree.unlock(req.prefix_node)
-        self.slots.free_row(req.row)
-        req.row, req.prefix_node, req.pages, req.num_tree_pages, req.kv_len = None, None, [], 0, 0
+        if not (cache and self.tree.enabled):
+            self.free(hold)
+            return
+        num_full = computed // self.page_size
+        already = self.tree.insert(req.all_ids[: num_full * self.page_size], hold.pages[:num_full])
+        self.pool.free(hold.pages[hold.num_tree_pages : already] + hold.pages[num_full:])
+        self.tree.unlock(hold.prefix_node)
+        self.slots.free_row(hold.row)
 
-    def detach(self, req) -> HeldKV:
-        """Take `req`'s row and pages from it, to be `release`d later (another server may still be
+    def detach(self, req) -> KVHold | None:
+        """Take `req`'s row and pages from it, to be `free`d later (another server may still be
         writing into them); `req` then holds nothing."""
-        held = HeldKV(req.row, req.prefix_node, req.pages, req.num_tree_pages)
-        req.row, req.prefix_node, req.pages, req.num_tree_pages, req.kv_len = None, None, [], 0, 0
-        return held
+        hold, req.kv, req.kv_len = req.kv, None, 0
+        return hold
+
+    def free(self, hold: KVHold) -> None:
+        """Give back a hold no request has any more, caching nothing: its own pages, its row,
+        its lock on the tree."""
+        self.pool.free(hold.pages[hold.num_tree_pages :])
+        self.tree.unlock(hold.prefix_node)
+        self.slots.free_row(hold.row)
 
     def retract(self, req) -> None:
         """Take back a running request's pages so others can run. Its computed KV goes to the
@@ -305,5 +314,5 @@ class KVManager:
 
     def _hold(self, req, row: int, node: Node, pages: list[int]) -> None:
         self.tree.lock(node)
-        req.row, req.prefix_node, req.pages, req.num_tree_pages = row, node, list(pages), len(pages)
+        req.kv = KVHold(row, node, list(pages), len(pages))
         self.slots.write_pages(row, 0, pages)

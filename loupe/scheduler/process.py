@@ -10,13 +10,12 @@ import torch
 import zmq
 
 from loupe import ipc
-from loupe.config import SchedulerSettings, ServerArgs, WorkerSettings
+from loupe.config import ExchangeSettings, SchedulerSettings, ServerArgs, WorkerSettings
 from loupe.core import FinishReason, ModelInfo, TokenizedRequest
-from loupe.disagg.decode import DecodeIntake
-from loupe.disagg.prefill import PrefillHandoff
 from loupe.distributed.parallel import Comm, Ranks
 from loupe.process import EXIT_LOST_PEER, HeapTrimmer
 from loupe.runner.worker import Worker, resolve_device
+from loupe.scheduler.exchange import exchange_for
 from loupe.scheduler.request import Req
 from loupe.scheduler.scheduler import Scheduler
 from loupe.tracing.spans import SchedulerTracer, open_tracer
@@ -37,14 +36,16 @@ class SchedulerProcess:
         self.comm = Comm(ranks, init_address, device)
         self.ranks = ranks
         worker = Worker(args.settings(WorkerSettings), comm=self.comm)
-        self.scheduler = Scheduler(worker, args.settings(SchedulerSettings))
-        self.tracer = self.scheduler.tracer = open_tracer(SchedulerTracer, args.enable_tracing, endpoints.tracing,
-                                                          ranks)
-        self.disaggregate(args, worker)
+        mode = args.disaggregation_mode
+        self.tracer = open_tracer(SchedulerTracer, args.enable_tracing, endpoints.tracing, ranks,
+                                  prefill_server=mode == "prefill", backend=args.disaggregation_transfer_backend)
+        self.scheduler = Scheduler(worker, args.settings(SchedulerSettings),
+                                   exchange_for(args.settings(ExchangeSettings), worker), self.tracer)
         self.ready_info: ModelInfo = worker.info
         logger.info("ready: %d KV tokens on %s, model loaded in %.1f s", worker.limits.max_total_tokens,
                     worker.device, worker.load_seconds)
         self.num_received = 0
+        self.dispatch = ipc.Dispatch({TokenizedRequest: self.add, ipc.AbortRequest: self.abort})
         self.last_stats = None
         self.trim_heap = HeapTrimmer()
         if not ranks.is_driver:
@@ -55,24 +56,6 @@ class SchedulerProcess:
         self.stats_to = [ipc.connect(ctx, zmq.PUSH, endpoints.manager)]
         if args.dp_size > 1:
             self.stats_to.append(ipc.connect(ctx, zmq.PUSH, endpoints.dp_stats))
-
-    def disaggregate(self, args: ServerArgs, worker: Worker) -> None:
-        """On a prefill or decode server: the side of the KV exchange this scheduler runs."""
-        mode, timeout = args.disaggregation_mode, args.disaggregation_timeout
-        if mode == "null":
-            return
-        if self.tracer:
-            self.tracer.prefill_server, self.tracer.backend = mode == "prefill", args.disaggregation_transfer_backend
-        backend = args.disaggregation_transfer_backend
-        secret = args.disaggregation_secret
-        if mode == "prefill":
-            self.scheduler.handoff = PrefillHandoff(args.bootstrap_host, args.disaggregation_bootstrap_port, worker.kv,
-                                                    worker.kv_layout, timeout, backend, secret)
-            logger.info("prefill server: bootstrap port %s:%d (%s), KV by %s", args.bootstrap_host,
-                        args.disaggregation_bootstrap_port, "secret given" if secret else "loopback, no secret",
-                        backend)
-        else:
-            self.scheduler.intake = DecodeIntake(worker.kv, worker.kv_layout, timeout, backend, secret)
 
     def run_forever(self) -> None:
         start = time.perf_counter()
@@ -95,7 +78,7 @@ class SchedulerProcess:
                 # The driver waits at most a second, so the other ranks never wait longer; while
                 # only KV is awaited from another server, its sockets wake the wait too (a NIXL
                 # transfer's end wakes none: then the wait is short).
-                wait_ms = 0 if self.scheduler.runnable else 1 if self.scheduler.kv_busy else 1000
+                wait_ms = 0 if self.scheduler.runnable else 1 if self.scheduler.exchange.busy else 1000
                 messages = self.comm.share(self.receive(wait_ms) if driver else None)
                 outputs = self.handle(messages)
                 updated = self.scheduler.step()
@@ -116,7 +99,7 @@ class SchedulerProcess:
         """The requests that came, waiting up to `timeout_ms` for one (or for another server's KV)."""
         if timeout_ms:
             poller = zmq.Poller()
-            for sock in (self.requests, *self.scheduler.kv_sockets):
+            for sock in (self.requests, *self.scheduler.exchange.sockets):
                 poller.register(sock, zmq.POLLIN)
             poller.poll(timeout_ms)
         messages = []
@@ -127,16 +110,16 @@ class SchedulerProcess:
                 return messages
 
     def handle(self, messages: list) -> list[ipc.RequestOutput]:
-        outputs = []
-        for message in messages:
-            if isinstance(message, TokenizedRequest):
-                self.num_received += 1
-                self.scheduler.add_request(message)
-            elif isinstance(message, ipc.AbortRequest):
-                req = self.scheduler.abort(message.rid)
-                if req is not None:
-                    outputs.append(self.output(req))
-        return outputs
+        """Take in what came; the outputs of the requests that ended by it (aborts)."""
+        return [out for out in map(self.dispatch, messages) if out is not None]
+
+    def add(self, request: TokenizedRequest) -> None:
+        self.num_received += 1
+        self.scheduler.add_request(request)
+
+    def abort(self, message: ipc.AbortRequest) -> ipc.RequestOutput | None:
+        req = self.scheduler.abort(message.rid)
+        return self.output(req) if req is not None else None
 
     @staticmethod
     def output(req: Req) -> ipc.RequestOutput:
@@ -166,7 +149,7 @@ class SchedulerProcess:
     def send_stats(self) -> None:
         s = self.scheduler
         stats = ipc.SchedulerStats(len(s.running), len(s.waiting), s.kv.used_tokens, s.worker.limits.max_total_tokens,
-                                   self.num_received, self.ranks.dp_rank, s.kv.cached_tokens, s.kv_rejected)
+                                   self.num_received, self.ranks.dp_rank, s.kv.cached_tokens, s.exchange.rejected())
         if stats != self.last_stats:
             for sock in self.stats_to:
                 ipc.send(sock, stats)

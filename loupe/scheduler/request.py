@@ -24,11 +24,9 @@ class Req:
         self.admit_time: float | None = None  # first admission
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
-        # KV state, set by the KVManager (see scheduler/cache.py for the invariants).
-        self.row: int | None = None
-        self.pages: list[int] = []
-        self.num_tree_pages = 0
-        self.prefix_node = None
+        # What it holds of the KV cache (a scheduler/cache.py KVHold, None while nothing): only
+        # the KVManager sets it. The KV of the first `kv_len` tokens is computed.
+        self.kv = None
         self.kv_len = 0
         self.cached_tokens: int | None = None  # prompt tokens found in the prefix cache on admission
         self.num_retractions = 0
@@ -49,6 +47,11 @@ class Req:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def row(self) -> int | None:
+        """Its row of the slot table, where the model finds its KV slots."""
+        return self.kv.row if self.kv is not None else None
 
     @property
     def seq_len(self) -> int:

@@ -195,21 +195,20 @@ class TokenizerManager:
     async def run_inbox(self) -> None:
         """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
         self.loop = asyncio.get_running_loop()
+        dispatch = ipc.Dispatch({ipc.TextBatch: self._deliver, ipc.SchedulerStats: self.metrics.set_scheduler_stats,
+                                 ipc.ExporterStats: self.metrics.set_exporter_stats})
         while True:
-            message = ipc.decode(await self.inbox.recv())
-            if isinstance(message, ipc.SchedulerStats):
-                self.metrics.set_scheduler_stats(message)
+            dispatch(ipc.decode(await self.inbox.recv()))
+
+    def _deliver(self, batch: ipc.TextBatch) -> None:
+        """Hand each output to the route waiting for it."""
+        now = time.perf_counter()
+        for out in batch.outputs:
+            state = self.states.get(out.rid)
+            if state is None:  # the client left and its abort crossed this output
                 continue
-            if isinstance(message, ipc.ExporterStats):
-                self.metrics.set_exporter_stats(message)
-                continue
-            now = time.perf_counter()
-            for out in message.outputs:
-                state = self.states.get(out.rid)
-                if state is None:  # the client left and its abort crossed this output
-                    continue
-                self._observe(state, out, now)
-                state.outputs.put_nowait(out)
+            self._observe(state, out, now)
+            state.outputs.put_nowait(out)
 
     def _observe(self, state: RequestState, out: ipc.RequestOutput, now: float) -> None:
         m = self.metrics

@@ -251,8 +251,11 @@ class SchedulerTracer(ProcessTracer):
     (claimed, waiting for the KV, ending with `kv_receive`) and then `decode`."""
 
     label = "Scheduler"
-    prefill_server = False  # requests from the router stop after their first token here
-    backend = "tcp"  # how KV moves, on a prefill or decode server
+
+    def __init__(self, recorder: Recorder, prefill_server: bool = False, backend: str = "tcp"):
+        super().__init__(recorder)
+        self.prefill_server = prefill_server  # requests from the router stop after their first token here
+        self.backend = backend  # how KV moves, on a prefill or decode server
 
     def arrived(self, req) -> None:
         if req.trace is not None and req.trace.level >= 2:
@@ -341,7 +344,7 @@ class SchedulerTracer(ProcessTracer):
         self._next_stage(spans, "decode", {}, at=req.kv_transfer[1])
 
     def _kv_attributes(self, req) -> dict:
-        return {"bytes": req.kv_bytes, "pages": len(req.pages), "num_tokens": len(req.prompt_ids),
+        return {"bytes": req.kv_bytes, "pages": len(req.kv.pages) if req.kv else 0, "num_tokens": len(req.prompt_ids),
                 "backend": self.backend, "bootstrap_room": req.bootstrap.room}
 
     def retracted(self, req) -> None:

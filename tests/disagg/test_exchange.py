@@ -8,8 +8,6 @@ import pytest
 from harness import free_port
 from loupe import Engine
 from loupe.core import Bootstrap, SamplingParams, TokenizedRequest
-from loupe.disagg.decode import DecodeIntake
-from loupe.disagg.prefill import PrefillHandoff
 
 PROMPTS = ["The capital of France is Paris. The capital of Italy is", "Hello, my name is loupe and I trace",
            "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"]
@@ -20,16 +18,21 @@ def engine(folder: str, **flags) -> Engine:
     return Engine(folder, **{"dtype": "float32", "page_size": 4, "chunked_prefill_size": 8, **flags})
 
 
+def decoder(folder: str, timeout: float = 60.0, backend: str = "tcp", secret: str | None = None, **flags) -> Engine:
+    """An engine as a decode server's scheduler runs it."""
+    return engine(folder, disaggregation_mode="decode", disaggregation_timeout=timeout,
+                  disaggregation_transfer_backend=backend, disaggregation_secret=secret, **flags)
+
+
 def pair(folder: str, timeout: float = 10.0, decode_timeout: float = 10.0, backend: str = "tcp",
          decode_backend: str | None = None, prefill_secret: str | None = None, decode_secret: str | None = None,
          **decode_flags):
-    """(prefill engine, decode engine, bootstrap port), wired as the two servers would be."""
+    """(prefill engine, decode engine, bootstrap port), as the two servers run them."""
     port = free_port()
-    prefill, decode = engine(folder), engine(folder, **decode_flags)
-    prefill.scheduler.handoff = PrefillHandoff("127.0.0.1", port, prefill.worker.kv, prefill.worker.kv_layout, timeout,
-                                               backend, prefill_secret)
-    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, decode_timeout,
-                                           decode_backend or backend, decode_secret)
+    prefill = engine(folder, disaggregation_mode="prefill", disaggregation_bootstrap_port=port,
+                     disaggregation_timeout=timeout, disaggregation_transfer_backend=backend,
+                     disaggregation_secret=prefill_secret)
+    decode = decoder(folder, decode_timeout, decode_backend or backend, decode_secret, **decode_flags)
     return prefill, decode, port
 
 
@@ -140,15 +143,14 @@ def test_a_prefill_nobody_claims_fails_and_frees_the_pages(tiny_model_dir):
 
 
 def test_a_prefill_server_that_is_not_there_fails_the_request_at_once(tiny_model_dir):
-    decode = engine(tiny_model_dir("llama"))
-    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, 60)
+    decode = decoder(tiny_model_dir("llama"))
     orphan = submit(decode, "d", PROMPTS[0], free_port(), room=9)  # nobody listens there
     start = time.monotonic()
     run(decode)
     assert time.monotonic() - start < 2  # not the 60 s timeout
     assert "could not connect to the prefill server" in orphan.error
     assert_nothing_held(decode)
-    assert decode.scheduler.intake.links == {}  # the failed link is closed, not retried
+    assert decode.scheduler.exchange.intake.links == {}  # the failed link is closed, not retried
 
 
 @pytest.mark.parametrize("mismatch,named", [({"page_size": 8}, ("page_size=4", "page_size=8")),
@@ -171,8 +173,8 @@ def test_aborts_free_pages_held_for_the_exchange(tiny_model_dir):
         decode.scheduler.step()
     assert held.output_ids and not held.finished  # prefilled, its pages held for a claim
     assert prefill.scheduler.abort("p") is held and decode.scheduler.abort("d") is waiting
-    for eng, holder in ((prefill, prefill.scheduler.handoff), (decode, decode.scheduler.intake)):
-        assert not eng.scheduler.runnable and not eng.scheduler.receiving and holder.requests == []
+    for eng, holder in ((prefill, prefill.scheduler.exchange.handoff), (decode, decode.scheduler.exchange.intake)):
+        assert not eng.scheduler.runnable and not eng.scheduler.exchange.held() and holder.requests == []
     assert_nothing_held(prefill)
     assert_nothing_held(decode)
 

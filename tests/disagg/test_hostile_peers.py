@@ -10,12 +10,11 @@ import time
 
 import pytest
 import zmq
-from test_exchange import PROMPTS, assert_nothing_held, engine, pair, run, submit
+from test_exchange import PROMPTS, assert_nothing_held, decoder, pair, run, submit
 
 from harness import free_port
 from loupe.core import Bootstrap, SamplingParams, TokenizedRequest
 from loupe.disagg import channel, wire
-from loupe.disagg.decode import DecodeIntake
 
 SECRET = "a-secret-of-sixteen-or-more"
 
@@ -66,7 +65,7 @@ def test_garbage_and_pickles_at_the_bootstrap_port_run_nothing_are_counted_and_i
     right.send_multipart([b'{"v": 9, "kind": "claim"}'])
     step_for(1.0, prefill)
     assert not os.path.exists(marker)
-    handoff = prefill.scheduler.handoff
+    handoff = prefill.scheduler.exchange.handoff
     counts = handoff.rejected_counts  # ZMQ clients try again after a refused handshake: each try counts
     assert counts["handshake"] >= 3 and counts["malformed"] == 2 and counts["version"] == 1
     assert right.poll(200) == 0  # junk gets no answer
@@ -82,7 +81,7 @@ def test_garbage_and_pickles_at_the_bootstrap_port_run_nothing_are_counted_and_i
 def test_a_peer_without_the_secret_learns_nothing(tiny_model_dir):
     prefill, decode, port = pair(tiny_model_dir("llama"), prefill_secret=SECRET, decode_secret=SECRET)
     held = submit(prefill, "p", PROMPTS[0], port, room=5)
-    run(prefill, until=lambda: prefill.scheduler.handoff.ready)  # prefilled, its KV waits for a claim
+    run(prefill, until=lambda: prefill.scheduler.exchange.handoff.ready)  # prefilled, its KV waits for a claim
     claim = wire.Claim(5, len(held.prompt_ids), prefill.worker.kv_layout, "tcp")
     for keys in (None, channel.Keys.from_secret(None), channel.Keys.from_secret("a-guess-at-the-secret")):
         sock = curve_client(port, keys)
@@ -90,10 +89,9 @@ def test_a_peer_without_the_secret_learns_nothing(tiny_model_dir):
         step_for(0.5, prefill)
         assert sock.poll(100) == 0  # no KV, no layout, no refusal: nothing
         sock.close(0)
-    assert 5 in prefill.scheduler.handoff.ready and prefill.scheduler.handoff.rejected_counts["handshake"] >= 3
+    assert 5 in prefill.scheduler.exchange.handoff.ready and prefill.scheduler.exchange.handoff.rejected_counts["handshake"] >= 3
     # A decode server with another secret fails at once, saying why; the right one is served.
-    stranger = engine(tiny_model_dir("llama"))
-    stranger.scheduler.intake = DecodeIntake(stranger.worker.kv, stranger.worker.kv_layout, 60, secret="not-" + SECRET)
+    stranger = decoder(tiny_model_dir("llama"), secret="not-" + SECRET)
     refused = submit(stranger, "s", PROMPTS[0], port, room=5)
     start = time.monotonic()
     run(stranger, prefill, until=lambda: refused.finished)
@@ -163,8 +161,8 @@ def garbage_tcp_server(servers: Servers, payload: bytes) -> int:
 def test_a_fake_prefill_server_answering_garbage_runs_nothing_and_fails_the_request(tiny_model_dir, tmp_path):
     marker = str(tmp_path / "code-ran")
     payload = pickle.dumps(Marker(marker))
-    decode = engine(tiny_model_dir("llama"))
-    intake = decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, 3)
+    decode = decoder(tiny_model_dir("llama"), timeout=3)
+    intake = decode.scheduler.exchange.intake
     with Servers() as servers:
         # Not ZMQ at all, and ZMQ without the channel's keys: no handshake, failed at once.
         for port in (garbage_tcp_server(servers, payload * 4), fake_prefill_server(servers, [payload], None)):
@@ -185,8 +183,7 @@ def test_a_fake_prefill_server_answering_garbage_runs_nothing_and_fails_the_requ
 
 
 def test_an_address_zmq_cannot_parse_fails_its_request_not_the_server(tiny_model_dir):
-    decode = engine(tiny_model_dir("llama"))
-    decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, 60)
+    decode = decoder(tiny_model_dir("llama"))
     req = decode.scheduler.add_request(TokenizedRequest("d", decode.tokenizer.encode(PROMPTS[0]),
                                                         SamplingParams(max_new_tokens=2),
                                                         bootstrap=Bootstrap("-x", 8998, 1)))
@@ -196,8 +193,8 @@ def test_an_address_zmq_cannot_parse_fails_its_request_not_the_server(tiny_model
 
 
 def test_fifty_distinct_bad_peers_leave_no_socket_open(tiny_model_dir):
-    decode = engine(tiny_model_dir("llama"), max_running_requests=64)
-    intake = decode.scheduler.intake = DecodeIntake(decode.worker.kv, decode.worker.kv_layout, 60)
+    decode = decoder(tiny_model_dir("llama"), max_running_requests=64)
+    intake = decode.scheduler.exchange.intake
     submit(decode, "warm", PROMPTS[0], free_port(), room=0)  # ZMQ's own threads and sockets, once
     run(decode)
     before = open_fds()
@@ -215,8 +212,8 @@ def test_a_prefill_server_that_goes_away_fails_its_waiting_requests_at_once(tiny
     prefill, decode, port = pair(tiny_model_dir("llama"), timeout=60, decode_timeout=60, backend=backend)
     waiting = submit(decode, "d", PROMPTS[0], port, room=3)  # claimed; its prefill never runs
     step_for(0.3, prefill, decode)
-    assert decode.scheduler.intake.pending == 1
-    prefill.scheduler.handoff.close()
+    assert decode.scheduler.exchange.intake.pending == 1
+    prefill.scheduler.exchange.handoff.close()
     start = time.monotonic()
     run(decode, until=lambda: waiting.finished)
     assert time.monotonic() - start < 2 and "lost the connection to the prefill server" in waiting.error
@@ -226,11 +223,11 @@ def test_a_prefill_server_that_goes_away_fails_its_waiting_requests_at_once(tiny
 def test_a_decode_server_that_goes_away_before_confirming_is_a_failed_transfer(tiny_model_dir):
     prefill, decode, port = pair(tiny_model_dir("llama"), timeout=60, decode_timeout=60)
     sent = submit(prefill, "p", PROMPTS[0], port, room=4)
-    run(prefill, until=lambda: prefill.scheduler.handoff.ready)
+    run(prefill, until=lambda: prefill.scheduler.exchange.handoff.ready)
     submit(decode, "d", PROMPTS[0], port, room=4)
     decode.scheduler.step()  # its claim leaves
-    run(prefill, until=lambda: prefill.scheduler.handoff.sent)  # the KV left; no receipt yet
-    decode.scheduler.intake.close()  # the decode server dies before it reads the KV
+    run(prefill, until=lambda: prefill.scheduler.exchange.handoff.sent)  # the KV left; no receipt yet
+    decode.scheduler.exchange.intake.close()  # the decode server dies before it reads the KV
     start = time.monotonic()
     run(prefill, until=lambda: sent.finished)
     assert time.monotonic() - start < 2.5 and "went away before confirming" in sent.error

@@ -62,9 +62,8 @@ def test_int4_linears_use_it_for_every_decode_step_and_compile_around_it(rows, m
     monkeypatch.setattr(quant, "int4_vnni_linear", lambda *args: calls.append(args) or int4_vnni_linear(*args))
     with torch.inference_mode():
         eager = layer(x)
-        with quant.exact_matmuls(True):  # a prefill: the grid in float32, not the kernel
-            grid = quant.dequantize_int4(*quantize_int4(linear.weight))
-            torch.testing.assert_close(layer(x), x @ grid.t(), rtol=1e-5, atol=1e-5)
+        grid = quant.dequantize_int4(*quantize_int4(linear.weight))  # a prefill: the grid in float32, not the kernel
+        torch.testing.assert_close(layer(x, exact=True), x @ grid.t(), rtol=1e-5, atol=1e-5)
     assert len(calls) == 1
     monkeypatch.undo()
     with torch.inference_mode():

@@ -64,8 +64,7 @@ def test_without_the_vnni_kernel_wide_decode_steps_compute_in_bfloat16_only_wher
     with torch.inference_mode():
         int4 = Int4Linear(linear)
         got = int4(x)
-        with quant.exact_matmuls(True):
-            exact = int4(x)
+        exact = int4(x, exact=True)
     torch.testing.assert_close(exact, linear(x), rtol=1e-5, atol=1e-5)  # a prefill: exact either way
     assert (int4.wide_decode is not None) == native
     assert torch.equal(got, exact) != native
@@ -80,8 +79,7 @@ def test_an_int8_lm_head_computes_what_its_weight_does(rows, bias):
     with torch.inference_mode():
         head = Int8Linear(linear)
         got = head(x)
-        with quant.exact_matmuls(True):
-            exact = head(x)
+        exact = head(x, exact=True)
     torch.testing.assert_close(exact, expected, rtol=1e-5, atol=1e-5)
     assert got.shape == expected.shape and got.dtype == torch.float32
     assert 0 < (got - expected).abs().max() < 0.02 * expected.abs().max()  # 8-bit weights and inputs
@@ -153,14 +151,13 @@ def test_quantized_decoding_parts_from_the_exact_path_only_at_near_ties(engines)
     assert "Paris" in texts[0]
 
 
-def test_exact_matmuls_take_the_exact_path_for_few_rows_too():
+def test_an_exact_pass_takes_the_exact_path_for_few_rows_too():
     linear = nn.Linear(128, 96, bias=False)
     linear.weight.data = q4_1_like(96, 128)
     x = torch.randn(2, 128)
     with torch.inference_mode():
         int4 = Int4Linear(linear)
-        with quant.exact_matmuls(True):
-            exact = int4(x)
+        exact = int4(x, exact=True)
         fast = int4(x)
     torch.testing.assert_close(exact, linear(x), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(fast, exact)  # outside the context, the bfloat16 kernel again
+    assert not torch.equal(fast, exact)  # not exact: a kernel again

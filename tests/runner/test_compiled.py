@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loupe import Engine
-from loupe.runner.attention import KVCache
+from loupe.model.attention import KVCache
 
 pytestmark = pytest.mark.slow  # compiles the decode step of a tiny model: ~20 s
 

@@ -97,17 +97,17 @@ def slots_of(kv, req, n):
 def test_admit_takes_a_row_and_the_cached_prefix_locked():
     kv = kv_manager(rows=1)
     first = request("a", [1, 2, 3, 4, 5])
-    assert kv.admit(first) and first.kv_len == 0 and first.pages == []
+    assert kv.admit(first) and first.kv_len == 0 and first.kv.pages == []
     assert kv.grow(first, 5)
     first.kv_len = 5
     kv.release(first, cache=True)  # two full pages go to the tree, the partial one is freed
     again = request("b", [1, 2, 3, 4, 9, 9])
     assert kv.admit(again)
-    assert again.kv_len == 4 and again.num_tree_pages == 2 and kv.tree.evictable_pages == 0
-    assert slots_of(kv, again, 4) == [p * PS + o for p in again.pages for o in range(PS)]
+    assert again.kv_len == 4 and again.kv.num_tree_pages == 2 and kv.tree.evictable_pages == 0
+    assert slots_of(kv, again, 4) == [p * PS + o for p in again.kv.pages for o in range(PS)]
     assert not kv.admit(request("c", [7, 7]))  # no row left
     kv.release(again, cache=False)
-    assert kv.tree.evictable_pages == 2 and again.row is None and again.pages == []
+    assert kv.tree.evictable_pages == 2 and again.kv is None
 
 
 def test_grow_evicts_unlocked_prefixes_and_changes_nothing_when_short():
@@ -120,11 +120,11 @@ def test_grow_evicts_unlocked_prefixes_and_changes_nothing_when_short():
     req = request("b", [9, 9, 9, 9, 9, 9])
     assert kv.admit(req) and req.kv_len == 0
     assert kv.grow(req, 6)  # needs 3 pages: the tree gives its two back (one node)
-    assert len(req.pages) == 3 and kv.tree.total_pages() == 0
-    assert slots_of(kv, req, 6) == [p * PS + o for p in req.pages for o in range(PS)]
+    assert len(req.kv.pages) == 3 and kv.tree.total_pages() == 0
+    assert slots_of(kv, req, 6) == [p * PS + o for p in req.kv.pages for o in range(PS)]
     assert not kv.grow(req, 6 + 2 * PS)  # two more pages: only one can be had
     assert not kv.grow(req, 7, reserve=1)  # one more, and one to spare: the same
-    assert len(req.pages) == 3 and len(kv.pool.free_pages) == 1
+    assert len(req.kv.pages) == 3 and len(kv.pool.free_pages) == 1
 
 
 def test_release_without_caching_frees_everything_private():
@@ -144,9 +144,9 @@ def test_retract_keeps_the_computed_kv_for_the_next_admission():
     kv.grow(req, 7)
     req.kv_len = 6  # the last output token is the next input
     kv.retract(req)
-    assert req.row is None and req.pages == [] and req.kv_len == 0
+    assert req.kv is None and req.kv_len == 0
     assert held(kv) == set(kv.tree.root.children[(1, 2)].pages) and kv.tree.total_pages() == 3
-    assert kv.admit(req) and req.kv_len == 6 and req.num_tree_pages == 3
+    assert kv.admit(req) and req.kv_len == 6 and req.kv.num_tree_pages == 3
 
 
 def test_export_prefill_hands_over_the_prompt_pages_and_first_token_and_keeps_them():
@@ -156,7 +156,7 @@ def test_export_prefill_hands_over_the_prompt_pages_and_first_token_and_keeps_th
     kv.grow(req, 6)
     req.kv_len = 5
     pages, first_token = kv.export_prefill(req)
-    assert first_token == 42 and pages == req.pages[:3]  # 5 tokens: 3 pages of 2
+    assert first_token == 42 and pages == req.kv.pages[:3]  # 5 tokens: 3 pages of 2
     assert set(pages) <= held(kv)
     kv.release(req, cache=True)
     assert kv.tree.total_pages() == 2 and len(held(kv)) == 2
@@ -170,7 +170,7 @@ def test_admit_external_reserves_fresh_pages_to_be_filled():
     kv.release(prefix, cache=True)  # cached, but KV from outside does not reuse it
     req = request("a", [1, 2, 3, 4, 5])
     pages = kv.admit_external(req, 5)
-    assert pages == req.pages and len(pages) == 3 and req.kv_len == 5 and req.num_tree_pages == 0
+    assert pages == req.kv.pages and len(pages) == 3 and req.kv_len == 5 and req.kv.num_tree_pages == 0
     assert slots_of(kv, req, 5) == [p * PS + o for p in pages for o in range(PS)][:5]
     assert kv.tree.total_pages() == 0  # evicted for room
     assert kv.admit_external(request("b", [1] * 7), 7) is None  # 4 pages: one is left

@@ -16,7 +16,7 @@ GREEDY = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
 
 def assert_pages_conserved(s):
     """Every page but page 0 is free, in the tree, or private to exactly one running request."""
-    private = [p for r in s.running for p in r.pages[r.num_tree_pages:]]
+    private = [p for r in s.running for p in r.kv.pages[r.kv.num_tree_pages:]]
     tree_pages = [p for n in s.kv.tree._nodes() for p in n.pages]
     everything = s.kv.pool.free_pages + tree_pages + private
     assert sorted(everything) == list(range(1, s.kv.pool.num_pages))
@@ -96,7 +96,7 @@ def test_abort_frees_pages_at_once(folder):
     assert len(s.kv.pool.free_pages) < free_before
     for r in reqs:
         assert s.abort(r.rid) is r
-        assert r.finish_reason == FinishReason.ABORT and r.row is None and r.pages == []
+        assert r.finish_reason == FinishReason.ABORT and r.kv is None
     assert len(s.kv.pool.free_pages) == free_before
     assert not s.has_work
     assert s.abort("unknown") is None

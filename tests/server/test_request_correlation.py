@@ -10,7 +10,6 @@ import pytest
 
 from harness import LiveServer, read_metrics
 from loupe import ipc
-from loupe.config import ServerArgs
 from loupe.core import FinishReason, TraceContext
 from loupe.detokenizer import DetokenizerProcess
 from loupe.tracing.recorder import Recorder
@@ -128,7 +127,7 @@ def test_stage_histograms_count_every_finished_request(server):
 
 def test_the_detokenize_span_reports_the_time_the_last_output_carries(tiny_model_dir, tmp_path):
     endpoints = ipc.Endpoints(str(tmp_path))
-    detokenizer = DetokenizerProcess(ServerArgs(model_path=tiny_model_dir("llama")), endpoints)
+    detokenizer = DetokenizerProcess(tiny_model_dir("llama"), False, endpoints)
     recorder = Recorder(endpoints.tracing, DetokenizerTracer.label)
     detokenizer.tracer = DetokenizerTracer(recorder)
     ctx = TraceContext(trace_id=1, root_span_id=2, level=2)

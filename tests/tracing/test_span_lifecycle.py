@@ -3,7 +3,6 @@
 import pytest
 
 from loupe import Engine, ipc
-from loupe.config import ServerArgs
 from loupe.core import FinishReason, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
 from loupe.detokenizer import DetokenizerProcess
 from loupe.tracing.recorder import Recorder
@@ -32,9 +31,8 @@ class CapturingRecorder(Recorder):
 
 
 def traced_scheduler(tiny_model_dir, tmp_path, **flags):
-    engine = Engine(tiny_model_dir("llama"), dtype="float32", **flags)
     recorder = CapturingRecorder(tmp_path)
-    engine.scheduler.tracer = SchedulerTracer(recorder)
+    engine = Engine(tiny_model_dir("llama"), dtype="float32", tracer=SchedulerTracer(recorder), **flags)
     return engine.scheduler, engine.tokenizer, recorder
 
 
@@ -111,8 +109,7 @@ def test_lower_levels_record_less(tiny_model_dir, tmp_path, level, expected):
 
 
 def test_detokenizer_keeps_no_state_after_finish_or_abort(tiny_model_dir, tmp_path):
-    args = ServerArgs(model_path=tiny_model_dir("llama"))
-    detokenizer = DetokenizerProcess(args, ipc.Endpoints(str(tmp_path)))
+    detokenizer = DetokenizerProcess(tiny_model_dir("llama"), False, ipc.Endpoints(str(tmp_path)))
     for rid, ending in (("a", FinishReason.LENGTH), ("b", FinishReason.ABORT)):
         detokenizer.convert(ipc.RequestOutput(rid, [5], stop=None))
         detokenizer.convert(ipc.RequestOutput(rid, [6]))

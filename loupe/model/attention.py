@@ -70,6 +70,7 @@ class ForwardBatch:
     decode: AttentionGroup | None
     prefill: AttentionGroup | None
     prefill_is_causal: bool  # one prefill with no cached prefix: attend its own K/V directly
+    exact: bool  # a pass that prefills: quantized layers take their exact path (model/quant.py)
 
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv.k_layers[layer], self.kv.v_layers[layer]

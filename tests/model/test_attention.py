@@ -1,8 +1,8 @@
-"""Decode attention in the compiled step (runner/attention.py): the sums read by slot against SDPA."""
+"""Decode attention in the compiled step (model/attention.py): the sums read by slot against SDPA."""
 
 import torch
 
-from loupe.runner.attention import AttentionGroup, ForwardBatch, _attend_by_slot
+from loupe.model.attention import AttentionGroup, ForwardBatch, _attend_by_slot
 
 
 def test_attention_by_slot_matches_sdpa_over_gathered_keys_with_padding_and_masks():
