@@ -65,7 +65,7 @@ class NoExchange:
     def held(self) -> list[Req]:
         return []
 
-    def exchange(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
+    def step(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
         """Once a step: (requests whose KV and first token arrived, requests that ended here)."""
         return [], []
 
@@ -100,7 +100,7 @@ class PrefillSide(NoExchange):
     def held(self) -> list[Req]:
         return list(self.handoff.requests)
 
-    def exchange(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
+    def step(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
         """Answer claims, and finish the requests whose KV left (or failed to)."""
         done = []
         for req in self.handoff.poll():
@@ -165,7 +165,7 @@ class DecodeSide(NoExchange):
     def held(self) -> list[Req]:
         return [*self.receiving, *self.intake.requests]
 
-    def exchange(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
+    def step(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
         """Claim KV for the requests there are pages for, and take in those whose KV came."""
         kv, tracer = scheduler.kv, scheduler.tracer
         while self.receiving and kv.admit_external(self.receiving[0], len(self.receiving[0].prompt_ids)) is not None:

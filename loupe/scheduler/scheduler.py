@@ -105,7 +105,7 @@ class Scheduler:
     def step(self) -> list[Req]:
         """Run one forward pass. Returns the requests that gained a token (some now finished),
         or that ended otherwise (their KV handed over or never come)."""
-        arrived, updated = self.exchange.exchange(self)
+        arrived, updated = self.exchange.step(self)
         batch = self.schedule()
         if batch:
             started = time.perf_counter_ns() if self.tracer else 0
