@@ -1,19 +1,5 @@
-"""Start a loupe server: `python -m loupe.launch_server [flags]` (same as `loupe serve`).
-
-Process layout:
-
-    main process        HTTP (FastAPI + uvicorn) and the tokenizer manager
-    ├── scheduler       batching, KV cache, model forward, sampling
-    └── detokenizer     token ids -> incremental text
-
-With --tp-size/--pp-size there is one scheduler process per rank ("scheduler [TP 1]"),
-see distributed/parallel.py; with --dp-size N, a DP controller stands in front of N
-replicas. With --nnodes, node 0 runs all this but the other nodes' ranks; the other nodes
-run only their ranks. With --enable-tracing, a span exporter process starts first and
-stops last.
-
-The main process supervises the children: if one dies, the server says which and exits
-non-zero; on SIGINT/SIGTERM it stops them all. Children die with the main process.
+"""Start a loupe server: `python -m loupe.launch_server [flags]` (same as `loupe serve`). The
+processes it starts and supervises are drawn in docs/architecture.md ("Processes").
 """
 
 from __future__ import annotations
