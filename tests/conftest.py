@@ -15,6 +15,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 from harness import LiveProcess, LiveServer, free_port  # noqa: E402
 
+from tiny_models import write_tiny_model  # noqa: E402
+
 FAST = "not slow"  # `make test-fast`'s selection
 
 
@@ -28,8 +30,6 @@ def pytest_configure(config):
 def _refuse_to_start(process: LiveProcess) -> None:
     raise AssertionError(f"{process.name} started in `make test-fast`: a test that starts a server "
                          "must be marked slow (tests/README.md)")
-
-from tiny_models import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
