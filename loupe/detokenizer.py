@@ -93,17 +93,18 @@ class DetokenizerProcess:
                 state.spans = self.tracer.started(out.trace, start)
         if out.logprobs:
             out.token_texts = self.texts_of(out.logprobs)
-        if out.finish_reason is None:
+        result = out.result
+        if result is None:
             out.text_delta = state.add(out.token_ids)
         else:
-            out.text_delta, out.text = state.finish(out.token_ids, out.finish_reason, out.matched_stop)
+            out.text_delta, result.text = state.finish(out.token_ids, result.finish_reason, result.matched_stop)
             del self.states[out.rid]
         end = time.perf_counter_ns()
         state.busy_ns += end - start
-        if out.finish_reason is not None:
-            out.detokenize_seconds = state.busy_ns / 1e9
+        if result is not None:
+            result.detokenize_seconds = state.busy_ns / 1e9
         if state.spans is not None:
-            self.tracer.converted(state.spans, end, len(out.token_ids), out.detokenize_seconds)
+            self.tracer.converted(state.spans, end, len(out.token_ids), result and result.detokenize_seconds)
 
     def texts_of(self, logprobs: list[TokenLogprob]) -> dict[int, str]:
         """The text of each token in `logprobs` (chosen and top), decoded alone: special tokens

@@ -40,33 +40,40 @@ class AbortRequest:
 
 
 @dataclass
+class RequestResult:
+    """How a request ended: on its last output only. The scheduler fills it; the detokenizer
+    adds the whole text and its own busy time."""
+
+    finish_reason: FinishReason
+    matched_stop: int | str | None = None
+    error: str | None = None  # why the request failed (its KV never came, say)
+    error_code: str = "kv_transfer_failed"  # or "engine_unavailable": a serving process died
+    prefill_seconds: float = 0.0  # admission to first token
+    decode_seconds: float = 0.0  # first token to the end
+    kv_bytes: int = 0  # KV sent to (prefill server) or received from (decode server) the other server
+    kv_seconds: float = 0.0  # how long that took
+    events: list = field(default_factory=list)  # (name, epoch ns, attributes) for the root span
+    text: str | None = None  # the whole final text (detokenizer)
+    detokenize_seconds: float | None = None  # the detokenizer's busy time for this request
+
+
+@dataclass
 class RequestOutput:
-    """What one request gained in one scheduler step. The scheduler fills the tokens; the
-    detokenizer adds the text and passes the same object on."""
+    """What one request gained in one scheduler step, and on its last step how it ended
+    (`result`). The scheduler fills the tokens; the detokenizer adds the text and passes the
+    same object on."""
 
     rid: str
     token_ids: list[int]  # new since the previous output
     logprobs: list[TokenLogprob] | None = None  # of `token_ids`, when the request asked for them
-    finish_reason: FinishReason | None = None  # None while running
-    matched_stop: int | str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
     queue_seconds: float | None = None  # set on the first output: time from arrival to admission
     stop: list[str] | None = None  # the request's stop strings, on the first output
     trace: TraceContext | None = None  # on the first output of a traced request
-    error: str | None = None  # why the request failed (its KV never came, say), on its last output
-    error_code: str = "kv_transfer_failed"  # or "engine_unavailable": a serving process died
-    # On the last output:
-    prefill_seconds: float = 0.0  # admission to first token
-    decode_seconds: float = 0.0  # first token to the end
-    kv_bytes: int = 0  # KV sent to (prefill server) or received from (decode server) the other server
-    kv_seconds: float = 0.0  # how long that took
-    events: list = field(default_factory=list)  # (name, epoch ns, attributes) for the root span
-    # Added by the detokenizer:
-    text_delta: str = ""  # new text since the previous output of this request
-    text: str | None = None  # the whole final text, on the last output
-    detokenize_seconds: float | None = None  # on the last output: the detokenizer's busy time for this request
+    result: RequestResult | None = None  # on the last output; None while the request runs
+    text_delta: str = ""  # new text since the previous output of this request (detokenizer)
     token_texts: dict[int, str] | None = None  # with `logprobs`: the text of each token id in them, alone
 
 

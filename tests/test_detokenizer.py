@@ -40,7 +40,7 @@ def test_convert_adds_text_and_token_texts_and_forgets_a_finished_request(tiny_m
     ids = tokenizer.encode("hello there")
     first = ipc.RequestOutput("r", ids[:1], stop=[])
     detokenizer.convert(first)
-    last = ipc.RequestOutput("r", ids[1:], finish_reason=FinishReason.LENGTH)
+    last = ipc.RequestOutput("r", ids[1:], result=ipc.RequestResult(FinishReason.LENGTH))
     detokenizer.convert(last)
-    assert first.text_delta + last.text_delta == last.text == tokenizer.decode(ids, skip_special_tokens=True)
-    assert last.detokenize_seconds > 0 and "r" not in detokenizer.states
+    assert first.text_delta + last.text_delta == last.result.text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert last.result.detokenize_seconds > 0 and "r" not in detokenizer.states

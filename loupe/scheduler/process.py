@@ -129,21 +129,20 @@ class SchedulerProcess:
             rid=req.rid,
             token_ids=[] if aborted else req.output_ids[-1:],
             logprobs=(req.output_logprobs[-1:] if not aborted else []) if req.sampling.logprobs else None,
-            finish_reason=req.finish_reason,
-            matched_stop=req.matched_stop,
             prompt_tokens=len(req.prompt_ids),
             completion_tokens=len(req.output_ids),
             cached_tokens=req.cached_tokens or 0,
             queue_seconds=(req.admit_time - req.arrival_time) if first and req.admit_time else None,
             stop=req.sampling.stop if first else None,
             trace=req.trace if first else None,
-            error=req.error,
         )
         if req.finished:
-            _, out.prefill_seconds, out.decode_seconds = req.stage_seconds()
-            out.events = req.events
+            _, prefill, decode = req.stage_seconds()
+            out.result = ipc.RequestResult(req.finish_reason, req.matched_stop, req.error, prefill_seconds=prefill,
+                                           decode_seconds=decode, events=req.events)
             if req.kv_transfer:
-                out.kv_bytes, out.kv_seconds = req.kv_bytes, (req.kv_transfer[1] - req.kv_transfer[0]) / 1e9
+                out.result.kv_bytes = req.kv_bytes
+                out.result.kv_seconds = (req.kv_transfer[1] - req.kv_transfer[0]) / 1e9
         return out
 
     def send_stats(self) -> None:

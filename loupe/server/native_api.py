@@ -31,8 +31,8 @@ class NativeAPI:
         if body.stream:
             return sse(stream(rid, outputs, body), outputs, trace)
         final = await last_output(outputs, request)
-        return json_answer(answer(rid, final.text, final, final.token_ids, final.logprobs, final.token_texts, body),
-                           trace)
+        return json_answer(answer(rid, final.result.text, final, final.token_ids, final.logprobs, final.token_texts,
+                                  body), trace)
 
     def _check(self, body: GenerateRequest, rid: str) -> None:
         body.refuse_unsupported()
@@ -52,9 +52,10 @@ def answer(rid: str, text: str, out: RequestOutput, output_ids: list[int], logpr
            texts: dict[int, str] | None, body: GenerateRequest) -> GenerateResponse:
     """The answer so far: `out` gives the counts and how it ended, the rest is gathered."""
     token_text = (texts or {}).get if body.return_text_in_logprobs else lambda token_id: None
+    ended, stop = (out.result.finish_reason, out.result.matched_stop) if out.result else (None, None)
     return generate_response(rid, text, output_ids, prompt_tokens=out.prompt_tokens,
                              completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
-                             finish_reason=out.finish_reason, matched_stop=out.matched_stop,
+                             finish_reason=ended, matched_stop=stop,
                              logprobs=(logprobs or []) if body.return_logprob else None,
                              top=body.top_logprobs_num > 0, token_text=token_text)
 
@@ -67,7 +68,7 @@ async def stream(rid: str, outputs: AsyncIterator[RequestOutput], body: Generate
     async for out in outputs:
         raise_if_failed(out)
         ids.extend(out.token_ids)
-        text = out.text if out.text is not None else text + out.text_delta
+        text = out.result.text if out.result is not None else text + out.text_delta
         if body.return_logprob:
             logprobs.extend(out.logprobs or [])
             texts.update(out.token_texts or {})

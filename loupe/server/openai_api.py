@@ -204,10 +204,10 @@ class OpenAIFormat:
     def response(self, out: RequestOutput) -> ChatCompletion | TextCompletion:
         reason, logprobs = finish_reason(out), self.logprobs_of(out)
         if self.chat:
-            choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=out.text),
+            choice = ChatChoice(index=0, message=AssistantMessage(role="assistant", content=out.result.text),
                                 logprobs=logprobs, finish_reason=reason)
             return ChatCompletion(**self.header, object="chat.completion", choices=[choice], usage=usage(out))
-        choice = CompletionChoice(index=0, text=out.text, finish_reason=reason, logprobs=logprobs)
+        choice = CompletionChoice(index=0, text=out.result.text, finish_reason=reason, logprobs=logprobs)
         return TextCompletion(**self.header, object="text_completion", choices=[choice], usage=usage(out))
 
     def chunk(self, text: str | None, reason: str | None, first: bool = False,
@@ -246,7 +246,7 @@ class OpenAIFormat:
             logprobs = self.logprobs_of(out) if out.logprobs else None
             if out.text_delta or logprobs:
                 yield self.chunk(out.text_delta, None, logprobs=logprobs)
-            if out.finish_reason is None:
+            if out.result is None:
                 continue
             yield self.chunk(None, finish_reason(out))
             if include_usage:
@@ -283,4 +283,4 @@ def usage(out: RequestOutput) -> Usage:
 
 
 def finish_reason(out: RequestOutput) -> str:
-    return "length" if out.finish_reason == "length" else "stop"
+    return "length" if out.result.finish_reason == "length" else "stop"

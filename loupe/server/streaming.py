@@ -24,8 +24,9 @@ class ClientDisconnected(Exception):
 def raise_if_failed(out: RequestOutput) -> None:
     """A request that failed in the engine: its KV never came from the prefill server (502),
     or a serving process died (503)."""
-    if out.error:
-        raise APIError(503 if out.error_code == "engine_unavailable" else 502, out.error, code=out.error_code)
+    result = out.result
+    if result is not None and result.error:
+        raise APIError(503 if result.error_code == "engine_unavailable" else 502, result.error, code=result.error_code)
 
 
 def trace_headers(trace: RequestTrace | None) -> dict | None:

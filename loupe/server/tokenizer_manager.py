@@ -129,7 +129,7 @@ class TokenizerManager:
                 if recording:
                     self.tracer.received(trace, out)
                 yield out
-                if out.finish_reason is not None:
+                if out.result is not None:
                     return
         finally:
             if not state.finished:
@@ -166,8 +166,8 @@ class TokenizerManager:
         now = time.perf_counter()
         for rid, state in list(self.states.items()):
             if not state.finished:
-                out = ipc.RequestOutput(rid, [], finish_reason=FinishReason.ABORT, error=message,
-                                        error_code="engine_unavailable")
+                out = ipc.RequestOutput(rid, [], result=ipc.RequestResult(FinishReason.ABORT, error=message,
+                                                                          error_code="engine_unavailable"))
                 self._observe(state, out, now)
                 state.outputs.put_nowait(out)
 
@@ -221,29 +221,31 @@ class TokenizerManager:
                 state.first_token_time = now
                 m.time_to_first_token.observe(now - state.created, state.exemplar)
                 m.prompt_tokens.inc(out.prompt_tokens)
-        if out.kv_bytes:
+        result = out.result
+        if result is None:
+            return
+        if result.kv_bytes:
             m.kv_transfers.inc()
-            m.kv_transfer_bytes.inc(out.kv_bytes)
-            m.kv_transfer_seconds.observe(out.kv_seconds)
-        if out.error and out.error_code == "kv_transfer_failed":
+            m.kv_transfer_bytes.inc(result.kv_bytes)
+            m.kv_transfer_seconds.observe(result.kv_seconds)
+        if result.error and result.error_code == "kv_transfer_failed":
             m.kv_transfer_failures.inc()
-        if out.finish_reason is not None:
-            state.end = now
-            exemplar = state.exemplar or self._kept_exemplar(state, out, now)
-            m.e2e_latency.observe(now - state.created, exemplar)
-            m.prefill_time.observe(out.prefill_seconds, exemplar)
-            m.decode_time.observe(out.decode_seconds, exemplar)
-            if out.detokenize_seconds is not None:
-                m.detokenize_time.observe(out.detokenize_seconds, exemplar)
-            m.requests.labels(status=status(out)).inc()
+        state.end = now
+        exemplar = state.exemplar or self._kept_exemplar(state, result, now)
+        m.e2e_latency.observe(now - state.created, exemplar)
+        m.prefill_time.observe(result.prefill_seconds, exemplar)
+        m.decode_time.observe(result.decode_seconds, exemplar)
+        if result.detokenize_seconds is not None:
+            m.detokenize_time.observe(result.detokenize_seconds, exemplar)
+        m.requests.labels(status=status(result)).inc()
 
-    def _kept_exemplar(self, state: RequestState, out: ipc.RequestOutput, now: float) -> dict | None:
+    def _kept_exemplar(self, state: RequestState, result: ipc.RequestResult, now: float) -> dict | None:
         """An undecided trace's exemplar, if a tail rule will keep it (its root ends a little
         later, so it is at least this slow; one that fails only then gets none)."""
         trace = state.trace
         if trace is None or trace.ctx.decision != TraceDecision.UNDECIDED:
             return None
-        kept = self.tracer.control.verdict(status(out) in ("error", "abort"), now - trace.start / 1e9)
+        kept = self.tracer.control.verdict(status(result) in ("error", "abort"), now - trace.start / 1e9)
         return {"trace_id": state.trace_id} if kept else None
 
 
@@ -254,15 +256,15 @@ def longest_token(tokenizer) -> int:
     return max((len(token) for token in vocab), default=1) or 1
 
 
-def status(out: ipc.RequestOutput) -> str:
+def status(result: ipc.RequestResult) -> str:
     """How a request that reached the scheduler ended: stop, length, abort or error."""
-    return "error" if out.error else out.finish_reason
+    return "error" if result.error else result.finish_reason
 
 
 def log_request(request: TokenizedRequest, state: RequestState, out: ipc.RequestOutput | None) -> None:
     """The --log-requests line of a request that reached the scheduler; `out` is the last
     output it got. One whose client left first ended in `abort`, the stages it never finished "-"."""
-    last = out if state.finished else None
+    last = out.result if state.finished else None
     rid = request.rid
     fields = {
         "rid": rid if rid.isprintable() and " " not in rid else json.dumps(rid),  # one line, one field

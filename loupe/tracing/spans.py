@@ -152,8 +152,8 @@ class RequestTracer(ProcessTracer):
         or None when the client went away first."""
         if out is None:
             self.finish(trace, None, "client_disconnected", "the client went away")
-        elif out.error:
-            self.finish(trace, out, out.error_code, out.error)
+        elif out.result.error:
+            self.finish(trace, out, out.result.error_code, out.result.error)
         else:
             self.finish(trace, out)
 
@@ -167,22 +167,23 @@ class RequestTracer(ProcessTracer):
         end = now()
         ctx, attrs, rec = trace.ctx, trace.attributes, self.recorder
         events = list(trace.events)
-        if out is not None:
+        result = out.result if out is not None else None
+        if result is not None:
             attrs.update(usage_attributes(out))
-            attrs["gen_ai.response.finish_reasons"] = [out.finish_reason or "abort"]
+            attrs["gen_ai.response.finish_reasons"] = [result.finish_reason]
             attrs["gen_ai.latency.time_in_queue"] = seconds(trace.queue_seconds)
-            attrs["gen_ai.latency.time_in_model_prefill"] = seconds(out.prefill_seconds)
-            attrs["gen_ai.latency.time_in_model_decode"] = seconds(out.decode_seconds)
-            events.extend((name, wall - self.offset, a) for name, wall, a in out.events)
-            if out.finish_reason == "abort" and error_type is None:
+            attrs["gen_ai.latency.time_in_model_prefill"] = seconds(result.prefill_seconds)
+            attrs["gen_ai.latency.time_in_model_decode"] = seconds(result.decode_seconds)
+            events.extend((name, wall - self.offset, a) for name, wall, a in result.events)
+            if result.finish_reason == "abort" and error_type is None:
                 error_type, error = "aborted", "the request was aborted"
         if trace.first_token is not None:
             attrs["gen_ai.latency.time_to_first_token"] = seconds((trace.first_token - trace.start) / 1e9)
         attrs["gen_ai.latency.e2e"] = seconds((end - trace.start) / 1e9)
         if self.include_content:
-            text = out.text if out is not None and out.text is not None else "".join(trace.text)
+            text = result.text if result is not None and result.text is not None else "".join(trace.text)
             message = {"role": "assistant", "parts": [{"type": "text", "content": text}],
-                       "finish_reason": out.finish_reason if out is not None and out.finish_reason else "error"}
+                       "finish_reason": result.finish_reason if result is not None else "error"}
             attrs.update({"gen_ai.completion": text, "output.value": text,
                           "gen_ai.output.messages": json.dumps([message])})
         if error_type:
@@ -403,7 +404,7 @@ class DetokenizerTracer(ProcessTracer):
         return DetokenizerSpans(ctx, start) if ctx is not None and ctx.level >= 2 else None
 
     def converted(self, spans: DetokenizerSpans, end: int, num_tokens: int, busy_seconds: float | None) -> None:
-        """`busy_seconds`: the request's detokenize time (RequestOutput.detokenize_seconds), on its last output."""
+        """`busy_seconds`: the request's detokenize time (RequestResult.detokenize_seconds), on its last output."""
         spans.num_tokens += num_tokens
         if busy_seconds is None:
             return

@@ -132,13 +132,13 @@ def test_the_detokenize_span_reports_the_time_the_last_output_carries(tiny_model
     detokenizer.tracer = DetokenizerTracer(recorder)
     ctx = TraceContext(trace_id=1, root_span_id=2, level=2)
     outputs = [ipc.RequestOutput("r", [5], trace=ctx), ipc.RequestOutput("r", [6]),
-               ipc.RequestOutput("r", [7], finish_reason=FinishReason.LENGTH)]
+               ipc.RequestOutput("r", [7], result=ipc.RequestResult(FinishReason.LENGTH))]
     started = time.perf_counter()
     for out in outputs:
         detokenizer.convert(out)
     elapsed = time.perf_counter() - started
-    assert outputs[0].detokenize_seconds is None and outputs[1].detokenize_seconds is None
-    assert 0 < outputs[-1].detokenize_seconds < elapsed
+    assert outputs[0].result is None and outputs[1].result is None  # how it ended: on the last output only
+    assert 0 < outputs[-1].result.detokenize_seconds < elapsed
     (span,) = [s for s in recorder.spans if s.name == "detokenize"]
-    assert span.attributes == {"num_tokens": 3, "busy_seconds": round(outputs[-1].detokenize_seconds, 6)}
+    assert span.attributes == {"num_tokens": 3, "busy_seconds": round(outputs[-1].result.detokenize_seconds, 6)}
     recorder.sock.close(0)

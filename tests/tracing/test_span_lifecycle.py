@@ -114,10 +114,10 @@ def test_detokenizer_keeps_no_state_after_finish_or_abort(tiny_model_dir, tmp_pa
         detokenizer.convert(ipc.RequestOutput(rid, [5], stop=None))
         detokenizer.convert(ipc.RequestOutput(rid, [6]))
         assert rid in detokenizer.states
-        last = ipc.RequestOutput(rid, [] if ending == "abort" else [7], finish_reason=ending)
+        last = ipc.RequestOutput(rid, [] if ending == "abort" else [7], result=ipc.RequestResult(ending))
         detokenizer.convert(last)
         assert rid not in detokenizer.states
-        assert last.text == detokenizer.tokenizer.decode([5, 6] + last.token_ids, skip_special_tokens=True)
+        assert last.result.text == detokenizer.tokenizer.decode([5, 6] + last.token_ids, skip_special_tokens=True)
 
 
 def test_an_undecided_request_ends_with_its_verdict(tmp_path):
