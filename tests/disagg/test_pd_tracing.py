@@ -44,10 +44,12 @@ def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
     prefill, decode, bootstrap_port, logs = traced_pd
     with LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
                     decode.base_url, "--enable-trace", "--otlp-traces-endpoint", f"127.0.0.1:{receiver.port}",
-                    num_workers=2, log_dir=logs) as router:
+                    num_workers=2, log_dir=logs) as router, httpx.Client(timeout=60, trust_env=False) as client:
+        # The client's connection stays open until the spans are in: the router ends its span of a
+        # request whose client has hung up only some seconds later, and now and then never.
         body = {"model": model_of(decode), "prompt": "one two three four five six seven eight nine ten",
                 "max_tokens": 6, "ignore_eos": True}
-        r = httpx.post(router.base_url + "/v1/completions", json=body, timeout=60, trust_env=False)
+        r = client.post(router.base_url + "/v1/completions", json=body)
         assert r.status_code == 200, r.text
         trace_id = r.headers["traceparent"].split("-")[1]
 

@@ -48,10 +48,6 @@ def test_server_info_and_model_info_say_what_a_router_reads(workers):
 # load on one worker, by design; lowered, it balances the concurrent requests here.
 POLICIES = {"round_robin": [], "cache_aware": ["--balance-abs-threshold", 1, "--balance-rel-threshold", 1.0]}
 
-# Now and then (about one run in six on a loaded 2-core machine) the router never exports one
-# of its request spans, even when it stops, though it sent that request's traceparent on: the
-# loupe side is checked for every request, the router's own span for all but one.
-ROUTER_SPANS_LOST = 1
 
 
 def send(client: openai.OpenAI, model: str, i: int, prompt: str) -> list[str]:
@@ -79,17 +75,17 @@ def test_the_router_spreads_requests_over_loupe_servers_under_its_own_span(worke
     with router:
         assert {w["url"] for w in router.workers} == set(urls)
         assert {w["model_id"] for w in router.workers} == {model}  # from /server_info: no fallback needed
-        with (openai.OpenAI(base_url=router.base_url + "/v1", api_key="x", max_retries=0, timeout=60) as client,
-              ThreadPoolExecutor(len(PROMPTS)) as pool):
-            roots = list(pool.map(lambda args: send(client, model, *args), enumerate(PROMPTS)))
+        # The client's connections stay open until the spans are in: the router ends its span of a
+        # request whose client has hung up only some seconds later, and now and then never.
+        with openai.OpenAI(base_url=router.base_url + "/v1", api_key="x", max_retries=0, timeout=60) as client:
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                roots = list(pool.map(lambda args: send(client, model, *args), enumerate(PROMPTS)))
 
-        def complete(spans):  # every root, and the router's span above all but at most one
-            by_id = {s["span_id"]: s for s in spans}
-            if not all(span_id in by_id for _, span_id in roots):
-                return False
-            return sum(by_id[span_id]["parent_id"] in by_id for _, span_id in roots) >= len(roots) - ROUTER_SPANS_LOST
+            def complete(spans):  # every root, and the router's span above each
+                by_id = {s["span_id"]: s for s in spans}
+                return all(span_id in by_id and by_id[span_id]["parent_id"] in by_id for _, span_id in roots)
 
-        spans = receiver.wait_for(complete, timeout=60)  # before the router stops: it sends its spans every few seconds
+            spans = receiver.wait_for(complete, timeout=60)  # before the router stops: it sends its spans every few seconds
     after = [sum(v for k, v in read_metrics(s).items() if k.startswith("loupe_requests_total")) for s in workers]
     served = [b - a for a, b in zip(before, after, strict=True)]
     assert sum(served) == len(PROMPTS) and min(served) >= 1, served  # both servers served
@@ -99,11 +95,8 @@ def test_the_router_spreads_requests_over_loupe_servers_under_its_own_span(worke
     for trace_id, span_id in roots:
         root = by_id[span_id]
         assert root["name"].startswith("Req ") and root["trace_id"] == trace_id
-        assert root["parent_id"] is not None  # the router's traceparent, whether or not its span arrived
-        if root["parent_id"] in by_id:
-            parent = by_id[root["parent_id"]]
-            assert parent["name"] == "http_request" and parent["trace_id"] == trace_id
-            assert parent["resource"]["service.name"] != root["resource"]["service.name"]
-    # Every router request span that arrived is the parent of exactly one loupe root.
-    parents = [by_id[span_id]["parent_id"] for _, span_id in roots]
-    assert sorted(s["span_id"] for s in router_posts) == sorted(p for p in parents if p in by_id)
+        parent = by_id[root["parent_id"]]
+        assert parent["name"] == "http_request" and parent["trace_id"] == trace_id
+        assert parent["resource"]["service.name"] != root["resource"]["service.name"]
+    # Every router request span is the parent of exactly one loupe root.
+    assert sorted(s["span_id"] for s in router_posts) == sorted(by_id[span_id]["parent_id"] for _, span_id in roots)

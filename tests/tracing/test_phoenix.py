@@ -262,9 +262,10 @@ def test_a_prefill_decode_pair_and_the_router_make_one_trace_in_phoenix(stack, t
     router = LiveRouter("--pd-disaggregation", "--prefill", prefill.base_url, bootstrap_port, "--decode",
                         decode.base_url, "--enable-trace", "--otlp-traces-endpoint", endpoint, num_workers=2,
                         log_dir=logs)
-    with running(prefill, decode), router:
-        r = httpx.post(router.base_url + "/generate", json={"text": "Where did the time go?",
-                       "sampling_params": {"max_new_tokens": 4}}, timeout=60, trust_env=False)
+    # The client's connection stays open until the trace is in (see tests/disagg/test_pd_tracing.py).
+    with running(prefill, decode), router, httpx.Client(timeout=60, trust_env=False) as client:
+        r = client.post(router.base_url + "/generate", json={"text": "Where did the time go?",
+                        "sampling_params": {"max_new_tokens": 4}})
         assert r.status_code == 200, r.text
         trace_id = r.headers["traceparent"].split("-")[1]
         spans = wait_for_trace(stack["phoenix"], "default", trace_id,
