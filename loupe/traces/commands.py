@@ -1,4 +1,4 @@
-"""`loupe traces summary | show | export | plot FILE…`: look at the OTLP JSON lines a server
+"""`loupe traces summary | show | why | export | plot FILE…`: look at the OTLP JSON lines a server
 wrote with `--otlp-endpoint file:///path/traces.jsonl`, without a tracing backend."""
 
 from __future__ import annotations
@@ -62,6 +62,24 @@ def show(args: argparse.Namespace, console: Console) -> None:
     console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold))
 
 
+def why(args: argparse.Namespace, console: Console) -> None:
+    from loupe.traces.waterfall import find_trace
+    from loupe.traces.why import explain_all, pick, table
+
+    trace_id, files = (None, args.args) if args.slowest or args.route else (args.args[0], args.args[1:])
+    if not files:
+        raise SystemExit("loupe traces why: give TRACE_ID FILE… or --slowest N FILE…")
+    spans = load(files, console)
+    if trace_id is not None:
+        trace_id = find_trace(spans.traces, trace_id)
+    explanations = explain_all(spans.traces, pick(spans.traces, trace_id, args.slowest or 1, args.route))
+    if args.json:
+        print(json.dumps([e.as_dict() for e in explanations], indent=2))
+        return
+    for explanation in explanations:
+        console.print(table(explanation))
+
+
 def export(args: argparse.Namespace, console: Console) -> None:
     spans = load(args.files, console)
     traces = spans.traces
@@ -102,6 +120,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", action="store_true", help="one line for each run of decode steps or chunks")
     p.add_argument("--bar-width", type=int, default=40, help="columns of the time axis (default: 40)")
     p.set_defaults(run=show)
+
+    p = commands.add_parser("why", help="where one request's time went, as causes with evidence")
+    p.add_argument("args", nargs="+", metavar="[TRACE_ID] FILE",
+                   help="a trace id (prefix, or request id) then the files; with --slowest or --route, only files")
+    p.add_argument("--slowest", type=int, default=0, metavar="N", help="explain the N slowest requests instead")
+    p.add_argument("--route", help="only requests of this route, e.g. /v1/chat/completions (the slowest, or N)")
+    p.add_argument("--json", action="store_true", help="print JSON (seconds) instead of tables (ms)")
+    p.set_defaults(run=why)
 
     p = commands.add_parser("export", help="Chrome trace-event JSON for Perfetto or chrome://tracing")
     p.add_argument("files", **files)
