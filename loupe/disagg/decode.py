@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 IDLE_CLOSE_S = 30.0
 
 
+def _server(req) -> tuple[str, int]:
+    """The prefill server `req`'s KV comes from: its link's key."""
+    return req.bootstrap.host, req.bootstrap.port
+
+
 class DecodeIntake:
     def __init__(self, kv: KVCache, layout: KVLayout, timeout_s: float, backend: str = "tcp",
                  secret: str | None = None):
@@ -60,14 +65,13 @@ class DecodeIntake:
 
     def claim(self, req) -> None:
         """Ask `req`'s prefill server for its KV; `req` holds pages for its prompt already."""
-        b = req.bootstrap
-        link = self.links.get((b.host, b.port))
-        if link is None:
-            link = self.links[b.host, b.port] = channel.Link(self.keys, b.host, b.port, self.max_frame)
-        self.idle_since.pop((b.host, b.port), None)
+        key, room = _server(req), req.bootstrap.room
+        if key not in self.links:
+            self.links[key] = channel.Link(self.keys, *key, self.max_frame)
+        self.idle_since.pop(key, None)
         target = self.nixl.target(req.kv.pages) if self.nixl else None
-        self.claimed[b.room] = (req, time.monotonic())
-        self._send(link, wire.Claim(b.room, len(req.prompt_ids), self.layout, self.backend, target))
+        self.claimed[room] = (req, time.monotonic())
+        self._send(self.links[key], wire.Claim(room, len(req.prompt_ids), self.layout, self.backend, target))
 
     def poll(self) -> list:
         """The requests whose KV arrived, their first token appended, or that failed (`error`)."""
@@ -81,15 +85,12 @@ class DecodeIntake:
             for room in self.nixl.arrived_rooms():
                 if room in self.claimed:
                     self.written.add(room)
-                elif room in self.cancelled:  # its pages may be reused now
-                    self.released.append(self.cancelled.pop(room)[0])
+                else:
+                    self._release(room)  # its pages may be reused now
             for room in self.written & self.headers.keys():
                 header = self.headers[room]
-                self._forget(room)
-                req = self.claimed.pop(room)[0]
                 end = time.perf_counter_ns()
-                self._arrived(req, header, end - int(header.seconds * 1e9), end)
-                done.append(req)
+                self._arrived(self._unclaim(room), header, end - int(header.seconds * 1e9), done, end)
         self._expire(done)
         return done
 
@@ -99,9 +100,8 @@ class DecodeIntake:
         that cannot happen (then in `released`)."""
         for room, (req, _) in list(self.claimed.items()):
             if req.rid == rid:
-                del self.claimed[room]
-                self._forget(room)
-                key = (req.bootstrap.host, req.bootstrap.port)
+                self._unclaim(room)
+                key = _server(req)
                 if self.nixl and detach is not None and key in self.links:
                     self.cancelled[room] = (detach(req), key, time.monotonic())
                     self._send(self.links[key], wire.Cancel(room))
@@ -153,8 +153,7 @@ class DecodeIntake:
     def _on_kv(self, link: channel.Link, ready: wire.KVReady, raw: list, done: list) -> None:
         room = ready.room
         if room not in self.claimed:  # failed already (timed out), or aborted
-            if room in self.cancelled:  # NIXL's write has completed: its pages may be reused
-                self.released.append(self.cancelled.pop(room)[0])
+            self._release(room)  # NIXL's write has completed: its pages may be reused
             self._send(link, wire.Received(room, ok=False))
             return
         req = self.claimed[room][0]
@@ -163,28 +162,19 @@ class DecodeIntake:
         if ready.num_tokens != n or len(raw) != expected_raw or any(len(f) != n * self.token_bytes for f in raw):
             self._rejected(link, "malformed", f"KV for room {room} of the wrong size")
             self._send(link, wire.Received(room, ok=False))
-            self._fail(self.claimed.pop(room)[0], f"the prefill server at {link.address} sent KV of the wrong size",
-                       done)
-            return
-        if self.nixl:
+            self._fail(self._unclaim(room), f"the prefill server at {link.address} sent KV of the wrong size", done)
+        elif self.nixl:
             self.headers[room] = ready
-            return
-        start = time.perf_counter_ns()
-        del self.claimed[room]
-        self._fill(req, n, raw[0].buffer, raw[1].buffer)
-        self._arrived(req, ready, start)
-        self._send(link, wire.Received(room, ok=True))
-        done.append(req)
+        else:
+            start = time.perf_counter_ns()
+            self._fill(self._unclaim(room), n, raw[0].buffer, raw[1].buffer)
+            self._arrived(req, ready, start, done)
 
     def _on_refused(self, link: channel.Link, refused: wire.Refused, done: list) -> None:
-        room = refused.room
-        if room in self.cancelled:
-            self.released.append(self.cancelled.pop(room)[0])
-        if room not in self.claimed:
-            return
-        req = self.claimed.pop(room)[0]
-        self._forget(room)
-        self._fail(req, self._refusal_text(link, refused, req), done)
+        self._release(refused.room)
+        if refused.room in self.claimed:
+            req = self._unclaim(refused.room)
+            self._fail(req, self._refusal_text(link, refused, req), done)
 
     def _refusal_text(self, link: channel.Link, r: wire.Refused, req) -> str:
         where = f"the prefill server at {link.address}"
@@ -203,7 +193,9 @@ class DecodeIntake:
 
     # ---- arrivals and failures -------------------------------------------------------------------
 
-    def _arrived(self, req, header: wire.KVReady, start: int, end: int | None = None) -> None:
+    def _arrived(self, req, header: wire.KVReady, start: int, done: list, end: int | None = None) -> None:
+        """`req`'s KV is in: it takes its first token, and the prefill server hears that it may
+        let the KV go."""
         req.output_ids.append(header.first_token)
         if req.sampling.logprobs:
             if header.first_logprob is None:
@@ -212,10 +204,9 @@ class DecodeIntake:
                 req.output_logprobs.append(header.first_logprob)
         req.kv_transfer = (start, end or time.perf_counter_ns())
         req.kv_bytes = header.num_bytes or req.kv_bytes
-        if self.nixl:
-            key = (req.bootstrap.host, req.bootstrap.port)
-            if key in self.links:
-                self._send(self.links[key], wire.Received(req.bootstrap.room, ok=True))
+        if _server(req) in self.links:
+            self._send(self.links[_server(req)], wire.Received(req.bootstrap.room, ok=True))
+        done.append(req)
 
     def _fill(self, req, num_tokens: int, k: memoryview, v: memoryview) -> None:
         slots = page_slots(req.kv.pages, self.layout.page_size, num_tokens).to(self.kv.k.device)
@@ -231,19 +222,23 @@ class DecodeIntake:
     def _send(link: channel.Link, message: wire.Message) -> None:
         link.send(wire.encode(message))
 
-    def _forget(self, room: int) -> None:
-        """What NIXL's side knew of a room that no longer waits."""
+    def _unclaim(self, room: int):
+        """The request of a room that no longer waits, taken out with all NIXL's side knew of it."""
         self.headers.pop(room, None)
         self.written.discard(room)
         self.being_written.discard(room)
+        return self.claimed.pop(room)[0]
+
+    def _release(self, room: int) -> None:
+        """The pages of an aborted request's room, if kept from NIXL, may be reused now."""
+        if room in self.cancelled:
+            self.released.append(self.cancelled.pop(room)[0])
 
     def _link_failed(self, key: tuple[str, int], failure: str, done: list) -> None:
         """The link to one prefill server has failed: every request on it fails now."""
         for room, (req, _) in list(self.claimed.items()):
-            if (req.bootstrap.host, req.bootstrap.port) == key:
-                del self.claimed[room]
-                self._forget(room)
-                self._fail(req, failure, done)
+            if _server(req) == key:
+                self._fail(self._unclaim(room), failure, done)
         for room, (held, link_key, _) in list(self.cancelled.items()):
             if link_key == key:  # a dead or refusing server writes nothing more
                 del self.cancelled[room]
@@ -268,17 +263,14 @@ class DecodeIntake:
 
     def _expire(self, done: list) -> None:
         now = time.monotonic()
-        for room, (req, since) in list(self.claimed.items()):
+        for room, (_, since) in list(self.claimed.items()):
             if now - since > self.timeout_s:
-                del self.claimed[room]
-                self._forget(room)
-                self._fail(req, f"it did not come within {self.timeout_s:g} s", done)
+                self._fail(self._unclaim(room), f"it did not come within {self.timeout_s:g} s", done)
         for room, (held, _, since) in list(self.cancelled.items()):
             if now - since > self.timeout_s:
                 del self.cancelled[room]
                 self.released.append(held)
-        busy = {(r.bootstrap.host, r.bootstrap.port) for r, _ in self.claimed.values()} | {
-            key for _, key, _ in self.cancelled.values()}
+        busy = {_server(req) for req, _ in self.claimed.values()} | {key for _, key, _ in self.cancelled.values()}
         for key in list(self.links):
             if key in busy:
                 self.idle_since.pop(key, None)
