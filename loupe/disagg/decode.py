@@ -60,8 +60,7 @@ class DecodeIntake:
         self.being_written: set[int] = set()  # nixl: rooms the prefill server is writing now
         self.cancelled: dict[int, tuple[object, tuple[str, int], float]] = {}  # nixl: room -> (held pages, link, since)
         self.released: list = []  # held pages no write can reach any more, for the scheduler to free
-        self.rejected: dict[str, int] = {}  # bad frames by reason
-        self.logged: set[tuple[str, str]] = set()
+        self.rejected = channel.Rejections("bootstrap link to a prefill server")  # bad frames, by reason
 
     def claim(self, req) -> None:
         """Ask `req`'s prefill server for its KV; `req` holds pages for its prompt already."""
@@ -138,7 +137,7 @@ class DecodeIntake:
             try:
                 message, raw = wire.decode(frames)
             except wire.BadMessage as e:
-                self._rejected(link, e.reason, str(e))
+                self.rejected.add(link.address, e.reason, str(e))
                 continue
             if isinstance(message, wire.KVReady):
                 self._on_kv(link, message, raw, done)
@@ -148,7 +147,8 @@ class DecodeIntake:
                 if self.nixl and message.room in self.claimed:
                     self.being_written.add(message.room)
             elif not isinstance(message, wire.Ping):
-                self._rejected(link, "malformed", f"a {type(message).__name__} message, which only prefill servers get")
+                self.rejected.add(link.address, "malformed",
+                                  f"a {type(message).__name__} message, which only prefill servers get")
 
     def _on_kv(self, link: channel.Link, ready: wire.KVReady, raw: list, done: list) -> None:
         room = ready.room
@@ -160,7 +160,7 @@ class DecodeIntake:
         n = len(req.prompt_ids)
         expected_raw = 0 if self.nixl else 2
         if ready.num_tokens != n or len(raw) != expected_raw or any(len(f) != n * self.token_bytes for f in raw):
-            self._rejected(link, "malformed", f"KV for room {room} of the wrong size")
+            self.rejected.add(link.address, "malformed", f"KV for room {room} of the wrong size")
             self._send(link, wire.Received(room, ok=False))
             self._fail(self._unclaim(room), f"the prefill server at {link.address} sent KV of the wrong size", done)
         elif self.nixl:
@@ -252,14 +252,6 @@ class DecodeIntake:
         logger.warning("KV transfer failed: room %d, prefill server %s:%d: %s", room, req.bootstrap.host,
                        req.bootstrap.port, cause)
         done.append(req)
-
-    def _rejected(self, link: channel.Link, reason: str, what: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        if (link.address, reason) not in self.logged and len(self.logged) < channel.MAX_LOGGED_PEERS:
-            self.logged.add((link.address, reason))
-            logger.warning("bootstrap link: dropped %s from the prefill server at %s (%s; counted in "
-                           "loupe_disaggregation_rejected_total, logged once per address)", channel.FRAME_FAULTS[reason],
-                           link.address, what[:120])
 
     def _expire(self, done: list) -> None:
         now = time.monotonic()

@@ -62,7 +62,7 @@ class PrefillHandoff:
         self.ended: OrderedDict[int, str] = OrderedDict()  # room -> why it failed here, for late claims
         self.peers: dict[bytes, str] = {}  # identity -> address, of decode servers that spoke
         self.agents: dict[bytes, str] = {}  # identity -> its NIXL agent
-        self.rejected: dict[str, int] = {}  # bad frames by reason (failed handshakes: monitor.rejected)
+        self.rejected = self.monitor.rejected  # bad frames and failed handshakes, by reason
         self.gone: set[bytes] = set()  # peers found gone during this poll
         self.orphans: dict[int, str] = {}  # room -> why: its decode server went away before its prompt ran
         self.last_ping = 0.0
@@ -153,10 +153,6 @@ class PrefillHandoff:
     def sockets(self) -> list:
         return [self.sock, self.monitor.monitor]
 
-    @property
-    def rejected_counts(self) -> dict[str, int]:
-        return {**self.rejected, "handshake": self.monitor.rejected} if self.monitor.rejected else dict(self.rejected)
-
     # ---- messages --------------------------------------------------------------------------------
 
     def _handle(self, identity: bytes, frames: list) -> None:
@@ -164,7 +160,7 @@ class PrefillHandoff:
         try:
             message, raw = wire.decode(frames)
         except wire.BadMessage as e:
-            self._rejected(address, e.reason, str(e))
+            self.rejected.add(address, e.reason, str(e))
             return
         self.peers[identity] = address
         if isinstance(message, wire.Claim):
@@ -174,7 +170,7 @@ class PrefillHandoff:
         elif isinstance(message, wire.Cancel):
             self._on_cancel(identity, message.room)
         else:
-            self._rejected(address, "malformed", f"a {type(message).__name__} message, which only decode servers get")
+            self.rejected.add(address, "malformed", f"a {type(message).__name__} message, which only decode servers get")
 
     def _on_claim(self, identity: bytes, claim: wire.Claim) -> None:
         room = claim.room
@@ -324,10 +320,6 @@ class PrefillHandoff:
         self.ended[room] = cause
         while len(self.ended) > MAX_ENDED_ROOMS:
             self.ended.popitem(last=False)
-
-    def _rejected(self, address: str, reason: str, what: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.monitor.log_once(address, reason, f"{channel.FRAME_FAULTS[reason]} ({what[:120]})")
 
     def _expire(self, now: float) -> None:
         for room, (req, since) in list(self.ready.items()):

@@ -83,7 +83,7 @@ class PrefillSide(NoExchange):
     pending = property(lambda self: bool(self.handoff.pending))
 
     def rejected(self) -> dict[str, int]:
-        return self.handoff.rejected_counts
+        return dict(self.handoff.rejected.counts)
 
     def add(self, req: Req) -> bool:
         if req.bootstrap:
@@ -148,7 +148,7 @@ class DecodeSide(NoExchange):
     pending = property(lambda self: bool(self.receiving or self.intake.pending))
 
     def rejected(self) -> dict[str, int]:
-        return dict(self.intake.rejected)
+        return dict(self.intake.rejected.counts)
 
     def add(self, req: Req) -> bool:
         if req.bootstrap:
