@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
@@ -10,6 +10,9 @@ from loupe.core import SamplingParams, TokenLogprob
 from loupe.model.attention import AttentionGroup, ForwardBatch, KVCache
 from loupe.model.loader import LoadedModel
 from loupe.runner.sampler import sample, token_logprobs
+
+if TYPE_CHECKING:
+    from loupe.runner.compiled import CompiledDecode
 
 
 class Sequence(Protocol):
@@ -24,29 +27,11 @@ class Sequence(Protocol):
     generator: torch.Generator
 
 
-class DecodeGraph(Protocol):
-    """A faster forward pass for some decode batches (runner/compiled.py's CompiledDecode)."""
-
-    def serves(self, batch: ForwardBatch, num_tokens: int) -> bool: ...
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
-
-
 class Sampled(NamedTuple):
     """One forward pass's result, request by request (in the order the batch gave them)."""
 
     tokens: list[int | None]  # the next token; None for a prefill still going
     logprobs: list[TokenLogprob | None] | None  # of that token, where asked; None if none asked
-
-
-def requested_logprobs(logits: torch.Tensor, tokens: list[int], reqs: list[Sequence]) -> list[TokenLogprob | None]:
-    """The logprobs of the rows whose request asked for them; None for the others."""
-    rows = [i for i, r in enumerate(reqs) if r.sampling.logprobs]
-    found = token_logprobs(logits[rows], [tokens[i] for i in rows], [reqs[i].sampling.top_logprobs for i in rows])
-    result: list[TokenLogprob | None] = [None] * len(reqs)
-    for i, logprob in zip(rows, found, strict=True):
-        result[i] = logprob
-    return result
 
 
 def in_order(order: list[int], sampled_rows: list[int], values: list) -> list:
@@ -64,7 +49,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, kv: KVCache, slot_table: torch.Tensor, device: torch.device):
         self.model = loaded.model
-        self.compiled: DecodeGraph | None = None
+        self.compiled: CompiledDecode | None = None  # a faster forward pass for some decode batches
         self.comm = loaded.model.comm
         self.hidden_size = loaded.config.hidden_size
         self.kv = kv
@@ -102,16 +87,17 @@ class ModelRunner:
         logprobs: list[TokenLogprob | None] | None = None  # only when a request here asked
         if sampling:
             chosen = [reqs[i] for i in sampling]
-            wants_logprobs = any(r.sampling.logprobs for r in chosen)
+            asked = [j for j, r in enumerate(chosen) if r.sampling.logprobs]  # rows of `logits`
             sampled = found = None
             if ranks.is_last_stage:
                 logits = self.model.compute_logits(hidden[ends], batch.exact)
                 sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
-                if wants_logprobs:
-                    found = requested_logprobs(logits, sampled, chosen)
+                if asked:
+                    found = token_logprobs(logits[asked], [sampled[j] for j in asked],
+                                           [chosen[j].sampling.top_logprobs for j in asked])
             tokens = self.comm.share_tokens(sampled, len(sampling))
-            if wants_logprobs:
-                logprobs = in_order(order, sampling, self.comm.share_from_last_stage(found))
+            if asked:
+                logprobs = in_order(order, [sampling[j] for j in asked], self.comm.share_from_last_stage(found))
         return Sampled(in_order(order, sampling, tokens), logprobs)
 
     def _prepare(self, reqs: list[Sequence], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
