@@ -28,6 +28,8 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from loupe.disagg import wire
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK_SECRET = "loupe: a pair on one machine, no --disaggregation-secret given"
@@ -111,8 +113,8 @@ class Link:
         except zmq.ZMQError as e:  # an address ZMQ cannot parse: this link fails, nothing else
             self.failure = f"could not connect to the prefill server at {self.address} ({e.strerror})"
 
-    def send(self, frames: list) -> None:
-        self.outbox.append(frames)
+    def send(self, message: wire.Message) -> None:
+        self.outbox.append(wire.encode(message))
         self.flush()
 
     def flush(self) -> None:

@@ -67,10 +67,9 @@ class DecodeIntake:
         key, room = _server(req), req.bootstrap.room
         if key not in self.links:
             self.links[key] = channel.Link(self.keys, *key, self.max_frame)
-        self.idle_since.pop(key, None)
         target = self.nixl.target(req.kv.pages) if self.nixl else None
         self.claimed[room] = (req, time.monotonic())
-        self._send(self.links[key], wire.Claim(room, len(req.prompt_ids), self.layout, self.backend, target))
+        self.links[key].send(wire.Claim(room, len(req.prompt_ids), self.layout, self.backend, target))
 
     def poll(self) -> list:
         """The requests whose KV arrived, their first token appended, or that failed (`error`)."""
@@ -103,7 +102,7 @@ class DecodeIntake:
                 key = _server(req)
                 if self.nixl and detach is not None and key in self.links:
                     self.cancelled[room] = (detach(req), key, time.monotonic())
-                    self._send(self.links[key], wire.Cancel(room))
+                    self.links[key].send(wire.Cancel(room))
                 return req
         return None
 
@@ -154,14 +153,14 @@ class DecodeIntake:
         room = ready.room
         if room not in self.claimed:  # failed already (timed out), or aborted
             self._release(room)  # NIXL's write has completed: its pages may be reused
-            self._send(link, wire.Received(room, ok=False))
+            link.send(wire.Received(room, ok=False))
             return
         req = self.claimed[room][0]
         n = len(req.prompt_ids)
         expected_raw = 0 if self.nixl else 2
         if ready.num_tokens != n or len(raw) != expected_raw or any(len(f) != n * self.token_bytes for f in raw):
             self.rejected.add(link.address, "malformed", f"KV for room {room} of the wrong size")
-            self._send(link, wire.Received(room, ok=False))
+            link.send(wire.Received(room, ok=False))
             self._fail(self._unclaim(room), f"the prefill server at {link.address} sent KV of the wrong size", done)
         elif self.nixl:
             self.headers[room] = ready
@@ -205,7 +204,7 @@ class DecodeIntake:
         req.kv_transfer = (start, end or time.perf_counter_ns())
         req.kv_bytes = header.num_bytes or req.kv_bytes
         if _server(req) in self.links:
-            self._send(self.links[_server(req)], wire.Received(req.bootstrap.room, ok=True))
+            self.links[_server(req)].send(wire.Received(req.bootstrap.room, ok=True))
         done.append(req)
 
     def _fill(self, req, num_tokens: int, k: memoryview, v: memoryview) -> None:
@@ -218,10 +217,6 @@ class DecodeIntake:
             cache[:, slots] = values.view(cache.dtype).view(shape).to(cache.device)
         req.kv_bytes = len(k) + len(v)
 
-    @staticmethod
-    def _send(link: channel.Link, message: wire.Message) -> None:
-        link.send(wire.encode(message))
-
     def _unclaim(self, room: int):
         """The request of a room that no longer waits, taken out with all NIXL's side knew of it."""
         self.headers.pop(room, None)
@@ -230,7 +225,7 @@ class DecodeIntake:
         return self.claimed.pop(room)[0]
 
     def _release(self, room: int) -> None:
-        """The pages of an aborted request's room, if kept from NIXL, may be reused now."""
+        """Hand the pages kept for an aborted request's room, if any, to `released`: no write can reach them now."""
         if room in self.cancelled:
             self.released.append(self.cancelled.pop(room)[0])
 
@@ -239,10 +234,9 @@ class DecodeIntake:
         for room, (req, _) in list(self.claimed.items()):
             if _server(req) == key:
                 self._fail(self._unclaim(room), failure, done)
-        for room, (held, link_key, _) in list(self.cancelled.items()):
+        for room, (_, link_key, _) in list(self.cancelled.items()):
             if link_key == key:  # a dead or refusing server writes nothing more
-                del self.cancelled[room]
-                self.released.append(held)
+                self._release(room)
         self.links.pop(key).close()
         self.idle_since.pop(key, None)
 
@@ -258,10 +252,9 @@ class DecodeIntake:
         for room, (_, since) in list(self.claimed.items()):
             if now - since > self.timeout_s:
                 self._fail(self._unclaim(room), f"it did not come within {self.timeout_s:g} s", done)
-        for room, (held, _, since) in list(self.cancelled.items()):
+        for room, (_, _, since) in list(self.cancelled.items()):
             if now - since > self.timeout_s:
-                del self.cancelled[room]
-                self.released.append(held)
+                self._release(room)
         busy = {_server(req) for req, _ in self.claimed.values()} | {key for _, key, _ in self.cancelled.values()}
         for key in list(self.links):
             if key in busy:
