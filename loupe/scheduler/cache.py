@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,16 +73,14 @@ class SlotTable:
         self.table[row, start:end] = slots[: end - start]
 
 
+@dataclass(slots=True, eq=False, repr=False)  # nodes are compared by identity
 class Node:
-    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access")
-
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: Node | None):
-        self.key = key
-        self.pages = pages
-        self.children: dict[tuple[int, ...], Node] = {}
-        self.parent = parent
-        self.lock_ref = 0
-        self.last_access = 0
+    key: tuple[int, ...]
+    pages: list[int]
+    parent: Node | None
+    lock_ref: int = 0
+    last_access: int = 0
+    children: dict[tuple[int, ...], Node] = field(default_factory=dict)
 
 
 class RadixCache:
@@ -92,8 +90,7 @@ class RadixCache:
         self.pool = pool
         self.page_size = pool.page_size
         self.enabled = enabled
-        self.root = Node((), [], None)
-        self.root.lock_ref = 1
+        self.root = Node((), [], None, lock_ref=1)  # never evicted
         self.evictable_pages = 0
         self._clock = itertools.count(1)
 
@@ -109,8 +106,7 @@ class RadixCache:
         tree already held; the caller frees its own pages for that span if they differ."""
         node, pos, _ = self._descend(tokens)
         if pos < len(tokens):
-            new = Node(tuple(tokens[pos:]), pages[pos // self.page_size :], node)
-            new.last_access = node.last_access
+            new = Node(tuple(tokens[pos:]), pages[pos // self.page_size :], node, last_access=node.last_access)
             node.children[new.key[: self.page_size]] = new
             self.evictable_pages += len(new.pages)
         return pos // self.page_size
@@ -186,8 +182,7 @@ class RadixCache:
     def _split(self, node: Node, num_pages: int) -> Node:
         """Cut `node` after `num_pages` pages; return the new upper part."""
         cut = num_pages * self.page_size
-        upper = Node(node.key[:cut], node.pages[:num_pages], node.parent)
-        upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
+        upper = Node(node.key[:cut], node.pages[:num_pages], node.parent, node.lock_ref, node.last_access)
         upper.children[node.key[cut : cut + self.page_size]] = node
         node.parent.children[node.key[: self.page_size]] = upper
         node.key, node.pages, node.parent = node.key[cut:], node.pages[num_pages:], upper
