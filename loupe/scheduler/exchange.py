@@ -98,13 +98,13 @@ class PrefillSide(NoExchange):
         return self.handoff.discard(rid)
 
     def held(self) -> list[Req]:
-        return list(self.handoff.requests)
+        return self.handoff.requests
 
     def step(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
-        """Answer claims, and finish the requests whose KV left (or failed to)."""
-        done = []
-        for req in self.handoff.poll():
-            done.append(req)
+        """Answer claims, finish the requests whose KV left (or failed to), and fail those whose
+        decode server has gone before their prompt runs on."""
+        done = self.handoff.poll()
+        for req in done:
             if scheduler.tracer:
                 scheduler.tracer.kv_sent(req)
             if req.error:
@@ -112,21 +112,14 @@ class PrefillSide(NoExchange):
             else:
                 scheduler.kv.release(req, cache=True)
                 scheduler.finish(req, req.finish_reason or FinishReason.LENGTH)  # its one token
-        if self.handoff.orphans:
-            done += self._drop_orphans(self.handoff.take_orphans(), scheduler)
-        return [], done
-
-    @staticmethod
-    def _drop_orphans(orphans: dict[int, str], scheduler: Scheduler) -> list[Req]:
-        """Fail the requests whose decode server has gone, before their prompt runs on."""
-        dropped = []
+        orphans = self.handoff.take_orphans()
         for queue in (scheduler.waiting, scheduler.running):
             for req in [r for r in queue if r.bootstrap and r.bootstrap.room in orphans]:
                 queue.remove(req)
                 req.error = f"the KV of room {req.bootstrap.room} was not handed over: {orphans[req.bootstrap.room]}"
                 scheduler.drop(req)
-                dropped.append(req)
-        return dropped
+                done.append(req)
+        return [], done
 
     def prefilled(self, req: Req, scheduler: Scheduler) -> bool:
         if req.bootstrap is None:
