@@ -170,7 +170,8 @@ class PrefillHandoff:
         elif isinstance(message, wire.Cancel):
             self._on_cancel(identity, message.room)
         else:
-            self.rejected.add(address, "malformed", f"a {type(message).__name__} message, which only decode servers get")
+            self.rejected.add(address, "malformed",
+                              f"a {type(message).__name__} message, which only decode servers get")
 
     def _on_claim(self, identity: bytes, claim: wire.Claim) -> None:
         room = claim.room

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -76,13 +77,9 @@ class ModelRunner:
         if not ranks.is_last_stage:
             self.comm.send_to_next_stage(hidden)
 
-        ends, sampling = [], []
-        offset = 0
-        for i, (req, n) in enumerate(zip(reqs, num_new, strict=True)):
-            offset += n
-            if req.kv_len + n == req.seq_len:
-                ends.append(offset - 1)
-                sampling.append(i)
+        sampling = [i for i, req in enumerate(reqs) if req.kv_len + num_new[i] == req.seq_len]  # input complete
+        offsets = list(accumulate(num_new))
+        ends = [offsets[i] - 1 for i in sampling]  # their last tokens' rows of `hidden`
         tokens: list[int] = []
         logprobs: list[TokenLogprob | None] | None = None  # only when a request here asked
         if sampling:
@@ -113,38 +110,31 @@ class ModelRunner:
         rows = torch.tensor([r.row for r in reqs])
         starts = torch.tensor([r.kv_len for r in reqs])
         counts = torch.tensor(num_new)
-        device = self.device
-        ids_t = torch.tensor(input_ids, device=device)
-        pos_t = torch.tensor(positions, device=device)
-        table = self.slot_table
-        token_rows = torch.repeat_interleave(rows, counts).to(device)
-        out_slots = table[token_rows, pos_t]
+        ids_t = torch.tensor(input_ids, device=self.device)
+        pos_t = torch.tensor(positions, device=self.device)
+        out_slots = self.slot_table[torch.repeat_interleave(rows, counts).to(self.device), pos_t]
 
-        num_single = sum(1 for n in num_new if n == 1)
+        num_decode = num_new.count(1)  # single queries come first
         decode = prefill = None
-        if num_single:
-            decode = self._group(table, rows[:num_single], starts[:num_single], counts[:num_single])
-        causal = len(reqs) - num_single == 1 and int(starts[-1]) == 0
-        if num_single < len(reqs) and not causal:
-            prefill = self._group(table, rows[num_single:], starts[num_single:], counts[num_single:])
-        num_decode = sum(num_new[:num_single])
+        if num_decode:
+            decode = self._group(rows[:num_decode], starts[:num_decode], counts[:num_decode])
+        causal = len(reqs) - num_decode == 1 and int(starts[-1]) == 0
+        if num_decode < len(reqs) and not causal:
+            prefill = self._group(rows[num_decode:], starts[num_decode:], counts[num_decode:])
         batch = ForwardBatch(self.kv, out_slots, num_decode, decode, prefill, causal, exact=num_decode < len(input_ids))
         return batch, ids_t, pos_t
 
-    def _group(self, table: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> AttentionGroup:
+    def _group(self, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> AttentionGroup:
         device = self.device
         ends = starts + counts
         num_keys, num_queries = int(ends.max()), int(counts.max())
-        slots = table[rows.to(device), :num_keys]
+        slots = self.slot_table[rows.to(device), :num_keys]
         key_pos = torch.arange(num_keys)
+        query_index = None
         if num_queries == 1:  # one mask for any two or more, alike or not: one compiled graph (compiled.py)
-            mask = None if len(rows) == 1 else (key_pos[None, :] < ends[:, None])[:, None, None, :]
-            query_index = None
+            mask = None if len(rows) == 1 else (key_pos[None, :] < ends[:, None])[:, None, None, :].to(device)
         else:
             query_pos = torch.arange(num_queries)
-            mask = (key_pos[None, None, :] <= (starts[:, None] + query_pos[None, :])[:, :, None])[:, None]
-            query_index = torch.cat([b * num_queries + torch.arange(int(n)) for b, n in enumerate(counts)])
-            query_index = query_index.to(device)
-        if mask is not None:
-            mask = mask.to(device)
+            mask = (key_pos[None, None, :] <= (starts[:, None] + query_pos[None, :])[:, :, None])[:, None].to(device)
+            query_index = torch.cat([b * num_queries + torch.arange(int(n)) for b, n in enumerate(counts)]).to(device)
         return AttentionGroup(slots, mask, query_index, num_queries)
