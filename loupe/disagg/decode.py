@@ -92,7 +92,7 @@ class DecodeIntake:
         self._expire(done)
         return done
 
-    def discard(self, rid: str, detach=None):
+    def discard(self, rid: str, detach):
         """Stop waiting for the request `rid` (aborted); the request, or None. With NIXL, its
         pages may still be written: `detach(req)` takes them from it, and they are kept until
         that cannot happen (then in `released`)."""
@@ -100,7 +100,7 @@ class DecodeIntake:
             if req.rid == rid:
                 self._unclaim(room)
                 key = _server(req)
-                if self.nixl and detach is not None and key in self.links:
+                if self.nixl and key in self.links:
                     self.cancelled[room] = (detach(req), key, time.monotonic())
                     self.links[key].send(wire.Cancel(room))
                 return req
