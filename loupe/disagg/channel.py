@@ -107,6 +107,7 @@ class Link:
         self.failure: str | None = None  # why it ended
         self.outbox: list[list] = []  # messages ZMQ had no room for yet (before the connection is made)
         self.blocked_since: float | None = None
+        self.last_busy = time.monotonic()  # when a request last waited on it (DecodeIntake closes idle links)
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         try:
             self.sock.connect(f"tcp://{host}:{port}")

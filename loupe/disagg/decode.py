@@ -53,7 +53,6 @@ class DecodeIntake:
         self.token_bytes = kv.k[:, 0].nbytes  # one token's K (or V), all layers
         self.nixl = NixlKV(kv, layout.page_size, "decode") if backend == "nixl" else None
         self.links: dict[tuple[str, int], channel.Link] = {}  # one per prefill server
-        self.idle_since: dict[tuple[str, int], float] = {}
         self.claimed: dict[int, tuple[object, float]] = {}  # room -> (req, since)
         self.headers: dict[int, wire.KVReady] = {}  # nixl: rooms whose KVReady came before the data
         self.written: set[int] = set()  # nixl: rooms whose data came before the KVReady
@@ -238,7 +237,6 @@ class DecodeIntake:
             if link_key == key:  # a dead or refusing server writes nothing more
                 self._release(room)
         self.links.pop(key).close()
-        self.idle_since.pop(key, None)
 
     def _fail(self, req, cause: str, done: list) -> None:
         room = req.bootstrap.room
@@ -256,12 +254,11 @@ class DecodeIntake:
             if now - since > self.timeout_s:
                 self._release(room)
         busy = {_server(req) for req, _ in self.claimed.values()} | {key for _, key, _ in self.cancelled.values()}
-        for key in list(self.links):
+        for key, link in list(self.links.items()):
             if key in busy:
-                self.idle_since.pop(key, None)
-            elif now - self.idle_since.setdefault(key, now) > IDLE_CLOSE_S:
+                link.last_busy = now
+            elif now - link.last_busy > IDLE_CLOSE_S:
                 self.links.pop(key).close()
-                del self.idle_since[key]
 
     def close(self) -> None:
         for link in self.links.values():

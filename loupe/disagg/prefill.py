@@ -98,8 +98,7 @@ class PrefillHandoff:
         self.expected.discard(room)
         self._remember_end(room, "its request ended on the prefill server")
         if room in self.claims:
-            identity, _, _ = self.claims.pop(room)
-            self._send(identity, wire.Refused(room, "failed"))
+            self._send(self.claims.pop(room)[0], wire.Refused(room, "failed"))
 
     def poll(self) -> list:
         """Answer the messages that came; the requests whose KV left (or that failed) since."""
