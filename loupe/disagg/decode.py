@@ -168,15 +168,14 @@ class DecodeIntake:
             self._fill(self._unclaim(room), n, raw[0].buffer, raw[1].buffer)
             self._arrived(req, ready, start, done)
 
-    def _on_refused(self, link: channel.Link, refused: wire.Refused, done: list) -> None:
-        self._release(refused.room)
-        if refused.room in self.claimed:
-            req = self._unclaim(refused.room)
-            self._fail(req, self._refusal_text(link, refused, req), done)
-
-    def _refusal_text(self, link: channel.Link, r: wire.Refused, req) -> str:
+    def _on_refused(self, link: channel.Link, r: wire.Refused, done: list) -> None:
+        """Fail the request the prefill server refused, with an error worded here from the code."""
+        self._release(r.room)
+        if r.room not in self.claimed:
+            return
+        req = self._unclaim(r.room)
         where = f"the prefill server at {link.address}"
-        return {
+        self._fail(req, {
             "backend": f"{where} moves KV by {r.backend} and this decode server by {self.backend}: give both the "
                        "same --disaggregation-transfer-backend",
             "layout": f"{where} has KV layout {r.layout} and this decode server {self.layout}: both must serve the "
@@ -187,7 +186,7 @@ class DecodeIntake:
             "expired": f"{where} did not run the prompt of room {r.room} in time",
             "failed": f"{where} could not serve room {r.room}: its request failed or was aborted there",
             "transfer_failed": f"the transfer of room {r.room}'s KV from {where} failed",
-        }[r.code]
+        }[r.code], done)
 
     # ---- arrivals and failures -------------------------------------------------------------------
 

@@ -74,9 +74,7 @@ class Worker:
         return max(budget // per_token, 4 * self.page_size)
 
     def forward(self, reqs: list[Sequence], num_new: list[int]) -> Sampled:
-        """Compute `num_new[i]` more tokens of each request's KV; the next token of each
-        request whose input this completes (None for a prefill still going), and its logprobs
-        where the request asked for them."""
+        """One forward pass of the runner (ModelRunner.forward)."""
         return self.runner.forward(reqs, num_new)
 
     @property

@@ -278,11 +278,6 @@ class KVManager:
         self.tree.unlock(hold.prefix_node)
         self.slots.free_row(hold.row)
 
-    def retract(self, req) -> None:
-        """Take back a running request's pages so others can run. Its computed KV goes to the
-        prefix tree, where its next admission finds it again."""
-        self.release(req, cache=True)
-
     @property
     def used_tokens(self) -> int:
         """Tokens of KV held by running requests and by locked prefixes (not evictable)."""

@@ -203,7 +203,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
-        self.kv.retract(req)
+        self.kv.release(req, cache=True)  # its computed KV goes to the prefix tree, for its next admission
         req.num_retractions += 1
         if self.tracer:
             self.tracer.retracted(req)

@@ -143,7 +143,7 @@ def test_retract_keeps_the_computed_kv_for_the_next_admission():
     kv.admit(req)
     kv.grow(req, 7)
     req.kv_len = 6  # the last output token is the next input
-    kv.retract(req)
+    kv.release(req, cache=True)  # as the scheduler retracts it
     assert req.kv is None and req.kv_len == 0
     assert held(kv) == set(kv.tree.root.children[(1, 2)].pages) and kv.tree.total_pages() == 3
     assert kv.admit(req) and req.kv_len == 6 and req.kv.num_tree_pages == 3
