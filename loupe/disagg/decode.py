@@ -85,9 +85,8 @@ class DecodeIntake:
                 else:
                     self._release(room)  # its pages may be reused now
             for room in self.written & self.headers.keys():
-                header = self.headers[room]
-                end = time.perf_counter_ns()
-                self._arrived(self._unclaim(room), header, end - int(header.seconds * 1e9), done, end)
+                header = self.headers[room]  # the write took header.seconds, as the prefill server timed it
+                self._arrived(self._unclaim(room), header, time.perf_counter_ns() - int(header.seconds * 1e9), done)
         self._expire(done)
         return done
 
@@ -190,7 +189,7 @@ class DecodeIntake:
 
     # ---- arrivals and failures -------------------------------------------------------------------
 
-    def _arrived(self, req, header: wire.KVReady, start: int, done: list, end: int | None = None) -> None:
+    def _arrived(self, req, header: wire.KVReady, start: int, done: list) -> None:
         """`req`'s KV is in: it takes its first token, and the prefill server hears that it may
         let the KV go."""
         req.output_ids.append(header.first_token)
@@ -199,7 +198,7 @@ class DecodeIntake:
                 req.error = "the prefill server sent no logprobs for the first token"
             else:
                 req.output_logprobs.append(header.first_logprob)
-        req.kv_transfer = (start, end or time.perf_counter_ns())
+        req.kv_transfer = (start, time.perf_counter_ns())
         req.kv_bytes = header.num_bytes or req.kv_bytes
         if _server(req) in self.links:
             self.links[_server(req)].send(wire.Received(req.bootstrap.room, ok=True))

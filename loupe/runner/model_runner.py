@@ -78,23 +78,22 @@ class ModelRunner:
             self.comm.send_to_next_stage(hidden)
 
         sampling = [i for i, req in enumerate(reqs) if req.kv_len + num_new[i] == req.seq_len]  # input complete
+        if not sampling:  # prefill chunks only
+            return Sampled([None] * len(reqs), None)
         offsets = list(accumulate(num_new))
         ends = [offsets[i] - 1 for i in sampling]  # their last tokens' rows of `hidden`
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob | None] | None = None  # only when a request here asked
-        if sampling:
-            chosen = [reqs[i] for i in sampling]
-            asked = [j for j, r in enumerate(chosen) if r.sampling.logprobs]  # rows of `logits`
-            sampled = found = None
-            if ranks.is_last_stage:
-                logits = self.model.compute_logits(hidden[ends], batch.exact)
-                sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
-                if asked:
-                    found = token_logprobs(logits[asked], [sampled[j] for j in asked],
-                                           [chosen[j].sampling.top_logprobs for j in asked])
-            tokens = self.comm.share_tokens(sampled, len(sampling))
+        chosen = [reqs[i] for i in sampling]
+        asked = [j for j, r in enumerate(chosen) if r.sampling.logprobs]  # rows of `logits`
+        sampled = found = None
+        if ranks.is_last_stage:
+            logits = self.model.compute_logits(hidden[ends], batch.exact)
+            sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
             if asked:
-                logprobs = in_order(order, [sampling[j] for j in asked], self.comm.share_from_last_stage(found))
+                found = token_logprobs(logits[asked], [sampled[j] for j in asked],
+                                       [chosen[j].sampling.top_logprobs for j in asked])
+        tokens = self.comm.share_tokens(sampled, len(sampling))
+        logprobs = (in_order(order, [sampling[j] for j in asked], self.comm.share_from_last_stage(found))
+                    if asked else None)  # only when a request here asked
         return Sampled(in_order(order, sampling, tokens), logprobs)
 
     def _prepare(self, reqs: list[Sequence], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:

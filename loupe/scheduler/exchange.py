@@ -166,18 +166,16 @@ class DecodeSide(NoExchange):
             self.intake.claim(req)
             if tracer:
                 tracer.kv_claimed(req)
-        arrived, done = [], []
-        for req in self.intake.poll():
+        polled = self.intake.poll()
+        for req in polled:
             if req.error:
                 scheduler.drop(req)
-                done.append(req)
                 continue
             req.admit_time = req.first_token_time = time.perf_counter()
             req.cached_tokens = 0
             req.finish_reason, req.matched_stop = scheduler.stops.check(req.sampling, req.output_ids, req.seq_len)
-            arrived.append(req)
             if tracer:
                 tracer.kv_arrived(req)
         while self.intake.released:  # pages of aborted requests that no write can reach now
             kv.free(self.intake.released.pop())
-        return arrived, done
+        return [req for req in polled if not req.error], [req for req in polled if req.error]
