@@ -115,9 +115,10 @@ class PrefillHandoff:
         if self.monitor.peer_left:  # someone left: find out who, and forget them
             self.monitor.peer_left = False
             self._ping(set(self.peers))
-        if now - self.last_ping > PING_INTERVAL_S:
+        if now - self.last_ping > PING_INTERVAL_S:  # the peers this server waits on
             self.last_ping = now
-            self._ping(self._waited_on())
+            self._ping({i for i, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
+                       {i for i, _, _, _ in self.sent.values()})
         self._expire(now)
         while self.gone:
             self._peer_gone(self.gone.pop())
@@ -263,10 +264,6 @@ class PrefillHandoff:
             return False
 
     # ---- failures --------------------------------------------------------------------------------
-
-    def _waited_on(self) -> set[bytes]:
-        return ({identity for identity, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
-                {i for i, _, _, _ in self.sent.values()})
 
     def _ping(self, identities: set[bytes]) -> None:
         """Sends to a peer whose connection has dropped fail at once: it is then gone."""
