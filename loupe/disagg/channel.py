@@ -28,6 +28,8 @@ import zmq
 from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
+from loupe.disagg import wire
+
 logger = logging.getLogger(__name__)
 
 LOOPBACK_SECRET = "loupe: a pair on one machine, no --disaggregation-secret given"
@@ -36,8 +38,11 @@ HEARTBEAT_TIMEOUT_MS = 3000
 HANDSHAKE_MS = 3000  # a peer that has not completed its handshake by then is dropped
 CONNECT_TIMEOUT_MS = 3000
 MAX_LOGGED_PEERS = 256  # addresses whose bad frames are logged (once each); all are counted
-FRAME_FAULTS = {"malformed": "a malformed frame", "oversized": "an oversized frame",
-                "version": "a frame of an unknown protocol version or kind"}  # by wire.BadMessage.reason
+FAULTS = {"malformed": "a malformed frame", "oversized": "an oversized frame",  # by wire.BadMessage.reason
+          "version": "a frame of an unknown protocol version or kind",
+          "handshake": "no valid handshake (no secret, another --disaggregation-secret, or not a loupe decode server)"}
+HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
 
 @dataclass(frozen=True)
@@ -102,14 +107,15 @@ class Link:
         self.failure: str | None = None  # why it ended
         self.outbox: list[list] = []  # messages ZMQ had no room for yet (before the connection is made)
         self.blocked_since: float | None = None
+        self.last_busy = time.monotonic()  # when a request last waited on it (DecodeIntake closes idle links)
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
         try:
             self.sock.connect(f"tcp://{host}:{port}")
         except zmq.ZMQError as e:  # an address ZMQ cannot parse: this link fails, nothing else
             self.failure = f"could not connect to the prefill server at {self.address} ({e.strerror})"
 
-    def send(self, frames: list) -> None:
-        self.outbox.append(frames)
+    def send(self, message: wire.Message) -> None:
+        self.outbox.append(wire.encode(message))
         self.flush()
 
     def flush(self) -> None:
@@ -134,8 +140,7 @@ class Link:
             event = parse_monitor_message(self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.up = True
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-                           zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            elif event in HANDSHAKE_FAILURES:
                 self.failure = (f"no secure handshake with the prefill server at {self.address}: it is not a loupe "
                                 "prefill server, or its --disaggregation-secret differs")
             elif event == zmq.EVENT_DISCONNECTED:
@@ -152,6 +157,25 @@ class Link:
         self.sock.close(0)
 
 
+class Rejections:
+    """What peers sent that was refused, counted by reason (`FAULTS`'s keys; /metrics shows the
+    counts) and logged once per address and reason."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.counts: dict[str, int] = {}
+        self.logged: set[tuple[str, str]] = set()
+
+    def add(self, address: str, reason: str, detail: str = "") -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        if (address, reason) in self.logged or len(self.logged) >= MAX_LOGGED_PEERS:
+            return
+        self.logged.add((address, reason))
+        what = f"{FAULTS[reason]} ({detail[:120]})" if detail else FAULTS[reason]
+        logger.warning("%s: refused %s from %s (counted in loupe_disaggregation_rejected_total; logged once per "
+                       "address)", self.where, what, address)
+
+
 class ServerMonitor:
     """The prefill server's view of connections to its bootstrap port: each refused handshake
     (no or another secret, not ZMQ at all) counted and logged once per address, and whether a
@@ -162,8 +186,7 @@ class ServerMonitor:
         self.monitor = sock.get_monitor_socket()
         self.addresses: dict[int, str] = {}  # fd -> peer address, for connections accepted
         self.previous: tuple[int, int] | None = None  # the last event and its value
-        self.rejected = 0
-        self.logged: set[tuple[str, str]] = set()
+        self.rejected = Rejections("bootstrap port")  # failed handshakes here; bad frames too (PrefillHandoff)
         self.peer_left = False
 
     def read(self) -> None:
@@ -178,19 +201,10 @@ class ServerMonitor:
                 # a connection closed right after it was accepted never spoke ZMTP at all.
                 if self.previous is not None and (self.previous[0] in HANDSHAKE_FAILURES or
                                                   self.previous == (zmq.EVENT_ACCEPTED, value)):
-                    self.rejected += 1
-                    self.log_once(address, "handshake", "no valid handshake (no secret, another "
-                                  "--disaggregation-secret, or not a loupe decode server)")
+                    self.rejected.add(address, "handshake")
                 else:
                     self.peer_left = True
             self.previous = (event, value)
-
-    def log_once(self, address: str, reason: str, what: str) -> None:
-        if (address, reason) in self.logged or len(self.logged) >= MAX_LOGGED_PEERS:
-            return
-        self.logged.add((address, reason))
-        logger.warning("bootstrap port: refused %s from %s (counted in loupe_disaggregation_rejected_total; "
-                       "logged once per address)", what, address)
 
     def close(self) -> None:
         """Close the monitor and then its socket (in that order: a socket closed while its
@@ -198,10 +212,6 @@ class ServerMonitor:
         self.sock.disable_monitor()
         self.monitor.close(0)
         self.sock.close(0)
-
-
-HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
-                      zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 
 
 def _address_of(fd: int) -> str:

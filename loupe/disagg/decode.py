@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 IDLE_CLOSE_S = 30.0
 
 
+def _server(req) -> tuple[str, int]:
+    """The prefill server `req`'s KV comes from: its link's key."""
+    return req.bootstrap.host, req.bootstrap.port
+
+
 class DecodeIntake:
     def __init__(self, kv: KVCache, layout: KVLayout, timeout_s: float, backend: str = "tcp",
                  secret: str | None = None):
@@ -48,26 +53,22 @@ class DecodeIntake:
         self.token_bytes = kv.k[:, 0].nbytes  # one token's K (or V), all layers
         self.nixl = NixlKV(kv, layout.page_size, "decode") if backend == "nixl" else None
         self.links: dict[tuple[str, int], channel.Link] = {}  # one per prefill server
-        self.idle_since: dict[tuple[str, int], float] = {}
         self.claimed: dict[int, tuple[object, float]] = {}  # room -> (req, since)
         self.headers: dict[int, wire.KVReady] = {}  # nixl: rooms whose KVReady came before the data
         self.written: set[int] = set()  # nixl: rooms whose data came before the KVReady
         self.being_written: set[int] = set()  # nixl: rooms the prefill server is writing now
         self.cancelled: dict[int, tuple[object, tuple[str, int], float]] = {}  # nixl: room -> (held pages, link, since)
         self.released: list = []  # held pages no write can reach any more, for the scheduler to free
-        self.rejected: dict[str, int] = {}  # bad frames by reason
-        self.logged: set[tuple[str, str]] = set()
+        self.rejected = channel.Rejections("bootstrap link to a prefill server")  # bad frames, by reason
 
     def claim(self, req) -> None:
         """Ask `req`'s prefill server for its KV; `req` holds pages for its prompt already."""
-        b = req.bootstrap
-        link = self.links.get((b.host, b.port))
-        if link is None:
-            link = self.links[b.host, b.port] = channel.Link(self.keys, b.host, b.port, self.max_frame)
-        self.idle_since.pop((b.host, b.port), None)
+        key, room = _server(req), req.bootstrap.room
+        if key not in self.links:
+            self.links[key] = channel.Link(self.keys, *key, self.max_frame)
         target = self.nixl.target(req.kv.pages) if self.nixl else None
-        self.claimed[b.room] = (req, time.monotonic())
-        self._send(link, wire.Claim(b.room, len(req.prompt_ids), self.layout, self.backend, target))
+        self.claimed[room] = (req, time.monotonic())
+        self.links[key].send(wire.Claim(room, len(req.prompt_ids), self.layout, self.backend, target))
 
     def poll(self) -> list:
         """The requests whose KV arrived, their first token appended, or that failed (`error`)."""
@@ -81,30 +82,25 @@ class DecodeIntake:
             for room in self.nixl.arrived_rooms():
                 if room in self.claimed:
                     self.written.add(room)
-                elif room in self.cancelled:  # its pages may be reused now
-                    self.released.append(self.cancelled.pop(room)[0])
+                else:
+                    self._release(room)  # its pages may be reused now
             for room in self.written & self.headers.keys():
-                header = self.headers[room]
-                self._forget(room)
-                req = self.claimed.pop(room)[0]
-                end = time.perf_counter_ns()
-                self._arrived(req, header, end - int(header.seconds * 1e9), end)
-                done.append(req)
+                header = self.headers[room]  # the write took header.seconds, as the prefill server timed it
+                self._arrived(self._unclaim(room), header, time.perf_counter_ns() - int(header.seconds * 1e9), done)
         self._expire(done)
         return done
 
-    def discard(self, rid: str, detach=None):
+    def discard(self, rid: str, detach):
         """Stop waiting for the request `rid` (aborted); the request, or None. With NIXL, its
         pages may still be written: `detach(req)` takes them from it, and they are kept until
         that cannot happen (then in `released`)."""
         for room, (req, _) in list(self.claimed.items()):
             if req.rid == rid:
-                del self.claimed[room]
-                self._forget(room)
-                key = (req.bootstrap.host, req.bootstrap.port)
-                if self.nixl and detach is not None and key in self.links:
+                self._unclaim(room)
+                key = _server(req)
+                if self.nixl and key in self.links:
                     self.cancelled[room] = (detach(req), key, time.monotonic())
-                    self._send(self.links[key], wire.Cancel(room))
+                    self.links[key].send(wire.Cancel(room))
                 return req
         return None
 
@@ -138,7 +134,7 @@ class DecodeIntake:
             try:
                 message, raw = wire.decode(frames)
             except wire.BadMessage as e:
-                self._rejected(link, e.reason, str(e))
+                self.rejected.add(link.address, e.reason, str(e))
                 continue
             if isinstance(message, wire.KVReady):
                 self._on_kv(link, message, raw, done)
@@ -148,47 +144,37 @@ class DecodeIntake:
                 if self.nixl and message.room in self.claimed:
                     self.being_written.add(message.room)
             elif not isinstance(message, wire.Ping):
-                self._rejected(link, "malformed", f"a {type(message).__name__} message, which only prefill servers get")
+                self.rejected.add(link.address, "malformed",
+                                  f"a {type(message).__name__} message, which only prefill servers get")
 
     def _on_kv(self, link: channel.Link, ready: wire.KVReady, raw: list, done: list) -> None:
         room = ready.room
         if room not in self.claimed:  # failed already (timed out), or aborted
-            if room in self.cancelled:  # NIXL's write has completed: its pages may be reused
-                self.released.append(self.cancelled.pop(room)[0])
-            self._send(link, wire.Received(room, ok=False))
+            self._release(room)  # NIXL's write has completed: its pages may be reused
+            link.send(wire.Received(room, ok=False))
             return
         req = self.claimed[room][0]
         n = len(req.prompt_ids)
         expected_raw = 0 if self.nixl else 2
         if ready.num_tokens != n or len(raw) != expected_raw or any(len(f) != n * self.token_bytes for f in raw):
-            self._rejected(link, "malformed", f"KV for room {room} of the wrong size")
-            self._send(link, wire.Received(room, ok=False))
-            self._fail(self.claimed.pop(room)[0], f"the prefill server at {link.address} sent KV of the wrong size",
-                       done)
-            return
-        if self.nixl:
+            self.rejected.add(link.address, "malformed", f"KV for room {room} of the wrong size")
+            link.send(wire.Received(room, ok=False))
+            self._fail(self._unclaim(room), f"the prefill server at {link.address} sent KV of the wrong size", done)
+        elif self.nixl:
             self.headers[room] = ready
-            return
-        start = time.perf_counter_ns()
-        del self.claimed[room]
-        self._fill(req, n, raw[0].buffer, raw[1].buffer)
-        self._arrived(req, ready, start)
-        self._send(link, wire.Received(room, ok=True))
-        done.append(req)
+        else:
+            start = time.perf_counter_ns()
+            self._fill(self._unclaim(room), n, raw[0].buffer, raw[1].buffer)
+            self._arrived(req, ready, start, done)
 
-    def _on_refused(self, link: channel.Link, refused: wire.Refused, done: list) -> None:
-        room = refused.room
-        if room in self.cancelled:
-            self.released.append(self.cancelled.pop(room)[0])
-        if room not in self.claimed:
+    def _on_refused(self, link: channel.Link, r: wire.Refused, done: list) -> None:
+        """Fail the request the prefill server refused, with an error worded here from the code."""
+        self._release(r.room)
+        if r.room not in self.claimed:
             return
-        req = self.claimed.pop(room)[0]
-        self._forget(room)
-        self._fail(req, self._refusal_text(link, refused, req), done)
-
-    def _refusal_text(self, link: channel.Link, r: wire.Refused, req) -> str:
+        req = self._unclaim(r.room)
         where = f"the prefill server at {link.address}"
-        return {
+        self._fail(req, {
             "backend": f"{where} moves KV by {r.backend} and this decode server by {self.backend}: give both the "
                        "same --disaggregation-transfer-backend",
             "layout": f"{where} has KV layout {r.layout} and this decode server {self.layout}: both must serve the "
@@ -199,23 +185,24 @@ class DecodeIntake:
             "expired": f"{where} did not run the prompt of room {r.room} in time",
             "failed": f"{where} could not serve room {r.room}: its request failed or was aborted there",
             "transfer_failed": f"the transfer of room {r.room}'s KV from {where} failed",
-        }[r.code]
+        }[r.code], done)
 
     # ---- arrivals and failures -------------------------------------------------------------------
 
-    def _arrived(self, req, header: wire.KVReady, start: int, end: int | None = None) -> None:
+    def _arrived(self, req, header: wire.KVReady, start: int, done: list) -> None:
+        """`req`'s KV is in: it takes its first token, and the prefill server hears that it may
+        let the KV go."""
         req.output_ids.append(header.first_token)
         if req.sampling.logprobs:
             if header.first_logprob is None:
                 req.error = "the prefill server sent no logprobs for the first token"
             else:
                 req.output_logprobs.append(header.first_logprob)
-        req.kv_transfer = (start, end or time.perf_counter_ns())
+        req.kv_transfer = (start, time.perf_counter_ns())
         req.kv_bytes = header.num_bytes or req.kv_bytes
-        if self.nixl:
-            key = (req.bootstrap.host, req.bootstrap.port)
-            if key in self.links:
-                self._send(self.links[key], wire.Received(req.bootstrap.room, ok=True))
+        if _server(req) in self.links:
+            self.links[_server(req)].send(wire.Received(req.bootstrap.room, ok=True))
+        done.append(req)
 
     def _fill(self, req, num_tokens: int, k: memoryview, v: memoryview) -> None:
         slots = page_slots(req.kv.pages, self.layout.page_size, num_tokens).to(self.kv.k.device)
@@ -227,29 +214,27 @@ class DecodeIntake:
             cache[:, slots] = values.view(cache.dtype).view(shape).to(cache.device)
         req.kv_bytes = len(k) + len(v)
 
-    @staticmethod
-    def _send(link: channel.Link, message: wire.Message) -> None:
-        link.send(wire.encode(message))
-
-    def _forget(self, room: int) -> None:
-        """What NIXL's side knew of a room that no longer waits."""
+    def _unclaim(self, room: int):
+        """The request of a room that no longer waits, taken out with all NIXL's side knew of it."""
         self.headers.pop(room, None)
         self.written.discard(room)
         self.being_written.discard(room)
+        return self.claimed.pop(room)[0]
+
+    def _release(self, room: int) -> None:
+        """Hand the pages kept for an aborted request's room, if any, to `released`: no write can reach them now."""
+        if room in self.cancelled:
+            self.released.append(self.cancelled.pop(room)[0])
 
     def _link_failed(self, key: tuple[str, int], failure: str, done: list) -> None:
         """The link to one prefill server has failed: every request on it fails now."""
         for room, (req, _) in list(self.claimed.items()):
-            if (req.bootstrap.host, req.bootstrap.port) == key:
-                del self.claimed[room]
-                self._forget(room)
-                self._fail(req, failure, done)
-        for room, (held, link_key, _) in list(self.cancelled.items()):
+            if _server(req) == key:
+                self._fail(self._unclaim(room), failure, done)
+        for room, (_, link_key, _) in list(self.cancelled.items()):
             if link_key == key:  # a dead or refusing server writes nothing more
-                del self.cancelled[room]
-                self.released.append(held)
+                self._release(room)
         self.links.pop(key).close()
-        self.idle_since.pop(key, None)
 
     def _fail(self, req, cause: str, done: list) -> None:
         room = req.bootstrap.room
@@ -258,33 +243,20 @@ class DecodeIntake:
                        req.bootstrap.port, cause)
         done.append(req)
 
-    def _rejected(self, link: channel.Link, reason: str, what: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        if (link.address, reason) not in self.logged and len(self.logged) < channel.MAX_LOGGED_PEERS:
-            self.logged.add((link.address, reason))
-            logger.warning("bootstrap link: dropped %s from the prefill server at %s (%s; counted in "
-                           "loupe_disaggregation_rejected_total, logged once per address)", channel.FRAME_FAULTS[reason],
-                           link.address, what[:120])
-
     def _expire(self, done: list) -> None:
         now = time.monotonic()
-        for room, (req, since) in list(self.claimed.items()):
+        for room, (_, since) in list(self.claimed.items()):
             if now - since > self.timeout_s:
-                del self.claimed[room]
-                self._forget(room)
-                self._fail(req, f"it did not come within {self.timeout_s:g} s", done)
-        for room, (held, _, since) in list(self.cancelled.items()):
+                self._fail(self._unclaim(room), f"it did not come within {self.timeout_s:g} s", done)
+        for room, (_, _, since) in list(self.cancelled.items()):
             if now - since > self.timeout_s:
-                del self.cancelled[room]
-                self.released.append(held)
-        busy = {(r.bootstrap.host, r.bootstrap.port) for r, _ in self.claimed.values()} | {
-            key for _, key, _ in self.cancelled.values()}
-        for key in list(self.links):
+                self._release(room)
+        busy = {_server(req) for req, _ in self.claimed.values()} | {key for _, key, _ in self.cancelled.values()}
+        for key, link in list(self.links.items()):
             if key in busy:
-                self.idle_since.pop(key, None)
-            elif now - self.idle_since.setdefault(key, now) > IDLE_CLOSE_S:
+                link.last_busy = now
+            elif now - link.last_busy > IDLE_CLOSE_S:
                 self.links.pop(key).close()
-                del self.idle_since[key]
 
     def close(self) -> None:
         for link in self.links.values():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from contextlib import suppress
 
 import numpy as np
 
@@ -90,28 +91,21 @@ class NixlKV:
         """A peer has gone: drop its metadata (a new one comes with its next claim)."""
         if agent in self.peers:
             self.peers.discard(agent)
-            try:
+            with suppress(Exception):
                 self.agent.remove_remote_agent(agent)
-            except Exception:
-                pass
 
-    def arrived_rooms(self) -> dict[int, str]:
-        """Rooms whose data another server finished writing here since the last call, with the
-        agent that wrote them. A notification that is not a room number is ignored."""
-        rooms = {}
-        for agent, messages in self.agent.get_new_notifs().items():
-            for message in messages:
-                if message.isdigit() and len(message) < 21:
-                    rooms[int(message)] = agent.decode() if isinstance(agent, bytes) else agent
-        return rooms
+    def arrived_rooms(self) -> set[int]:
+        """Rooms whose data another server finished writing here since the last call. A
+        notification that is not a room number is ignored."""
+        return {int(message) for messages in self.agent.get_new_notifs().values() for message in messages
+                if message.isdigit() and len(message) < 21}
 
     def _end(self, room: int) -> None:
         handle, _ = self.writing.pop(room, (None, 0))
         if handle is not None:
-            try:
+            with suppress(Exception):  # still active and not cancellable: NIXL keeps it
                 self.agent.release_xfer_handle(handle)
-            except Exception:  # still active and not cancellable: NIXL keeps it
-                pass
+
     def _descs(self, bases: tuple[int, int], num_slots: int, pages) -> np.ndarray:
         """(address, length, device) of every layer's block of each page, in K then V."""
         layers = np.arange(self.kv.k.shape[0], dtype=np.uint64)[:, None]

@@ -47,22 +47,6 @@ def page_slots(pages: list[int], page_size: int, num_tokens: int) -> torch.Tenso
     return (torch.tensor(pages, dtype=torch.int64)[:, None] * page_size + offsets).flatten()[:num_tokens]
 
 
-def claim_refusal(layout: KVLayout, backend: str, claim: wire.Claim) -> wire.Refused | None:
-    """Why this prefill server cannot serve a decode server's claim, with its own values."""
-    if claim.backend != backend:
-        return wire.Refused(claim.room, "backend", backend=backend)
-    if claim.layout != layout:
-        return wire.Refused(claim.room, "layout", layout=layout)
-    if claim.backend == "nixl" and claim.target is None:
-        return wire.Refused(claim.room, "backend", backend=backend)
-    return None
-
-
-def first_logprob(req):
-    """The first token's logprobs, if the request asked (the decode server reports them)."""
-    return req.output_logprobs[0] if req.output_logprobs else None
-
-
 class PrefillHandoff:
     def __init__(self, host: str, port: int, kv: KVCache, layout: KVLayout, timeout_s: float,
                  backend: str = "tcp", secret: str | None = None):
@@ -78,7 +62,7 @@ class PrefillHandoff:
         self.ended: OrderedDict[int, str] = OrderedDict()  # room -> why it failed here, for late claims
         self.peers: dict[bytes, str] = {}  # identity -> address, of decode servers that spoke
         self.agents: dict[bytes, str] = {}  # identity -> its NIXL agent
-        self.rejected: dict[str, int] = {}  # bad frames by reason (failed handshakes: monitor.rejected)
+        self.rejected = self.monitor.rejected  # bad frames and failed handshakes, by reason
         self.gone: set[bytes] = set()  # peers found gone during this poll
         self.orphans: dict[int, str] = {}  # room -> why: its decode server went away before its prompt ran
         self.last_ping = 0.0
@@ -114,8 +98,7 @@ class PrefillHandoff:
         self.expected.discard(room)
         self._remember_end(room, "its request ended on the prefill server")
         if room in self.claims:
-            identity, _, _ = self.claims.pop(room)
-            self._send(identity, wire.Refused(room, "failed"))
+            self._send(self.claims.pop(room)[0], wire.Refused(room, "failed"))
 
     def poll(self) -> list:
         """Answer the messages that came; the requests whose KV left (or that failed) since."""
@@ -132,9 +115,10 @@ class PrefillHandoff:
         if self.monitor.peer_left:  # someone left: find out who, and forget them
             self.monitor.peer_left = False
             self._ping(set(self.peers))
-        if now - self.last_ping > PING_INTERVAL_S:
+        if now - self.last_ping > PING_INTERVAL_S:  # the peers this server waits on
             self.last_ping = now
-            self._ping(self._waited_on())
+            self._ping({i for i, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
+                       {i for i, _, _, _ in self.sent.values()})
         self._expire(now)
         while self.gone:
             self._peer_gone(self.gone.pop())
@@ -169,10 +153,6 @@ class PrefillHandoff:
     def sockets(self) -> list:
         return [self.sock, self.monitor.monitor]
 
-    @property
-    def rejected_counts(self) -> dict[str, int]:
-        return {**self.rejected, "handshake": self.monitor.rejected} if self.monitor.rejected else dict(self.rejected)
-
     # ---- messages --------------------------------------------------------------------------------
 
     def _handle(self, identity: bytes, frames: list) -> None:
@@ -180,7 +160,7 @@ class PrefillHandoff:
         try:
             message, raw = wire.decode(frames)
         except wire.BadMessage as e:
-            self._rejected(address, e.reason, str(e))
+            self.rejected.add(address, e.reason, str(e))
             return
         self.peers[identity] = address
         if isinstance(message, wire.Claim):
@@ -190,33 +170,34 @@ class PrefillHandoff:
         elif isinstance(message, wire.Cancel):
             self._on_cancel(identity, message.room)
         else:
-            self._rejected(address, "malformed", f"a {type(message).__name__} message, which only decode servers get")
+            self.rejected.add(address, "malformed",
+                              f"a {type(message).__name__} message, which only decode servers get")
 
     def _on_claim(self, identity: bytes, claim: wire.Claim) -> None:
-        refusal = claim_refusal(self.layout, self.backend, claim)
         room = claim.room
-        if refusal:
-            self._send(identity, refusal)
+        if claim.backend != self.backend:  # refused with this server's own values
+            self._send(identity, wire.Refused(room, "backend", backend=self.backend))
+        elif claim.layout != self.layout:
+            self._send(identity, wire.Refused(room, "layout", layout=self.layout))
+        elif claim.backend == "nixl" and claim.target is None:
+            self._send(identity, wire.Refused(room, "backend", backend=self.backend))
         elif room in self.ready:
             self._serve(identity, claim, self.ready.pop(room)[0])
-        elif room in self.ended:
-            self._send(identity, wire.Refused(room, "failed"))
-        elif room in self.claims or room in self.writing or room in self.sent:
-            self._send(identity, wire.Refused(room, "failed"))  # a second claim for one room
+        elif room in self.ended or room in self.claims or room in self.writing or room in self.sent:
+            self._send(identity, wire.Refused(room, "failed"))  # it failed here, or a second claim for one room
         else:
             self.claims[room] = (identity, claim, time.monotonic())
 
     def _on_received(self, identity: bytes, received: wire.Received) -> None:
-        peer, req, start, _ = self.sent.get(received.room, (None, None, 0, 0))
-        if peer != identity:
+        room = received.room
+        if self.sent.get(room, (None,))[0] != identity:
             return  # not this peer's room, or ended already (timed out)
-        del self.sent[received.room]
-        if received.ok:
-            req.kv_transfer = (start, time.perf_counter_ns())
-            self.done.append(req)
-        else:
-            req.kv_bytes = 0
-            self._fail(req, "the decode server no longer wanted it (its request ended there)", identity)
+        if not received.ok:
+            self._unconfirmed(room, "the decode server no longer wanted it (its request ended there)", identity)
+            return
+        _, req, start, _ = self.sent.pop(room)
+        req.kv_transfer = (start, time.perf_counter_ns())
+        self.done.append(req)
 
     def _on_cancel(self, identity: bytes, room: int) -> None:
         """The decode server's request ended: its pages stay reserved there until this answers."""
@@ -230,50 +211,46 @@ class PrefillHandoff:
     def _serve(self, identity: bytes, claim: wire.Claim, req) -> None:
         n, room = len(req.prompt_ids), claim.room
         if claim.num_tokens != n:
-            self._send(identity, wire.Refused(room, "num_tokens", num_tokens=n))
-            self._fail(req, f"the decode server holds {claim.num_tokens} tokens for it; the prompt has {n}", identity)
+            self._refuse(identity, req, f"the decode server holds {claim.num_tokens} tokens for it; the prompt has {n}",
+                         "num_tokens", num_tokens=n)
             return
         num_pages = -(-n // self.layout.page_size)
-        if self.nixl:
-            if len(claim.target.pages) < num_pages:
-                self._send(identity, wire.Refused(room, "num_tokens", num_tokens=n))
-                self._fail(req, "the decode server named too few pages for it", identity)
-                return
+        if not self.nixl:
+            start = time.perf_counter_ns()
+            slots = page_slots(req.kv.pages, self.layout.page_size, n).to(self.kv.k.device)
+            k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
+            self._send_kv(identity, req, start, k.nbytes + v.nbytes, 0.0, k, v)
+        elif len(claim.target.pages) < num_pages:
+            self._refuse(identity, req, "the decode server named too few pages for it", "num_tokens", num_tokens=n)
+        else:
             try:
                 self.nixl.write(room, req.kv.pages[:num_pages], claim.target)
             except RuntimeError as e:
-                self._send(identity, wire.Refused(room, "transfer_failed"))
-                self._fail(req, str(e), identity)
+                self._refuse(identity, req, str(e), "transfer_failed")
                 return
             self.agents[identity] = claim.target.agent
             self.writing[room] = (identity, req)
             self._send(identity, wire.Writing(room))
-            return
-        start = time.perf_counter_ns()
-        slots = page_slots(req.kv.pages, self.layout.page_size, n).to(self.kv.k.device)
-        k, v = (cache[:, slots].cpu().view(torch.uint8).numpy() for cache in (self.kv.k, self.kv.v))
-        ready = wire.KVReady(room, req.output_ids[0], n, k.nbytes + v.nbytes, first_logprob=first_logprob(req))
-        if self._send(identity, ready, k, v):
-            req.kv_bytes = k.nbytes + v.nbytes
-            self.sent[room] = (identity, req, start, time.monotonic())
-        else:
-            self._fail(req, "the decode server has gone", identity)
 
     def _finish_writes(self) -> None:
         for room, ok, start in self.nixl.finished_writes():
             identity, req = self.writing.pop(room)
             if not ok:
-                self._send(identity, wire.Refused(room, "transfer_failed"))
-                self._fail(req, "the NIXL write to the decode server failed", identity)
+                self._refuse(identity, req, "the NIXL write to the decode server failed", "transfer_failed")
                 continue
-            seconds = (time.perf_counter_ns() - start) / 1e9
             num_bytes = 2 * self.layout.num_layers * -(-len(req.prompt_ids) // self.layout.page_size) * self.nixl.page_bytes
-            ready = wire.KVReady(room, req.output_ids[0], len(req.prompt_ids), num_bytes, seconds, first_logprob(req))
-            if self._send(identity, ready):
-                req.kv_bytes = num_bytes
-                self.sent[room] = (identity, req, start, time.monotonic())
-            else:
-                self._fail(req, "the decode server has gone", identity)
+            self._send_kv(identity, req, start, num_bytes, (time.perf_counter_ns() - start) / 1e9)
+
+    def _send_kv(self, identity: bytes, req, start: int, num_bytes: int, seconds: float, *raw) -> None:
+        """Send `req`'s first token (and its logprobs, if asked: the decode server reports them);
+        with tcp its K and V (`raw`) follow. Its pages are held until the decode server confirms."""
+        ready = wire.KVReady(req.bootstrap.room, req.output_ids[0], len(req.prompt_ids), num_bytes, seconds,
+                             req.output_logprobs[0] if req.output_logprobs else None)
+        if self._send(identity, ready, *raw):
+            req.kv_bytes = num_bytes
+            self.sent[ready.room] = (identity, req, start, time.monotonic())
+        else:
+            self._fail(req, "the decode server has gone", identity)
 
     def _send(self, identity: bytes, message: wire.Message, *raw) -> bool:
         """Whether `message` is on its way: False if its peer has gone (or stopped reading)."""
@@ -288,10 +265,6 @@ class PrefillHandoff:
 
     # ---- failures --------------------------------------------------------------------------------
 
-    def _waited_on(self) -> set[bytes]:
-        return ({identity for identity, _, _ in self.claims.values()} | {i for i, _ in self.writing.values()} |
-                {i for i, _, _, _ in self.sent.values()})
-
     def _ping(self, identities: set[bytes]) -> None:
         """Sends to a peer whose connection has dropped fail at once: it is then gone."""
         for identity in identities:
@@ -305,15 +278,24 @@ class PrefillHandoff:
                 self._drop_claim(room, f"the decode server at {address} went away")
                 logger.warning("KV transfer failed: room %d, decode server %s: it went away before the prompt ran",
                                room, address)
-        for room, (peer, req, _, _) in list(self.sent.items()):
+        for room, (peer, _, _, _) in list(self.sent.items()):
             if peer == identity:
-                del self.sent[room]
-                req.kv_bytes = 0
-                self._fail(req, f"the decode server at {address} went away before confirming it", None)
+                self._unconfirmed(room, f"the decode server at {address} went away before confirming it", None)
         # NIXL writes to it end by themselves, failed (finished_writes).
         agent = self.agents.pop(identity, None)
         if agent and self.nixl and agent not in self.agents.values():
             self.nixl.forget(agent)
+
+    def _refuse(self, identity: bytes, req, cause: str, code: str, **details) -> None:
+        """Refuse the decode server's claim for `req` (with `code` and its details), which fails."""
+        self._send(identity, wire.Refused(req.bootstrap.room, code, **details))
+        self._fail(req, cause, identity)
+
+    def _unconfirmed(self, room: int, cause: str, identity: bytes | None) -> None:
+        """KV sent for `room` that the decode server will not confirm: it did not move."""
+        req = self.sent.pop(room)[1]
+        req.kv_bytes = 0
+        self._fail(req, cause, identity)
 
     def _fail(self, req, cause: str, identity: bytes | None) -> None:
         room = req.bootstrap.room
@@ -336,10 +318,6 @@ class PrefillHandoff:
         while len(self.ended) > MAX_ENDED_ROOMS:
             self.ended.popitem(last=False)
 
-    def _rejected(self, address: str, reason: str, what: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
-        self.monitor.log_once(address, reason, f"{channel.FRAME_FAULTS[reason]} ({what[:120]})")
-
     def _expire(self, now: float) -> None:
         for room, (req, since) in list(self.ready.items()):
             if now - since > self.timeout_s:
@@ -350,11 +328,9 @@ class PrefillHandoff:
             if now - since > (self.timeout_s if known else UNKNOWN_ROOM_GRACE_S):
                 del self.claims[room]
                 self._send(identity, wire.Refused(room, "expired" if known else "unknown_room"))
-        for room, (identity, req, _, since) in list(self.sent.items()):
+        for room, (identity, _, _, since) in list(self.sent.items()):
             if now - since > self.timeout_s:
-                del self.sent[room]
-                req.kv_bytes = 0
-                self._fail(req, f"the decode server did not confirm it within {self.timeout_s:g} s", identity)
+                self._unconfirmed(room, f"the decode server did not confirm it within {self.timeout_s:g} s", identity)
 
     def close(self) -> None:
         self.monitor.close()  # and the socket

@@ -156,8 +156,7 @@ def decode(frames: list) -> tuple[Message, list]:
     decoder = DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise BadMessage(f"an unknown message kind {str(kind)[:40]!r}", "version")
-    f = Fields(fields)
-    message, num_raw = decoder(f, frames[1:])
+    message, num_raw = decoder(Fields(fields), frames[1:])
     if len(frames) - 1 != num_raw:
         raise BadMessage(f"{len(frames) - 1} frames after a {kind!r} header (expected {num_raw})")
     return message, frames[1:]
@@ -215,8 +214,8 @@ class Fields:
     def room(self) -> int:
         return self.int("room", 0, MAX_ROOM)
 
-    def layout(self, name: str = "layout", optional: bool = False) -> KVLayout | None:
-        f = self.nested(name, optional)
+    def layout(self, optional: bool = False) -> KVLayout | None:
+        f = self.nested("layout", optional)
         if f is None:
             return None
         return KVLayout(f.int("num_layers", 1, 1 << 16), f.int("num_kv_heads", 1, 1 << 16), f.int("head_dim", 1, 1 << 16),

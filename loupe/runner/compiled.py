@@ -27,11 +27,6 @@ from loupe.runner.model_runner import ModelRunner
 log = logging.getLogger(__name__)
 
 
-def compiles(loaded: LoadedModel, device: torch.device, single_rank: bool) -> bool:
-    """Whether the decode step of this model is compiled (unless --enforce-eager)."""
-    return device.type == "cpu" and single_rank and loaded.quantization == "int4"
-
-
 def mark_dynamic(batch: ForwardBatch, input_ids: torch.Tensor, positions: torch.Tensor) -> None:
     """The sizes that change from step to step (the rows where there are two or more, the keys)
     or from cache to cache (its slots); all others, the weights' above all, stay constants."""

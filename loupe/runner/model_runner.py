@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from itertools import accumulate
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 
@@ -10,6 +11,9 @@ from loupe.core import SamplingParams, TokenLogprob
 from loupe.model.attention import AttentionGroup, ForwardBatch, KVCache
 from loupe.model.loader import LoadedModel
 from loupe.runner.sampler import sample, token_logprobs
+
+if TYPE_CHECKING:
+    from loupe.runner.compiled import CompiledDecode
 
 
 class Sequence(Protocol):
@@ -24,29 +28,11 @@ class Sequence(Protocol):
     generator: torch.Generator
 
 
-class DecodeGraph(Protocol):
-    """A faster forward pass for some decode batches (runner/compiled.py's CompiledDecode)."""
-
-    def serves(self, batch: ForwardBatch, num_tokens: int) -> bool: ...
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
-
-
 class Sampled(NamedTuple):
     """One forward pass's result, request by request (in the order the batch gave them)."""
 
     tokens: list[int | None]  # the next token; None for a prefill still going
     logprobs: list[TokenLogprob | None] | None  # of that token, where asked; None if none asked
-
-
-def requested_logprobs(logits: torch.Tensor, tokens: list[int], reqs: list[Sequence]) -> list[TokenLogprob | None]:
-    """The logprobs of the rows whose request asked for them; None for the others."""
-    rows = [i for i, r in enumerate(reqs) if r.sampling.logprobs]
-    found = token_logprobs(logits[rows], [tokens[i] for i in rows], [reqs[i].sampling.top_logprobs for i in rows])
-    result: list[TokenLogprob | None] = [None] * len(reqs)
-    for i, logprob in zip(rows, found, strict=True):
-        result[i] = logprob
-    return result
 
 
 def in_order(order: list[int], sampled_rows: list[int], values: list) -> list:
@@ -64,7 +50,7 @@ class ModelRunner:
 
     def __init__(self, loaded: LoadedModel, kv: KVCache, slot_table: torch.Tensor, device: torch.device):
         self.model = loaded.model
-        self.compiled: DecodeGraph | None = None
+        self.compiled: CompiledDecode | None = None  # a faster forward pass for some decode batches
         self.comm = loaded.model.comm
         self.hidden_size = loaded.config.hidden_size
         self.kv = kv
@@ -91,27 +77,23 @@ class ModelRunner:
         if not ranks.is_last_stage:
             self.comm.send_to_next_stage(hidden)
 
-        ends, sampling = [], []
-        offset = 0
-        for i, (req, n) in enumerate(zip(reqs, num_new, strict=True)):
-            offset += n
-            if req.kv_len + n == req.seq_len:
-                ends.append(offset - 1)
-                sampling.append(i)
-        tokens: list[int] = []
-        logprobs: list[TokenLogprob | None] | None = None  # only when a request here asked
-        if sampling:
-            chosen = [reqs[i] for i in sampling]
-            wants_logprobs = any(r.sampling.logprobs for r in chosen)
-            sampled = found = None
-            if ranks.is_last_stage:
-                logits = self.model.compute_logits(hidden[ends], batch.exact)
-                sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
-                if wants_logprobs:
-                    found = requested_logprobs(logits, sampled, chosen)
-            tokens = self.comm.share_tokens(sampled, len(sampling))
-            if wants_logprobs:
-                logprobs = in_order(order, sampling, self.comm.share_from_last_stage(found))
+        sampling = [i for i, req in enumerate(reqs) if req.kv_len + num_new[i] == req.seq_len]  # input complete
+        if not sampling:  # prefill chunks only
+            return Sampled([None] * len(reqs), None)
+        offsets = list(accumulate(num_new))
+        ends = [offsets[i] - 1 for i in sampling]  # their last tokens' rows of `hidden`
+        chosen = [reqs[i] for i in sampling]
+        asked = [j for j, r in enumerate(chosen) if r.sampling.logprobs]  # rows of `logits`
+        sampled = found = None
+        if ranks.is_last_stage:
+            logits = self.model.compute_logits(hidden[ends], batch.exact)
+            sampled = sample(logits, [r.sampling for r in chosen], [r.generator for r in chosen])
+            if asked:
+                found = token_logprobs(logits[asked], [sampled[j] for j in asked],
+                                       [chosen[j].sampling.top_logprobs for j in asked])
+        tokens = self.comm.share_tokens(sampled, len(sampling))
+        logprobs = (in_order(order, [sampling[j] for j in asked], self.comm.share_from_last_stage(found))
+                    if asked else None)  # only when a request here asked
         return Sampled(in_order(order, sampling, tokens), logprobs)
 
     def _prepare(self, reqs: list[Sequence], num_new: list[int]) -> tuple[ForwardBatch, torch.Tensor, torch.Tensor]:
@@ -127,38 +109,31 @@ class ModelRunner:
         rows = torch.tensor([r.row for r in reqs])
         starts = torch.tensor([r.kv_len for r in reqs])
         counts = torch.tensor(num_new)
-        device = self.device
-        ids_t = torch.tensor(input_ids, device=device)
-        pos_t = torch.tensor(positions, device=device)
-        table = self.slot_table
-        token_rows = torch.repeat_interleave(rows, counts).to(device)
-        out_slots = table[token_rows, pos_t]
+        ids_t = torch.tensor(input_ids, device=self.device)
+        pos_t = torch.tensor(positions, device=self.device)
+        out_slots = self.slot_table[torch.repeat_interleave(rows, counts).to(self.device), pos_t]
 
-        num_single = sum(1 for n in num_new if n == 1)
+        num_decode = num_new.count(1)  # single queries come first
         decode = prefill = None
-        if num_single:
-            decode = self._group(table, rows[:num_single], starts[:num_single], counts[:num_single])
-        causal = len(reqs) - num_single == 1 and int(starts[-1]) == 0
-        if num_single < len(reqs) and not causal:
-            prefill = self._group(table, rows[num_single:], starts[num_single:], counts[num_single:])
-        num_decode = sum(num_new[:num_single])
+        if num_decode:
+            decode = self._group(rows[:num_decode], starts[:num_decode], counts[:num_decode])
+        causal = len(reqs) - num_decode == 1 and int(starts[-1]) == 0
+        if num_decode < len(reqs) and not causal:
+            prefill = self._group(rows[num_decode:], starts[num_decode:], counts[num_decode:])
         batch = ForwardBatch(self.kv, out_slots, num_decode, decode, prefill, causal, exact=num_decode < len(input_ids))
         return batch, ids_t, pos_t
 
-    def _group(self, table: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> AttentionGroup:
+    def _group(self, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor) -> AttentionGroup:
         device = self.device
         ends = starts + counts
         num_keys, num_queries = int(ends.max()), int(counts.max())
-        slots = table[rows.to(device), :num_keys]
+        slots = self.slot_table[rows.to(device), :num_keys]
         key_pos = torch.arange(num_keys)
+        query_index = None
         if num_queries == 1:  # one mask for any two or more, alike or not: one compiled graph (compiled.py)
-            mask = None if len(rows) == 1 else (key_pos[None, :] < ends[:, None])[:, None, None, :]
-            query_index = None
+            mask = None if len(rows) == 1 else (key_pos[None, :] < ends[:, None])[:, None, None, :].to(device)
         else:
             query_pos = torch.arange(num_queries)
-            mask = (key_pos[None, None, :] <= (starts[:, None] + query_pos[None, :])[:, :, None])[:, None]
-            query_index = torch.cat([b * num_queries + torch.arange(int(n)) for b, n in enumerate(counts)])
-            query_index = query_index.to(device)
-        if mask is not None:
-            mask = mask.to(device)
+            mask = (key_pos[None, None, :] <= (starts[:, None] + query_pos[None, :])[:, :, None])[:, None].to(device)
+            query_index = torch.cat([b * num_queries + torch.arange(int(n)) for b, n in enumerate(counts)]).to(device)
         return AttentionGroup(slots, mask, query_index, num_queries)

@@ -18,12 +18,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         return tokens
     probs = filtered_probs(logits[rows], [params[i] for i in rows])
     for j, i in enumerate(rows):
-        generator = generators[i]
-        if probs.device.type != "cpu":
-            # Generators live on the CPU; drawing there keeps seeded output device-independent.
-            tokens[i] = int(torch.multinomial(probs[j].cpu(), 1, generator=generator))
-        else:
-            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generator))
+        # Generators live on the CPU; drawing there keeps seeded output device-independent.
+        tokens[i] = int(torch.multinomial(probs[j].cpu(), 1, generator=generators[i]))
     return tokens
 
 

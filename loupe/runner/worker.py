@@ -18,7 +18,7 @@ from loupe.core import KVLayout, ModelInfo, RequestLimits
 from loupe.distributed.parallel import Comm, Ranks
 from loupe.model.attention import KVCache
 from loupe.model.loader import LoadedModel, load_model
-from loupe.runner.compiled import CompiledDecode, compiles
+from loupe.runner.compiled import CompiledDecode
 from loupe.runner.model_runner import ModelRunner, Sampled, Sequence
 
 CPU_KV_BUDGET_BYTES = 2 << 30
@@ -59,8 +59,9 @@ class Worker:
         self.slot_table = torch.zeros(settings.max_running_requests, self.context_length, dtype=torch.int64,
                                       device=self.device)
         self.runner = ModelRunner(self.model, self.kv, self.slot_table, self.device)
+        # The int4 decode step is compiled on a CPU with one rank (runner/compiled.py), unless --enforce-eager.
         single_rank = self.comm.ranks.tp_size * self.comm.ranks.pp_size == 1
-        if settings.compile_decode and compiles(self.model, self.device, single_rank):
+        if settings.compile_decode and self.device.type == "cpu" and single_rank and self.model.quantization == "int4":
             self.runner.compiled = CompiledDecode(self.model)
         self.limits = RequestLimits(config.vocab_size, self.context_length, (self.num_pages - 1) * self.page_size)
 
@@ -74,9 +75,7 @@ class Worker:
         return max(budget // per_token, 4 * self.page_size)
 
     def forward(self, reqs: list[Sequence], num_new: list[int]) -> Sampled:
-        """Compute `num_new[i]` more tokens of each request's KV; the next token of each
-        request whose input this completes (None for a prefill still going), and its logprobs
-        where the request asked for them."""
+        """One forward pass of the runner (ModelRunner.forward)."""
         return self.runner.forward(reqs, num_new)
 
     @property

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,16 +73,14 @@ class SlotTable:
         self.table[row, start:end] = slots[: end - start]
 
 
+@dataclass(slots=True, eq=False, repr=False)  # nodes are compared by identity
 class Node:
-    __slots__ = ("key", "pages", "children", "parent", "lock_ref", "last_access")
-
-    def __init__(self, key: tuple[int, ...], pages: list[int], parent: Node | None):
-        self.key = key
-        self.pages = pages
-        self.children: dict[tuple[int, ...], Node] = {}
-        self.parent = parent
-        self.lock_ref = 0
-        self.last_access = 0
+    key: tuple[int, ...]
+    pages: list[int]
+    parent: Node | None
+    lock_ref: int = 0
+    last_access: int = 0
+    children: dict[tuple[int, ...], Node] = field(default_factory=dict)
 
 
 class RadixCache:
@@ -92,52 +90,26 @@ class RadixCache:
         self.pool = pool
         self.page_size = pool.page_size
         self.enabled = enabled
-        self.root = Node((), [], None)
-        self.root.lock_ref = 1
+        self.root = Node((), [], None, lock_ref=1)  # never evicted
         self.evictable_pages = 0
         self._clock = itertools.count(1)
 
     def match_prefix(self, tokens: list[int]) -> tuple[list[int], Node]:
         """Pages holding the longest cached page-aligned prefix of `tokens`, and its node."""
-        node, pages, ps = self.root, [], self.page_size
         if not self.enabled:
-            return pages, node
-        pos, tick = 0, next(self._clock)
-        node.last_access = tick
-        while len(tokens) - pos >= ps:
-            child = node.children.get(tuple(tokens[pos : pos + ps]))
-            if child is None:
-                break
-            n = self._common_pages(child.key, tokens, pos)
-            if n < len(child.pages):
-                child = self._split(child, n)
-            pages.extend(child.pages)
-            pos += len(child.key)
-            node = child
-            node.last_access = tick
+            return [], self.root
+        node, _, pages = self._descend(tokens)
         return pages, node
 
     def insert(self, tokens: list[int], pages: list[int]) -> int:
         """Cache `pages` (one per full page of `tokens`). Returns how many leading pages the
         tree already held; the caller frees its own pages for that span if they differ."""
-        ps, node, pos = self.page_size, self.root, 0
-        tick = next(self._clock)
-        while pos < len(tokens):
-            head = tuple(tokens[pos : pos + ps])
-            child = node.children.get(head)
-            if child is None:
-                new = Node(tuple(tokens[pos:]), pages[pos // ps :], node)
-                new.last_access = tick
-                node.children[head] = new
-                self.evictable_pages += len(new.pages)
-                return pos // ps
-            n = self._common_pages(child.key, tokens, pos)
-            if n < len(child.pages):
-                child = self._split(child, n)
-            child.last_access = tick
-            pos += len(child.key)
-            node = child
-        return len(tokens) // ps
+        node, pos, _ = self._descend(tokens)
+        if pos < len(tokens):
+            new = Node(tuple(tokens[pos:]), pages[pos // self.page_size :], node, last_access=node.last_access)
+            node.children[new.key[: self.page_size]] = new
+            self.evictable_pages += len(new.pages)
+        return pos // self.page_size
 
     def lock(self, node: Node) -> None:
         while node is not None:
@@ -189,11 +161,28 @@ class RadixCache:
             n += 1
         return n
 
+    def _descend(self, tokens: list[int]) -> tuple[Node, int, list[int]]:
+        """The deepest node whose path is whole pages of `tokens` (a node matched only in part is
+        split), how many tokens that path covers, and its pages; each node on it is used now."""
+        node, pos, pages, ps = self.root, 0, [], self.page_size
+        node.last_access = tick = next(self._clock)
+        while len(tokens) - pos >= ps:
+            child = node.children.get(tuple(tokens[pos : pos + ps]))
+            if child is None:
+                break
+            n = self._common_pages(child.key, tokens, pos)
+            if n < len(child.pages):
+                child = self._split(child, n)
+            pages.extend(child.pages)
+            pos += len(child.key)
+            node = child
+            node.last_access = tick
+        return node, pos, pages
+
     def _split(self, node: Node, num_pages: int) -> Node:
         """Cut `node` after `num_pages` pages; return the new upper part."""
         cut = num_pages * self.page_size
-        upper = Node(node.key[:cut], node.pages[:num_pages], node.parent)
-        upper.lock_ref, upper.last_access = node.lock_ref, node.last_access
+        upper = Node(node.key[:cut], node.pages[:num_pages], node.parent, node.lock_ref, node.last_access)
         upper.children[node.key[cut : cut + self.page_size]] = node
         node.parent.children[node.key[: self.page_size]] = upper
         node.key, node.pages, node.parent = node.key[cut:], node.pages[num_pages:], upper
@@ -262,11 +251,6 @@ class KVManager:
         hold.pages.extend(pages)
         return True
 
-    def export_prefill(self, req) -> tuple[list[int], int]:
-        """(the pages holding a finished prefill's KV, its first token), for another server to
-        copy. They stay the request's until `release`."""
-        return req.kv.pages[: -(-req.kv_len // self.page_size)], req.output_ids[0]
-
     def release(self, req, cache: bool) -> None:
         """Give back a request's row and pages; with `cache`, its computed full pages go to the
         prefix tree (pages the tree holds already for the same tokens are freed)."""
@@ -274,14 +258,12 @@ class KVManager:
         hold = self.detach(req)
         if hold is None:
             return
-        if not (cache and self.tree.enabled):
+        if cache and self.tree.enabled:
+            num_full = computed // self.page_size
+            already = self.tree.insert(req.all_ids[: num_full * self.page_size], hold.pages[:num_full])
+            self.free(hold, hold.pages[hold.num_tree_pages : already] + hold.pages[num_full:])
+        else:
             self.free(hold)
-            return
-        num_full = computed // self.page_size
-        already = self.tree.insert(req.all_ids[: num_full * self.page_size], hold.pages[:num_full])
-        self.pool.free(hold.pages[hold.num_tree_pages : already] + hold.pages[num_full:])
-        self.tree.unlock(hold.prefix_node)
-        self.slots.free_row(hold.row)
 
     def detach(self, req) -> KVHold | None:
         """Take `req`'s row and pages from it, to be `free`d later (another server may still be
@@ -289,17 +271,12 @@ class KVManager:
         hold, req.kv, req.kv_len = req.kv, None, 0
         return hold
 
-    def free(self, hold: KVHold) -> None:
-        """Give back a hold no request has any more, caching nothing: its own pages, its row,
-        its lock on the tree."""
-        self.pool.free(hold.pages[hold.num_tree_pages :])
+    def free(self, hold: KVHold, pages: list[int] | None = None) -> None:
+        """Give back a hold no request has any more: its row, its lock on the tree, and its own
+        pages (or `pages` of them, where the tree took the others)."""
+        self.pool.free(hold.pages[hold.num_tree_pages :] if pages is None else pages)
         self.tree.unlock(hold.prefix_node)
         self.slots.free_row(hold.row)
-
-    def retract(self, req) -> None:
-        """Take back a running request's pages so others can run. Its computed KV goes to the
-        prefix tree, where its next admission finds it again."""
-        self.release(req, cache=True)
 
     @property
     def used_tokens(self) -> int:

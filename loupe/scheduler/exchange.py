@@ -83,7 +83,7 @@ class PrefillSide(NoExchange):
     pending = property(lambda self: bool(self.handoff.pending))
 
     def rejected(self) -> dict[str, int]:
-        return self.handoff.rejected_counts
+        return dict(self.handoff.rejected.counts)
 
     def add(self, req: Req) -> bool:
         if req.bootstrap:
@@ -98,13 +98,13 @@ class PrefillSide(NoExchange):
         return self.handoff.discard(rid)
 
     def held(self) -> list[Req]:
-        return list(self.handoff.requests)
+        return self.handoff.requests
 
     def step(self, scheduler: Scheduler) -> tuple[list[Req], list[Req]]:
-        """Answer claims, and finish the requests whose KV left (or failed to)."""
-        done = []
-        for req in self.handoff.poll():
-            done.append(req)
+        """Answer claims, finish the requests whose KV left (or failed to), and fail those whose
+        decode server has gone before their prompt runs on."""
+        done = self.handoff.poll()
+        for req in done:
             if scheduler.tracer:
                 scheduler.tracer.kv_sent(req)
             if req.error:
@@ -112,21 +112,14 @@ class PrefillSide(NoExchange):
             else:
                 scheduler.kv.release(req, cache=True)
                 scheduler.finish(req, req.finish_reason or FinishReason.LENGTH)  # its one token
-        if self.handoff.orphans:
-            done += self._drop_orphans(self.handoff.take_orphans(), scheduler)
-        return [], done
-
-    @staticmethod
-    def _drop_orphans(orphans: dict[int, str], scheduler: Scheduler) -> list[Req]:
-        """Fail the requests whose decode server has gone, before their prompt runs on."""
-        dropped = []
+        orphans = self.handoff.take_orphans()
         for queue in (scheduler.waiting, scheduler.running):
             for req in [r for r in queue if r.bootstrap and r.bootstrap.room in orphans]:
                 queue.remove(req)
                 req.error = f"the KV of room {req.bootstrap.room} was not handed over: {orphans[req.bootstrap.room]}"
                 scheduler.drop(req)
-                dropped.append(req)
-        return dropped
+                done.append(req)
+        return [], done
 
     def prefilled(self, req: Req, scheduler: Scheduler) -> bool:
         if req.bootstrap is None:
@@ -148,7 +141,7 @@ class DecodeSide(NoExchange):
     pending = property(lambda self: bool(self.receiving or self.intake.pending))
 
     def rejected(self) -> dict[str, int]:
-        return dict(self.intake.rejected)
+        return dict(self.intake.rejected.counts)
 
     def add(self, req: Req) -> bool:
         if req.bootstrap:
@@ -173,18 +166,16 @@ class DecodeSide(NoExchange):
             self.intake.claim(req)
             if tracer:
                 tracer.kv_claimed(req)
-        arrived, done = [], []
-        for req in self.intake.poll():
+        polled = self.intake.poll()
+        for req in polled:
             if req.error:
                 scheduler.drop(req)
-                done.append(req)
                 continue
             req.admit_time = req.first_token_time = time.perf_counter()
             req.cached_tokens = 0
             req.finish_reason, req.matched_stop = scheduler.stops.check(req.sampling, req.output_ids, req.seq_len)
-            arrived.append(req)
             if tracer:
                 tracer.kv_arrived(req)
         while self.intake.released:  # pages of aborted requests that no write can reach now
             kv.free(self.intake.released.pop())
-        return arrived, done
+        return [req for req in polled if not req.error], [req for req in polled if req.error]

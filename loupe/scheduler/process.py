@@ -80,7 +80,7 @@ class SchedulerProcess:
                 # transfer's end wakes none: then the wait is short).
                 wait_ms = 0 if self.scheduler.runnable else 1 if self.scheduler.exchange.busy else 1000
                 messages = self.comm.share(self.receive(wait_ms) if driver else None)
-                outputs = self.handle(messages)
+                outputs = [out for out in map(self.dispatch, messages) if out is not None]  # aborts answer
                 updated = self.scheduler.step()
                 if driver:
                     outputs += [self.output(req) for req in updated]
@@ -108,10 +108,6 @@ class SchedulerProcess:
                 messages.append(ipc.recv(self.requests, zmq.NOBLOCK))
             except zmq.Again:
                 return messages
-
-    def handle(self, messages: list) -> list[ipc.RequestOutput]:
-        """Take in what came; the outputs of the requests that ended by it (aborts)."""
-        return [out for out in map(self.dispatch, messages) if out is not None]
 
     def add(self, request: TokenizedRequest) -> None:
         self.num_received += 1

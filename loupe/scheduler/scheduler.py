@@ -21,7 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from loupe.config import SchedulerSettings
-from loupe.core import FinishReason, TokenizedRequest, TokenLogprob
+from loupe.core import FinishReason, TokenizedRequest
+from loupe.runner.model_runner import Sampled
 from loupe.runner.worker import Worker
 from loupe.scheduler.cache import KVManager
 from loupe.scheduler.exchange import NoExchange
@@ -82,9 +83,8 @@ class Scheduler:
             self.exchange.aborted(req)
         else:
             req = self.exchange.discard(rid, self)
-        if req is None:
-            return None
-        self.drop(req)
+        if req is not None:
+            self.drop(req)
         return req
 
     def abort_all(self) -> list[Req]:
@@ -111,7 +111,7 @@ class Scheduler:
             started = time.perf_counter_ns() if self.tracer else 0
             sampled = self.worker.forward(batch.reqs, batch.num_new)
             self.num_forward_steps += 1
-            computed = self.postprocess(batch.reqs, batch.num_new, sampled.tokens, sampled.logprobs)
+            computed = self.postprocess(batch, sampled)
             if self.tracer:
                 self.tracer.forward(batch.reqs, batch.num_new, started, time.perf_counter_ns(),
                                     self.num_forward_steps, batch.num_decode)
@@ -152,20 +152,20 @@ class Scheduler:
             budget -= n
         return batch
 
-    def postprocess(self, reqs: list[Req], num_new: list[int], tokens: list[int | None],
-                    logprobs: list[TokenLogprob | None] | None = None) -> list[Req]:
+    def postprocess(self, batch: Batch, sampled: Sampled) -> list[Req]:
         """Count the computed KV, take each sampled token (and its logprobs, where asked) and
         check whether it ends its request."""
         updated = []
-        for i, (req, n, token) in enumerate(zip(reqs, num_new, tokens, strict=True)):
+        logprobs = sampled.logprobs or [None] * len(batch)
+        for req, n, token, logprob in zip(batch.reqs, batch.num_new, sampled.tokens, logprobs, strict=True):
             req.kv_len += n
             if token is None:
                 continue
             if not req.output_ids:
                 req.first_token_time = time.perf_counter()
             req.output_ids.append(token)
-            if logprobs is not None and logprobs[i] is not None:
-                req.output_logprobs.append(logprobs[i])
+            if logprob is not None:
+                req.output_logprobs.append(logprob)
             req.finish_reason, req.matched_stop = self.stops.check(req.sampling, req.output_ids, req.seq_len)
             updated.append(req)
         return updated
@@ -203,7 +203,7 @@ class Scheduler:
 
     def _retract(self, req: Req) -> None:
         self.running.remove(req)
-        self.kv.retract(req)
+        self.kv.release(req, cache=True)  # its computed KV goes to the prefix tree, for its next admission
         req.num_retractions += 1
         if self.tracer:
             self.tracer.retracted(req)

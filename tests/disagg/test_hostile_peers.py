@@ -66,7 +66,7 @@ def test_garbage_and_pickles_at_the_bootstrap_port_run_nothing_are_counted_and_i
     step_for(1.0, prefill)
     assert not os.path.exists(marker)
     handoff = prefill.scheduler.exchange.handoff
-    counts = handoff.rejected_counts  # ZMQ clients try again after a refused handshake: each try counts
+    counts = handoff.rejected.counts  # ZMQ clients try again after a refused handshake: each try counts
     assert counts["handshake"] >= 3 and counts["malformed"] == 2 and counts["version"] == 1
     assert right.poll(200) == 0  # junk gets no answer
     # The server lives and serves.
@@ -89,7 +89,7 @@ def test_a_peer_without_the_secret_learns_nothing(tiny_model_dir):
         step_for(0.5, prefill)
         assert sock.poll(100) == 0  # no KV, no layout, no refusal: nothing
         sock.close(0)
-    assert 5 in prefill.scheduler.exchange.handoff.ready and prefill.scheduler.exchange.handoff.rejected_counts["handshake"] >= 3
+    assert 5 in prefill.scheduler.exchange.handoff.ready and prefill.scheduler.exchange.handoff.rejected.counts["handshake"] >= 3
     # A decode server with another secret fails at once, saying why; the right one is served.
     stranger = decoder(tiny_model_dir("llama"), secret="not-" + SECRET)
     refused = submit(stranger, "s", PROMPTS[0], port, room=5)
@@ -177,7 +177,7 @@ def test_a_fake_prefill_server_answering_garbage_runs_nothing_and_fails_the_requ
         waiting = [submit(decode, f"k{p}", PROMPTS[0], p, room=p) for p in (port, junk_port)]
         run(decode, until=lambda: all(r.finished for r in waiting))
         assert all("did not come within 3 s" in r.error for r in waiting)
-        assert intake.rejected == {"malformed": 2}
+        assert intake.rejected.counts == {"malformed": 2}
     assert not os.path.exists(marker)
     assert_nothing_held(decode)
 

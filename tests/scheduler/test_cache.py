@@ -143,21 +143,18 @@ def test_retract_keeps_the_computed_kv_for_the_next_admission():
     kv.admit(req)
     kv.grow(req, 7)
     req.kv_len = 6  # the last output token is the next input
-    kv.retract(req)
+    kv.release(req, cache=True)  # as the scheduler retracts it
     assert req.kv is None and req.kv_len == 0
     assert held(kv) == set(kv.tree.root.children[(1, 2)].pages) and kv.tree.total_pages() == 3
     assert kv.admit(req) and req.kv_len == 6 and req.kv.num_tree_pages == 3
 
 
-def test_export_prefill_hands_over_the_prompt_pages_and_first_token_and_keeps_them():
+def test_release_caches_the_full_pages_and_frees_the_partial_one():
     kv = kv_manager()
     req = request("a", [1, 2, 3, 4, 5], output=[42])
     kv.admit(req)
     kv.grow(req, 6)
-    req.kv_len = 5
-    pages, first_token = kv.export_prefill(req)
-    assert first_token == 42 and pages == req.kv.pages[:3]  # 5 tokens: 3 pages of 2
-    assert set(pages) <= held(kv)
+    req.kv_len = 5  # 5 tokens: 3 pages of 2, the last one partial
     kv.release(req, cache=True)
     assert kv.tree.total_pages() == 2 and len(held(kv)) == 2
 
