@@ -112,8 +112,8 @@ class PrefillSide(NoExchange):
             else:
                 scheduler.kv.release(req, cache=True)
                 scheduler.finish(req, req.finish_reason or FinishReason.LENGTH)  # its one token
-        orphans = self.handoff.take_orphans()
-        for queue in (scheduler.waiting, scheduler.running):
+        orphans = self.handoff.take_orphans() if self.handoff.orphans else {}
+        for queue in (scheduler.waiting, scheduler.running) if orphans else ():
             for req in [r for r in queue if r.bootstrap and r.bootstrap.room in orphans]:
                 queue.remove(req)
                 req.error = f"the KV of room {req.bootstrap.room} was not handed over: {orphans[req.bootstrap.room]}"
