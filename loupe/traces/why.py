@@ -13,6 +13,8 @@ whole. The same intervals cut at the first token give the causes of its TTFT.
 - interference: the part of each of its decode steps beyond the scheduler's median
   decode-only step of the same batch size (in the same files), when other requests'
   prefill chunks ran in that step; the requests whose chunks those were are named.
+- long contexts: the part beyond that usual step of a decode-only step that attended at
+  least twice the usual KV tokens (decode_step's `kv_tokens`: its own and its batch-mates').
 - decode: the rest of its decode steps.
 - between steps: what its stages leave between their steps (scheduling, sampling output,
   handing tokens on).
@@ -33,7 +35,8 @@ from loupe.traces.reader import Span
 from loupe.traces.requests import children_by_parent, route_of
 
 CAUSES = ("HTTP and tokenization", "queued", "own prefill", "re-prefill after a retraction", "interference",
-          "decode", "between steps", "detokenize and stream", "unexplained")
+          "long contexts", "decode", "between steps", "detokenize and stream", "unexplained")
+LONG_CONTEXT = 2  # a decode step attending this many times the usual KV tokens is slowed by long contexts
 STEP_SPANS = ("prefill_chunk", "decode_step")
 
 
@@ -45,6 +48,7 @@ class Batch:
     end: int
     mode: str = "?"
     size: int = 0
+    kv_tokens: int = 0  # tokens its decodes attended (decode_step's kv_tokens)
     chunks: list[tuple[str, int]] = field(default_factory=list)  # (rid, prompt tokens) of its prefill chunks
 
     @property
@@ -66,12 +70,14 @@ class Passes:
                 self.prompt_tokens[rid] = int(root.attributes.get("gen_ai.usage.prompt_tokens", 0) or 0)
                 for thread in schedulers(root, children):
                     self._add(rid, thread, children)
-        self.decode_only: dict[tuple[str, int], float] = {}
-        by_size: dict[tuple[str, int], list[float]] = {}
+        by_size: dict[tuple[str, int], list[Batch]] = {}
         for (scheduler, _), batch in self.batches.items():
             if batch.mode == "decode":
-                by_size.setdefault((scheduler, batch.size), []).append(batch.seconds)
-        self.decode_only = {key: statistics.median(values) for key, values in by_size.items()}
+                by_size.setdefault((scheduler, batch.size), []).append(batch)
+        # (scheduler, batch size): the median decode-only pass's seconds and KV tokens
+        self.decode_only = {key: (statistics.median(b.seconds for b in batches),
+                                  statistics.median(b.kv_tokens for b in batches))
+                            for key, batches in by_size.items()}
 
     def _add(self, rid: str, thread: Span, children: dict) -> None:
         for event in thread.events:
@@ -84,14 +90,16 @@ class Passes:
                     batch = self.batch(thread.name, step.attributes.get("batch_id"), step.start, step.end)
                     batch.start, batch.end = step.start, step.end
                     batch.size = batch.size or step.attributes.get("batch_size", 0)
+                    batch.kv_tokens = step.attributes.get("kv_tokens", batch.kv_tokens)
                     if step.name == "prefill_chunk":
                         batch.chunks.append((rid, int(step.attributes.get("num_tokens", 0))))
 
     def batch(self, scheduler: str, batch_id, start: int, end: int) -> Batch:
         return self.batches.setdefault((scheduler, batch_id), Batch(start, end))
 
-    def baseline(self, scheduler: str, size: int) -> float | None:
-        """The median decode-only pass of this scheduler with the nearest batch size."""
+    def baseline(self, scheduler: str, size: int) -> tuple[float, float] | None:
+        """The median decode-only pass of this scheduler with the nearest batch size: its
+        seconds and KV tokens."""
         sizes = [s for (name, s) in self.decode_only if name == scheduler]
         if not sizes:
             return None
@@ -237,33 +245,47 @@ def explain_stages(rid: str, thread: Span, children: dict, passes: Passes, line:
 
 
 def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passes: Passes, line: Timeline) -> None:
+    """Each step up to the scheduler's usual decode-only step of its batch size is decode; what
+    is beyond goes to interference when other requests' prefill chunks ran in it, to long
+    contexts when it attended at least LONG_CONTEXT times the usual KV tokens."""
     if not steps:
         line.add("decode", stage.start, stage.end, f"{stage.attributes.get('completion_tokens', '?')} tokens")
         return
     culprits: dict[str, list[float]] = {}  # rid: [extra seconds, steps shared]
-    slowest = max(steps, key=lambda s: s.seconds)
+    long_steps: list[tuple[float, int, float]] = []  # (extra seconds, KV tokens, usual KV tokens)
     for step in steps:
         batch = passes.batches.get((thread.name, step.attributes.get("batch_id")))
+        usual = passes.baseline(thread.name, step.attributes.get("batch_size", 0))
         others = [(r, n) for r, n in batch.chunks if r != rid] if batch else []
-        usual = passes.baseline(thread.name, step.attributes.get("batch_size", 0)) if others else None
-        if usual is None or step.seconds <= usual:
+        long = batch is not None and usual is not None and batch.kv_tokens >= LONG_CONTEXT * max(usual[1], 1)
+        if usual is None or step.seconds <= usual[0] or not (others or long):
             line.add("decode", step.start, step.end)
             continue
-        split = step.start + int(usual * 1e9)
+        split = step.start + int(usual[0] * 1e9)
         line.add("decode", step.start, split)
-        line.add("interference", split, step.end)
-        tokens = sum(n for _, n in others) or 1
-        for other, n in others:
-            share = culprits.setdefault(other, [0.0, 0])
-            share[0] += (step.end - split) / 1e9 * n / tokens
-            share[1] += 1
+        extra = (step.end - split) / 1e9
+        if others:
+            line.add("interference", split, step.end)
+            tokens = sum(n for _, n in others) or 1
+            for other, n in others:
+                share = culprits.setdefault(other, [0.0, 0])
+                share[0] += extra * n / tokens
+                share[1] += 1
+        else:
+            line.add("long contexts", split, step.end)
+            long_steps.append((extra, batch.kv_tokens, usual[1]))
     for other, (extra, shared) in sorted(culprits.items(), key=lambda kv: -kv[1][0]):
         line.add("interference", 0, 0, f"shared {shared} step{'s' if shared > 1 else ''} with the "
                  f"{passes.prompt_tokens.get(other, 0):,}-token prefill of {other}: +{ms(extra)}")
+    if long_steps:
+        line.add("long contexts", 0, 0, f"{len(long_steps)} steps attended "
+                 f"{statistics.mean(k for _, k, _ in long_steps):,.0f} KV tokens on average, against a usual "
+                 f"{statistics.mean(u for _, _, u in long_steps):,.0f}: +{ms(sum(e for e, _, _ in long_steps))}")
+    slowest = max(steps, key=lambda s: s.seconds)
     usual = passes.baseline(thread.name, slowest.attributes.get("batch_size", 0))
     line.add("decode", 0, 0, f"{len(steps)} steps, the slowest {ms(slowest.seconds)} (step "
              f"{slowest.attributes.get('step')}, batch {slowest.attributes.get('batch_id')})"
-             + (f" against a usual {ms(usual)}" if usual is not None else ""))
+             + (f" against a usual {ms(usual[0])}" if usual is not None else ""))
     between(stage, steps, line)
 
 

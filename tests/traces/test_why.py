@@ -113,3 +113,17 @@ def test_the_command_explains_a_trace_or_the_slowest(run, capsys):
     assert "interference" in text and "1,124-token prefill of long" in text
     with pytest.raises(SystemExit, match="no requests on route"):
         main(["traces", "why", "--route", "/nope", run])
+
+
+def test_steps_that_attended_long_contexts_are_told_apart(tmp_path):
+    """The same stream without the long prompt in the file, its three slow steps having
+    attended 5,000 KV tokens against the usual 1,000."""
+    kv = {2: 500, 3: 500, 4: 5000, 5: 5000, 6: 5000}
+    records = [r._replace(attributes={**r.attributes, "kv_tokens": kv.get(r.attributes["batch_id"], 1000)})
+               if r.name == "decode_step" else r for r in request(1, "short", 0, 2, 5, 16, 280, list(range(1, 12)), 8)]
+    traces = read_files([write(tmp_path / "long.jsonl", records)]).traces
+    (why,) = explain_all(traces, pick(traces, None, 1, None))
+    c = causes(why)
+    assert "interference" not in c and c["long contexts"].e2e == pytest.approx(3 * 0.048)
+    assert c["long contexts"].evidence == ["3 steps attended 5,000 KV tokens on average, against a usual 1,000: "
+                                           "+144.0 ms"]
