@@ -201,18 +201,15 @@ def decode(frame: bytes) -> object:
     return pickle.loads(frame)
 
 
+@dataclass
 class Dispatch:
     """What a process does with each kind of message it reads: the handler registered for the
-    message's type; `unexpected` for any other (by default a TypeError: a bug between loupe's
-    own processes)."""
+    message's type (any other type is a TypeError: a bug between loupe's own processes)."""
 
-    def __init__(self, handlers: dict[type, Callable[[Any], Any]], unexpected: Callable[[Any], Any] | None = None):
-        self.handlers, self.unexpected = handlers, unexpected
+    handlers: dict[type, Callable[[Any], Any]]
 
     def __call__(self, message: object) -> Any:
         handler = self.handlers.get(type(message))
-        if handler is not None:
-            return handler(message)
-        if self.unexpected is None:
+        if handler is None:
             raise TypeError(f"no handler for a {type(message).__name__} message")
-        return self.unexpected(message)
+        return handler(message)
