@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loupe.traces import perfetto
-from loupe.traces.reader import SpanFile, read_files, total_bytes
+from loupe.traces.reader import SpanFile, read_files
 from loupe.traces.requests import all_requests
 
 PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
@@ -25,7 +25,7 @@ def load(paths: list[str], console: Console) -> SpanFile:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"loupe traces: no such file: {missing[0]}")
-    size = total_bytes(paths)
+    size = sum(os.path.getsize(p) for p in paths)
     if size < PROGRESS_FROM_BYTES or not console.is_terminal:
         spans = read_files(paths)
     else:
