@@ -145,30 +145,17 @@ class Endpoints:
     def _address(self, name: str) -> str:
         return "ipc://" + os.path.join(self.folder, name)
 
-    @property
-    def scheduler(self) -> str:
-        """Where the tokenizer manager sends requests: the scheduler, or the DP controller."""
-        return self._address("scheduler")
-
     def replica(self, dp_rank: int) -> str:
         """Where one replica's driver scheduler takes its requests from."""
         return self.scheduler if self.dp_size == 1 else self._address(f"scheduler-dp{dp_rank}")
 
-    @property
-    def dp_stats(self) -> str:
-        return self._address("dp-controller-stats")
-
-    @property
-    def detokenizer(self) -> str:
-        return self._address("detokenizer")
-
-    @property
-    def manager(self) -> str:
-        return self._address("manager")
-
-    @property
-    def tracing(self) -> str:
-        return self._address("tracing")
+    # Where each process reads its messages; the tokenizer manager sends requests to `scheduler`
+    # (with --dp-size > 1 the DP controller reads them there, and the replicas' stats at `dp_stats`).
+    scheduler = property(lambda self: self._address("scheduler"))
+    dp_stats = property(lambda self: self._address("dp-controller-stats"))
+    detokenizer = property(lambda self: self._address("detokenizer"))
+    manager = property(lambda self: self._address("manager"))
+    tracing = property(lambda self: self._address("tracing"))
 
 
 def bind(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
