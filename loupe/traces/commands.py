@@ -40,10 +40,9 @@ def load(paths: list[str], console: Console) -> SpanFile:
     return spans
 
 
-def summary(args: argparse.Namespace, console: Console) -> None:
+def summary(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.summary import summarize, tables
 
-    spans = load(args.files, console)
     requests = all_requests(spans.traces)
     result = summarize(requests, args.slowest)
     if args.json:
@@ -54,16 +53,14 @@ def summary(args: argparse.Namespace, console: Console) -> None:
         console.print(table)
 
 
-def show(args: argparse.Namespace, console: Console) -> None:
+def show(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.waterfall import find_trace, waterfall
 
-    spans = load(args.files, console)
     trace_id = find_trace(spans.traces, args.trace_id)
     console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold))
 
 
-def export(args: argparse.Namespace, console: Console) -> None:
-    spans = load(args.files, console)
+def export(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     traces = spans.traces
     if args.trace_id:
         from loupe.traces.waterfall import find_trace
@@ -75,10 +72,9 @@ def export(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {args.output}: {len(traces)} traces; open it at https://ui.perfetto.dev or chrome://tracing")
 
 
-def plot(args: argparse.Namespace, console: Console) -> None:
+def plot(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.plot import plot as draw
 
-    spans = load(args.files, console)
     drawn = draw(all_requests(spans.traces), args.output)
     console.print(f"wrote {args.output}: {drawn} requests")
 
@@ -123,6 +119,6 @@ def main(argv: list[str] | None = None) -> None:
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = WIDTH_OFF_TERMINAL
     try:
-        args.run(args, console)
+        args.run(args, load(args.files, console), console)
     except LookupError as e:  # a trace id that names no trace, or several
         raise SystemExit(f"loupe traces {args.command}: {e}") from None
