@@ -31,11 +31,11 @@ class PackedLinear(nn.Module):
     On CPU its matmuls run 2-3x faster than `F.linear`'s (MKL) for the short, wide inputs of
     decoding, weights being streamed from memory every step; the numerics stay float32."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 32):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         bound_matmul_caches()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-        self.bias = linear.bias
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # laid out for ~32-row inputs
+        self.bias = bias
 
     def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -78,7 +78,7 @@ def pack_linears(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child.weight, child.bias))
                 count += 1
     return count
 
