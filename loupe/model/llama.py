@@ -11,7 +11,6 @@ from loupe.model.config import ModelConfig
 from loupe.model.layers import (
     DecoderLayer,
     ParallelLMHead,
-    RMSNorm,
     RotaryEmbedding,
     VocabParallelEmbedding,
     local_heads,
@@ -48,7 +47,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, comm, self.qk_norm) for i in range(len(self.layer_range))
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
+        self.norm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm) if last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
