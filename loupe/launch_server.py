@@ -203,12 +203,9 @@ class Supervisor:
                              proc.pid, proc.exitcode, EXPORTER_RESTARTS + 1)
             if on_exporter_death is not None:
                 on_exporter_death(restart)
-        if proc.exitcode == EXIT_LOST_PEER:
-            on_death(f"loupe: the {name} process (pid {proc.pid}) lost contact with another rank of its "
-                     "replica (on another node, or stopped); shutting down", proc.exitcode)
-        else:
-            on_death(f"loupe: the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}; "
-                     "shutting down", proc.exitcode)
+        what = ("lost contact with another rank of its replica (on another node, or stopped)"
+                if proc.exitcode == EXIT_LOST_PEER else f"died with exit code {proc.exitcode}")
+        on_death(f"loupe: the {name} process (pid {proc.pid}) {what}; shutting down", proc.exitcode)
 
     def stop(self, before_exporter=None) -> None:
         """Stop the serving children, run `before_exporter`, then stop the span exporter
