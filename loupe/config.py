@@ -146,10 +146,7 @@ class ServerArgs:
     log_requests: bool = _flag(False, "log one line per finished request: its trace id, status, token counts "
                                       "and stage latencies")
 
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Raise ValueError with one line naming the flag of the first bad value."""
 
         def need(ok: bool, name: str, rule: str) -> None:

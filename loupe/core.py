@@ -51,8 +51,7 @@ class SamplingParams:
     def from_dict(cls, params: dict | None) -> SamplingParams:
         """Build and validate; a bad value raises InvalidRequest naming the parameter."""
         params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+        unknown = sorted(set(params) - {f.name for f in fields(cls)})
         if unknown:
             raise InvalidRequest(f"unknown sampling parameter {unknown[0]!r}", unknown[0])
         if isinstance(params.get("stop"), str):

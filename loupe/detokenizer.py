@@ -109,10 +109,7 @@ class DetokenizerProcess:
     def texts_of(self, logprobs: list[TokenLogprob]) -> dict[int, str]:
         """The text of each token in `logprobs` (chosen and top), decoded alone: special tokens
         shown, a part of a multi-byte character as U+FFFD."""
-        texts = {}
-        for token in {t for lp in logprobs for t in (lp.token_id, *(top for top, _ in lp.top))}:
-            text = self.token_texts.get(token)
-            if text is None:
-                text = self.token_texts[token] = self.tokenizer.decode([token])
-            texts[token] = text
-        return texts
+        tokens = {t for lp in logprobs for t in (lp.token_id, *(top for top, _ in lp.top))}
+        for token in tokens - self.token_texts.keys():
+            self.token_texts[token] = self.tokenizer.decode([token])
+        return {token: self.token_texts[token] for token in tokens}

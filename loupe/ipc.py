@@ -145,30 +145,17 @@ class Endpoints:
     def _address(self, name: str) -> str:
         return "ipc://" + os.path.join(self.folder, name)
 
-    @property
-    def scheduler(self) -> str:
-        """Where the tokenizer manager sends requests: the scheduler, or the DP controller."""
-        return self._address("scheduler")
-
     def replica(self, dp_rank: int) -> str:
         """Where one replica's driver scheduler takes its requests from."""
         return self.scheduler if self.dp_size == 1 else self._address(f"scheduler-dp{dp_rank}")
 
-    @property
-    def dp_stats(self) -> str:
-        return self._address("dp-controller-stats")
-
-    @property
-    def detokenizer(self) -> str:
-        return self._address("detokenizer")
-
-    @property
-    def manager(self) -> str:
-        return self._address("manager")
-
-    @property
-    def tracing(self) -> str:
-        return self._address("tracing")
+    # Where each process reads its messages; the tokenizer manager sends requests to `scheduler`
+    # (with --dp-size > 1 the DP controller reads them there, and the replicas' stats at `dp_stats`).
+    scheduler = property(lambda self: self._address("scheduler"))
+    dp_stats = property(lambda self: self._address("dp-controller-stats"))
+    detokenizer = property(lambda self: self._address("detokenizer"))
+    manager = property(lambda self: self._address("manager"))
+    tracing = property(lambda self: self._address("tracing"))
 
 
 def bind(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
@@ -201,18 +188,15 @@ def decode(frame: bytes) -> object:
     return pickle.loads(frame)
 
 
+@dataclass
 class Dispatch:
     """What a process does with each kind of message it reads: the handler registered for the
-    message's type; `unexpected` for any other (by default a TypeError: a bug between loupe's
-    own processes)."""
+    message's type (any other type is a TypeError: a bug between loupe's own processes)."""
 
-    def __init__(self, handlers: dict[type, Callable[[Any], Any]], unexpected: Callable[[Any], Any] | None = None):
-        self.handlers, self.unexpected = handlers, unexpected
+    handlers: dict[type, Callable[[Any], Any]]
 
     def __call__(self, message: object) -> Any:
         handler = self.handlers.get(type(message))
-        if handler is not None:
-            return handler(message)
-        if self.unexpected is None:
+        if handler is None:
             raise TypeError(f"no handler for a {type(message).__name__} message")
-        return self.unexpected(message)
+        return handler(message)

@@ -104,9 +104,6 @@ def replica_address(args: ServerArgs, dp_rank: int) -> str | None:
     return f"{host}:{int(port) + dp_rank}"
 
 
-SHARED_CORES_SPINCOUNT = "10000"
-
-
 def share_cores_politely(args: ServerArgs) -> None:
     """The two servers of a prefill/decode pair often share a machine's cores. OpenMP threads
     spin at every barrier before they sleep (libgomp: 300,000 turns), so while one server runs
@@ -115,7 +112,7 @@ def share_cores_politely(args: ServerArgs) -> None:
     keeps a single stream's step time (18.6 against 18.4 ms here) and brings that to 2x
     (BENCHMARKS.md). Children inherit it; an operator's own OpenMP setting wins."""
     if args.disaggregation_mode != "null" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
-        os.environ["GOMP_SPINCOUNT"] = SHARED_CORES_SPINCOUNT
+        os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
 class Supervisor:
@@ -165,14 +162,11 @@ class Supervisor:
         while pending:
             wait([*pending, *(proc.sentinel for _, proc in pending.values())])
             for reader, (name, proc) in list(pending.items()):
-                if reader.poll():
-                    try:
-                        info = reader.recv()
-                    except EOFError:
-                        info = None
-                elif proc.is_alive():
+                if not reader.poll() and proc.is_alive():
                     continue
-                else:
+                try:
+                    info = reader.recv() if reader.poll() else None
+                except EOFError:  # it died before it could say why
                     info = None
                 if info is None:
                     proc.join()
@@ -209,12 +203,9 @@ class Supervisor:
                              proc.pid, proc.exitcode, EXPORTER_RESTARTS + 1)
             if on_exporter_death is not None:
                 on_exporter_death(restart)
-        if proc.exitcode == EXIT_LOST_PEER:
-            on_death(f"loupe: the {name} process (pid {proc.pid}) lost contact with another rank of its "
-                     "replica (on another node, or stopped); shutting down", proc.exitcode)
-        else:
-            on_death(f"loupe: the {name} process (pid {proc.pid}) died with exit code {proc.exitcode}; "
-                     "shutting down", proc.exitcode)
+        what = ("lost contact with another rank of its replica (on another node, or stopped)"
+                if proc.exitcode == EXIT_LOST_PEER else f"died with exit code {proc.exitcode}")
+        on_death(f"loupe: the {name} process (pid {proc.pid}) {what}; shutting down", proc.exitcode)
 
     def stop(self, before_exporter=None) -> None:
         """Stop the serving children, run `before_exporter`, then stop the span exporter

@@ -122,14 +122,9 @@ class HeapTrimmer:
         self.worked = False
 
     def __call__(self, working: bool) -> None:
-        if self._trim is None:
-            return
         now = time.monotonic()
-        if working:
-            self.worked = True
-            if now - self.last < self.interval:
-                return
-        elif not self.worked:
-            return
-        self._trim(0)
-        self.last, self.worked = now, False
+        self.worked = self.worked or working
+        # after work: once it stops, or every interval while it goes on
+        if self._trim is not None and self.worked and (not working or now - self.last >= self.interval):
+            self._trim(0)
+            self.last, self.worked = now, False

@@ -48,11 +48,6 @@ def held_back(text: str, stop: list[str]) -> int:
 
 def final_text(tokenizer, output_ids: list[int], finish_reason: FinishReason | None, matched_stop) -> str:
     """The text a client sees: without the stop token or stop string that ended it."""
-    ids = output_ids
-    if finish_reason == FinishReason.STOP and isinstance(matched_stop, int):
-        ids = output_ids[:-1]
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if isinstance(matched_stop, str):
-        cut = text.find(matched_stop)
-        text = text[:cut] if cut >= 0 else text
-    return text
+    stop_token = finish_reason == FinishReason.STOP and isinstance(matched_stop, int)
+    text = tokenizer.decode(output_ids[:-1] if stop_token else output_ids, skip_special_tokens=True)
+    return text.partition(matched_stop)[0] if isinstance(matched_stop, str) else text

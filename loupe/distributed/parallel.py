@@ -69,8 +69,7 @@ class Ranks:
 
     def process_name(self) -> str:
         """`scheduler`, or with the ranks that exist: `scheduler [TP 1] [DP 0]`."""
-        sizes = {"TP": self.tp_size, "PP": self.pp_size, "DP": self.dp_size}
-        return "scheduler" + "".join(f" [{k} {v}]" for k, v in self.labels().items() if sizes[k] > 1)
+        return "scheduler" + "".join(f" [{k} {v}]" for k, v in self.labels().items() if k != "TP" or self.tp_size > 1)
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
@@ -132,33 +131,34 @@ class Comm:
         dist.recv(x, self.ranks.world_rank - self.ranks.tp_size)
         return x
 
+    @property
+    def last_stage(self) -> int:
+        """The world rank of the last stage's TP 0, which shares what that stage sampled."""
+        return (self.ranks.pp_size - 1) * self.ranks.tp_size
+
+    def _broadcast_object(self, value: object, source: int) -> object:
+        box = [value]
+        dist.broadcast_object_list(box, src=source, group=self.cpu_group)
+        return box[0]
+
     def share(self, messages: list) -> list:
         """The driver's `messages`, on every rank."""
-        if self.ranks.world_size == 1:
-            return messages
-        box = [messages]
-        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
-        return box[0]
+        return messages if self.ranks.world_size == 1 else self._broadcast_object(messages, 0)
 
     def share_tokens(self, tokens: list[int] | None, count: int) -> list[int]:
         """The last stage's `count` sampled tokens, on every rank (with one stage, each rank
         already sampled the same tokens from the same gathered logits)."""
         if self.ranks.pp_size == 1 or count == 0:
             return tokens or []
-        source = (self.ranks.pp_size - 1) * self.ranks.tp_size  # TP 0 of the last stage
         t = torch.tensor(tokens, device=self.device) if tokens is not None else torch.empty(
             count, dtype=torch.long, device=self.device)
-        dist.broadcast(t, src=source)
+        dist.broadcast(t, src=self.last_stage)
         return t.tolist()
 
     def share_from_last_stage(self, value: object) -> object:
-        """A Python object of the last stage's TP 0 (the sampled tokens' logprobs), on every rank
-        (with one stage, each rank already has its own)."""
-        if self.ranks.pp_size == 1:
-            return value
-        box = [value]
-        dist.broadcast_object_list(box, src=(self.ranks.pp_size - 1) * self.ranks.tp_size, group=self.cpu_group)
-        return box[0]
+        """A Python object of the last stage (the sampled tokens' logprobs), on every rank (with
+        one stage, each rank already has its own)."""
+        return value if self.ranks.pp_size == 1 else self._broadcast_object(value, self.last_stage)
 
     def agree_min(self, value: int) -> int:
         """The smallest `value` of all ranks (e.g. KV cache size: every rank must use the same)."""

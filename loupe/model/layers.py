@@ -1,4 +1,4 @@
-"""Building blocks shared by every model family: norm, rotary embedding, attention, MLP.
+"""Building blocks shared by every model family: rotary embedding, attention, MLP (norms: nn.RMSNorm).
 
 Every forward works on a flat batch of tokens `[num_tokens, hidden]`; only attention needs
 to know which tokens belong to which request, and it asks the `ForwardBatch` for that.
@@ -31,11 +31,11 @@ class PackedLinear(nn.Module):
     On CPU its matmuls run 2-3x faster than `F.linear`'s (MKL) for the short, wide inputs of
     decoding, weights being streamed from memory every step; the numerics stay float32."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int = 32):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         bound_matmul_caches()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
-        self.bias = linear.bias
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # laid out for ~32-row inputs
+        self.bias = bias
 
     def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -78,19 +78,9 @@ def pack_linears(model: nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child.weight, child.bias))
                 count += 1
     return count
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -165,8 +155,8 @@ class Attention(nn.Module):
         # q, k and v in one matmul: fewer kernel launches per layer.
         self.qkv_proj = Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = Linear(q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.q_norm = nn.RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, config.rms_norm_eps) if qk_norm else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # q and k side by side as one [tokens, heads + kv_heads, head_dim]: one rotary for both.
@@ -196,9 +186,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, comm: Comm, qk_norm: bool = False):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_id, comm, qk_norm)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, comm)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -11,7 +11,6 @@ from loupe.model.config import ModelConfig
 from loupe.model.layers import (
     DecoderLayer,
     ParallelLMHead,
-    RMSNorm,
     RotaryEmbedding,
     VocabParallelEmbedding,
     local_heads,
@@ -48,7 +47,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, comm, self.qk_norm) for i in range(len(self.layer_range))
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
+        self.norm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm) if last else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
@@ -114,13 +113,11 @@ class LlamaForCausalLM(nn.Module):
         return name
 
     def _tp_slice(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This tensor-parallel rank's slice of a full checkpoint weight."""
-        tp, rank = self.comm.ranks.tp_size, self.comm.ranks.tp_rank
+        """This tensor-parallel rank's slice of a full checkpoint weight: a copy, not a view that
+        would keep the whole alive."""
+        tp, rank, part = self.comm.ranks.tp_size, self.comm.ranks.tp_rank, name.split(".")[-2]
         if tp == 1:
             return tensor
-        return self._tp_piece(name.split(".")[-2], tensor, tp, rank).clone()  # not a view that keeps all alive
-
-    def _tp_piece(self, part: str, tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
         if part in ("embed_tokens", "proj"):  # vocabulary rows, the last slice padded with zeros
             rows = vocab_shard_size(self.config.vocab_size, tp)
             piece = tensor[rank * rows : (rank + 1) * rows]
@@ -128,12 +125,12 @@ class LlamaForCausalLM(nn.Module):
         if part in ("k_proj", "v_proj"):  # this rank's KV heads, shared by ranks when replicated
             _, kv_heads = local_heads(self.config, tp)
             first = rank // max(1, tp // self.config.num_kv_heads) * kv_heads
-            return tensor[first * self.config.head_dim : (first + kv_heads) * self.config.head_dim]
+            return tensor[first * self.config.head_dim : (first + kv_heads) * self.config.head_dim].clone()
         if part in ("q_proj", "gate_proj", "up_proj"):  # column-parallel: output rows
-            return tensor.chunk(tp, dim=0)[rank]
+            return tensor.chunk(tp, dim=0)[rank].clone()
         if part in ("o_proj", "down_proj"):  # row-parallel: input columns
-            return tensor.chunk(tp, dim=1)[rank]
-        return tensor
+            return tensor.chunk(tp, dim=1)[rank].clone()
+        return tensor  # norms: every rank holds them whole
 
     def _set_parameter(self, expected: dict, name: str, tensor: torch.Tensor, source: str,
                        dtype: torch.dtype, device: torch.device | str) -> None:

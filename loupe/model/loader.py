@@ -93,12 +93,10 @@ def read_checkpoint(path: str) -> tuple[dict, dict[str, torch.Tensor], object]:
 
 
 def eos_ids(hf_config: dict, config: ModelConfig, tokenizer) -> tuple[int, ...]:
-    ids = set(config.eos_token_ids)
+    """The model's EOS tokens, its generation config's, and the tokenizer's: all end a request."""
     extra = hf_config.get("generation_eos_token_id")
-    ids.update(extra if isinstance(extra, list) else [extra] if extra is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))
+    ids = {*config.eos_token_ids, *(extra if isinstance(extra, list) else [extra]), tokenizer.eos_token_id}
+    return tuple(sorted(ids - {None}))
 
 
 def load_model(

@@ -87,15 +87,9 @@ class Int4Linear(nn.Module):
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             self.scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
             if bf16_native() and linear.weight.dtype == torch.float32:
-                self.wide_decode = PackedLinear(self._grid(weight.to(torch.bfloat16), None))
-        self.wide = PackedLinear(self._grid(weight.to(linear.weight.dtype), linear.bias))
+                self.wide_decode = PackedLinear(weight.to(torch.bfloat16), None)
+        self.wide = PackedLinear(weight.to(linear.weight.dtype), linear.bias)
         self.bias = linear.bias
-
-    def _grid(self, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-        grid = nn.Linear(self.in_features, self.out_features, bias=False)
-        grid.weight = nn.Parameter(weight, requires_grad=False)
-        grid.bias = bias
-        return grid
 
     def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -127,7 +121,7 @@ class Int8Linear(nn.Module):
         codes = (weight / self.scales[:, None]).round().clamp(-127, 127).to(torch.int8)
         self.packed = torch.ops.onednn.qlinear_prepack(codes, [1, weight.shape[1]])
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.int32)
-        self.wide = PackedLinear(linear)
+        self.wide = PackedLinear(linear.weight, linear.bias)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loupe.traces import perfetto
-from loupe.traces.reader import SpanFile, read_files, total_bytes
+from loupe.traces.reader import SpanFile, read_files
 from loupe.traces.requests import all_requests
 
 PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
@@ -25,7 +25,7 @@ def load(paths: list[str], console: Console) -> SpanFile:
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise SystemExit(f"loupe traces: no such file: {missing[0]}")
-    size = total_bytes(paths)
+    size = sum(os.path.getsize(p) for p in paths)
     if size < PROGRESS_FROM_BYTES or not console.is_terminal:
         spans = read_files(paths)
     else:
@@ -40,10 +40,9 @@ def load(paths: list[str], console: Console) -> SpanFile:
     return spans
 
 
-def summary(args: argparse.Namespace, console: Console) -> None:
+def summary(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.summary import summarize, tables
 
-    spans = load(args.files, console)
     requests = all_requests(spans.traces)
     result = summarize(requests, args.slowest)
     if args.json:
@@ -54,24 +53,18 @@ def summary(args: argparse.Namespace, console: Console) -> None:
         console.print(table)
 
 
-def show(args: argparse.Namespace, console: Console) -> None:
+def show(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.waterfall import find_trace, waterfall
 
-    spans = load(args.files, console)
     trace_id = find_trace(spans.traces, args.trace_id)
     console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold))
 
 
-def why(args: argparse.Namespace, console: Console) -> None:
+def why(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.waterfall import find_trace
     from loupe.traces.why import explain_all, pick, table
 
-    trace_id, files = (None, args.args) if args.slowest or args.route else (args.args[0], args.args[1:])
-    if not files:
-        raise SystemExit("loupe traces why: give TRACE_ID FILE… or --slowest N FILE…")
-    spans = load(files, console)
-    if trace_id is not None:
-        trace_id = find_trace(spans.traces, trace_id)
+    trace_id = find_trace(spans.traces, args.trace_id) if args.trace_id else None
     explanations = explain_all(spans.traces, pick(spans.traces, trace_id, args.slowest or 1, args.route))
     if args.json:
         print(json.dumps([e.as_dict() for e in explanations], indent=2))
@@ -80,8 +73,7 @@ def why(args: argparse.Namespace, console: Console) -> None:
         console.print(table(explanation))
 
 
-def export(args: argparse.Namespace, console: Console) -> None:
-    spans = load(args.files, console)
+def export(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     traces = spans.traces
     if args.trace_id:
         from loupe.traces.waterfall import find_trace
@@ -93,10 +85,9 @@ def export(args: argparse.Namespace, console: Console) -> None:
     console.print(f"wrote {args.output}: {len(traces)} traces; open it at https://ui.perfetto.dev or chrome://tracing")
 
 
-def plot(args: argparse.Namespace, console: Console) -> None:
+def plot(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.plot import plot as draw
 
-    spans = load(args.files, console)
     drawn = draw(all_requests(spans.traces), args.output)
     console.print(f"wrote {args.output}: {drawn} requests")
 
@@ -122,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=show)
 
     p = commands.add_parser("why", help="where one request's time went, as causes with evidence")
-    p.add_argument("args", nargs="+", metavar="[TRACE_ID] FILE",
+    p.add_argument("files", nargs="+", metavar="[TRACE_ID] FILE",
                    help="a trace id (prefix, or request id) then the files; with --slowest or --route, only files")
     p.add_argument("--slowest", type=int, default=0, metavar="N", help="explain the N slowest requests instead")
     p.add_argument("--route", help="only requests of this route, e.g. /v1/chat/completions (the slowest, or N)")
@@ -148,7 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = WIDTH_OFF_TERMINAL
+    if args.command == "why":  # its first word names the request, unless --slowest or --route picks them
+        args.trace_id = None if args.slowest or args.route else args.files.pop(0)
+        if not args.files:
+            raise SystemExit("loupe traces why: give TRACE_ID FILE… or --slowest N FILE…")
     try:
-        args.run(args, console)
+        args.run(args, load(args.files, console), console)
     except LookupError as e:  # a trace id that names no trace, or several
         raise SystemExit(f"loupe traces {args.command}: {e}") from None

@@ -61,11 +61,9 @@ def place_trace(spans: list[Span], tracks: Tracks) -> dict[str, tuple[int, int]]
         rid = root.attributes.get("rid", root.name)
         http = next((t for t in threads if t.parent_id == root.span_id and t.attributes["thread_label"] == "Tokenizer"),
                     None)
-        if http is not None:
-            pid = process_of(http, tracks)
-        else:
-            pid = tracks.process(("service", root.service), f"{root.service or 'loupe'} requests")
-        placed[root.span_id] = tracks.track(root, pid, f"{rid}")
+        pid = process_of(http, tracks) if http is not None else tracks.process(
+            ("service", root.service), f"{root.service or 'loupe'} requests")
+        placed[root.span_id] = tracks.track(root, pid, str(rid))
     for thread in threads:
         pid = process_of(thread, tracks)
         root = by_id.get(thread.parent_id)

@@ -8,7 +8,6 @@ say) is skipped and counted. Spans read twice (overlapping files) count once.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -54,11 +53,6 @@ class SpanFile:
 
     traces: dict[str, list[Span]] = field(default_factory=dict)
     bad_lines: int = 0
-
-    @property
-    def spans(self) -> Iterable[Span]:
-        for spans in self.traces.values():
-            yield from spans
 
 
 def value(any_value: dict):
@@ -115,7 +109,3 @@ def read_files(paths: Iterable[str], advance: Callable[[int], None] | None = Non
                         seen.add((span.trace_id, span.span_id))
                         out.traces.setdefault(span.trace_id, []).append(span)
     return out
-
-
-def total_bytes(paths: Iterable[str]) -> int:
-    return sum(os.path.getsize(p) for p in paths)
