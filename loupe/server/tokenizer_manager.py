@@ -14,7 +14,6 @@ import zmq.asyncio
 
 from loupe import ipc
 from loupe.core import (
-    Bootstrap,
     FinishReason,
     InvalidRequest,
     ModelInfo,
@@ -103,12 +102,6 @@ class TokenizerManager:
 
     # ---- generation -----------------------------------------------------------------------
 
-    def validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None,
-                  bootstrap: Bootstrap | None = None) -> TokenizedRequest:
-        """The request as the scheduler takes it; InvalidRequest (a 400) if it cannot run."""
-        return TokenizedRequest.validated(rid, input_ids, params, self.limits, trace.carrier if trace else None,
-                                          bootstrap)
-
     async def generate(self, request: TokenizedRequest, trace: RequestTrace | None = None
                        ) -> AsyncIterator[ipc.RequestOutput]:
         """Yield the request's outputs until it finishes. Closing the iterator early aborts it
@@ -145,20 +138,6 @@ class TokenizerManager:
     def abort(self, rid: str) -> None:
         if rid in self.states:
             ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
-
-    def start_trace(self, rid: str, headers, attributes: dict, prompt, wanted: bool | None = None
-                    ) -> RequestTrace | None:
-        """A trace for a request that just arrived, under the caller's `traceparent` if valid;
-        whether it records anything is decided now (`wanted`: the request's own choice)."""
-        if self.tracer is None:
-            return None
-        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes, prompt,
-                                 wanted)
-
-    def end_trace_with_error(self, trace: RequestTrace | None, error_type: str, message: str) -> None:
-        """For a request refused before it reached the scheduler."""
-        if trace is not None:
-            self.tracer.finish(trace, None, error_type, message)
 
     def fail_all(self, message: str) -> None:
         """Answer every request in flight with an error (a serving process died: nothing else
