@@ -48,13 +48,6 @@ class RequestState:
         """The id the response's traceparent carries (whether or not the trace is recorded); "-" untraced."""
         return f"{self.trace.ctx.trace_id:032x}" if self.trace is not None else "-"
 
-    @property
-    def exemplar(self) -> dict | None:
-        """The latency histograms' exemplar: the trace id, when the trace will be exported."""
-        if self.trace is None or self.trace.ctx.decision != TraceDecision.SAMPLED:
-            return None
-        return {"trace_id": self.trace_id}
-
 
 class TokenizerManager:
     def __init__(self, endpoints: ipc.Endpoints, metrics: Metrics, tracer: RequestTracer | None,
@@ -142,13 +135,10 @@ class TokenizerManager:
     def fail_all(self, message: str) -> None:
         """Answer every request in flight with an error (a serving process died: nothing else
         will answer them). Call on the event loop's thread."""
-        now = time.perf_counter()
-        for rid, state in list(self.states.items()):
-            if not state.finished:
-                out = ipc.RequestOutput(rid, [], result=ipc.RequestResult(FinishReason.ABORT, error=message,
-                                                                          error_code="engine_unavailable"))
-                self._observe(state, out, now)
-                state.outputs.put_nowait(out)
+        self._deliver(ipc.TextBatch([
+            ipc.RequestOutput(rid, [], result=ipc.RequestResult(FinishReason.ABORT, error=message,
+                                                                error_code="engine_unavailable"))
+            for rid, state in self.states.items() if not state.finished]))
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests and wait up to `timeout` seconds for the running ones to end;
@@ -193,12 +183,12 @@ class TokenizerManager:
         m = self.metrics
         if out.queue_seconds is not None:
             state.queue_seconds = out.queue_seconds
-            m.queue_time.observe(out.queue_seconds, state.exemplar)
+            m.queue_time.observe(out.queue_seconds, self._exemplar(state))
         if out.token_ids:
             m.generation_tokens.inc(len(out.token_ids))
             if state.first_token_time is None:
                 state.first_token_time = now
-                m.time_to_first_token.observe(now - state.created, state.exemplar)
+                m.time_to_first_token.observe(now - state.created, self._exemplar(state))
                 m.prompt_tokens.inc(out.prompt_tokens)
         result = out.result
         if result is None:
@@ -210,7 +200,7 @@ class TokenizerManager:
         if result.error and result.error_code == "kv_transfer_failed":
             m.kv_transfer_failures.inc()
         state.end = now
-        exemplar = state.exemplar or self._kept_exemplar(state, result, now)
+        exemplar = self._exemplar(state, result, now)
         m.e2e_latency.observe(now - state.created, exemplar)
         m.prefill_time.observe(result.prefill_seconds, exemplar)
         m.decode_time.observe(result.decode_seconds, exemplar)
@@ -218,13 +208,16 @@ class TokenizerManager:
             m.detokenize_time.observe(result.detokenize_seconds, exemplar)
         m.requests.labels(status=status(result)).inc()
 
-    def _kept_exemplar(self, state: RequestState, result: ipc.RequestResult, now: float) -> dict | None:
-        """An undecided trace's exemplar, if a tail rule will keep it (its root ends a little
-        later, so it is at least this slow; one that fails only then gets none)."""
+    def _exemplar(self, state: RequestState, result: ipc.RequestResult | None = None, now: float = 0.0
+                  ) -> dict | None:
+        """The latency histograms' exemplar: the trace id, when the trace will be exported. An
+        undecided trace's only once it ended (`result`), if a tail rule will keep it (its root
+        ends a little later, so it is at least this slow; one that fails only then gets none)."""
         trace = state.trace
-        if trace is None or trace.ctx.decision != TraceDecision.UNDECIDED:
-            return None
-        kept = self.tracer.control.verdict(status(result) in ("error", "abort"), now - trace.start / 1e9)
+        decision = trace.ctx.decision if trace is not None else TraceDecision.OFF
+        kept = decision == TraceDecision.SAMPLED or (
+            decision == TraceDecision.UNDECIDED and result is not None
+            and self.tracer.control.verdict(status(result) in ("error", "abort"), now - trace.start / 1e9))
         return {"trace_id": state.trace_id} if kept else None
 
 
