@@ -193,8 +193,7 @@ class OpenAIFormat:
     """Shapes outputs as OpenAI chat.completion(.chunk) or text_completion objects."""
 
     def __init__(self, rid: str, model: str, chat: bool, created: int, logprobs: bool = False):
-        self.rid, self.model, self.chat, self.created = rid, model, chat, created
-        self.logprobs = logprobs  # whether the request asked for them
+        self.chat, self.logprobs = chat, logprobs  # logprobs: whether the request asked for them
         self.text_offset = 0  # completions: where the next token's text starts in the whole text
         self.header = {"id": rid, "created": created, "model": model}
 
