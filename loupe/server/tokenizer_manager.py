@@ -119,7 +119,7 @@ class TokenizerManager:
                     return
         finally:
             if not state.finished:
-                self.abort(rid)
+                ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
                 # Its last output will be dropped by run_inbox (the state is gone): count it here.
                 self.metrics.requests.labels(status="abort").inc()
             self.states.pop(rid, None)
@@ -127,10 +127,6 @@ class TokenizerManager:
                 log_request(request, state, out)
             if recording:
                 self.tracer.finish_request(trace, out if state.finished else None)
-
-    def abort(self, rid: str) -> None:
-        if rid in self.states:
-            ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
 
     def fail_all(self, message: str) -> None:
         """Answer every request in flight with an error (a serving process died: nothing else
