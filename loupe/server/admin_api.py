@@ -82,13 +82,10 @@ class AdminAPI:
         manager = self.manager
         outputs = manager.generate(TokenizedRequest(f"health-{uuid.uuid4().hex}", manager.encode("ping") or [0],
                                                     SamplingParams(max_new_tokens=1)))
-
-        async def run() -> None:
-            async for _ in outputs:
-                pass
-
         try:
-            await asyncio.wait_for(run(), HEALTH_GENERATE_TIMEOUT)
+            async with asyncio.timeout(HEALTH_GENERATE_TIMEOUT):
+                async for _ in outputs:
+                    pass
         except TimeoutError:
             raise APIError(503, f"no token generated in {HEALTH_GENERATE_TIMEOUT} s") from None
         finally:

@@ -22,7 +22,12 @@ class Intake:
 
     def start_trace(self, request: Request, rid: str, operation: str, body: RequestExtras, prompt,
                     requested_model: str | None = None) -> RequestTrace | None:
-        """Open the request's trace; kept on `request.state` so an error response can end it."""
+        """Open the request's trace (None when tracing is off), under the caller's `traceparent`
+        if valid; kept on `request.state` so an error response can end it. Whether it records
+        anything is decided now, the request's own choice (`metadata.trace`) included."""
+        wanted, tracer = body.trace_wanted(), self.manager.tracer  # a bad metadata.trace is a 400 all the same
+        if tracer is None:
+            return None
         attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name,
                       "http.route": request.url.path}
         if requested_model is not None:
@@ -31,9 +36,10 @@ class Intake:
             attributes["disaggregation.role"] = self.role
             if body.bootstrap_room is not None:
                 attributes["bootstrap_room"] = body.bootstrap_room
-        trace = self.manager.start_trace(rid, request.headers, attributes, prompt, body.trace_wanted())
-        request.state.trace = trace
-        return trace
+        headers = request.headers
+        request.state.trace = tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes,
+                                           prompt, wanted)
+        return request.state.trace
 
     @staticmethod
     def tokenize(trace: RequestTrace | None, tokenize: Callable[..., list[int]], text) -> list[int]:
@@ -60,7 +66,8 @@ class Intake:
         try:
             if bootstrap is not None:
                 bootstrap.check(self.prefill_hosts, self.has_secret, connects=self.role == "decode")
-            return self.manager.validated(rid, input_ids, params, trace, bootstrap)
+            return TokenizedRequest.validated(rid, input_ids, params, self.manager.limits,
+                                              trace.carrier if trace else None, bootstrap)
         except InvalidRequest as e:
             message, param = e.named(names or {})
             raise APIError(400, message, param=param) from None

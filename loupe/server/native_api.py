@@ -3,12 +3,12 @@ out, whole or as a stream of the text and ids so far."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import Request, Response
 
-from loupe.core import TokenLogprob
 from loupe.ipc import RequestOutput
 from loupe.server.intake import Intake
 from loupe.server.native import GenerateResponse, generate_response, logprob_switches
@@ -31,8 +31,7 @@ class NativeAPI:
         if body.stream:
             return sse(stream(rid, outputs, body), outputs, trace)
         final = await last_output(outputs, request)
-        return json_answer(answer(rid, final.result.text, final, final.token_ids, final.logprobs, final.token_texts,
-                                  body), trace)
+        return json_answer(answer(rid, final.result.text, final, body), trace)
 
     def _check(self, body: GenerateRequest, rid: str) -> None:
         body.refuse_unsupported()
@@ -48,15 +47,15 @@ class NativeAPI:
             raise APIError(400, "top_logprobs_num needs return_logprob: true", param="top_logprobs_num")
 
 
-def answer(rid: str, text: str, out: RequestOutput, output_ids: list[int], logprobs: list[TokenLogprob] | None,
-           texts: dict[int, str] | None, body: GenerateRequest) -> GenerateResponse:
-    """The answer so far: `out` gives the counts and how it ended, the rest is gathered."""
-    token_text = (texts or {}).get if body.return_text_in_logprobs else lambda token_id: None
+def answer(rid: str, text: str, out: RequestOutput, body: GenerateRequest) -> GenerateResponse:
+    """The answer so far: `out` holds every token id so far (and their logprobs and token texts,
+    if asked), the counts, and how it ended."""
+    token_text = (out.token_texts or {}).get if body.return_text_in_logprobs else lambda token_id: None
     ended, stop = (out.result.finish_reason, out.result.matched_stop) if out.result else (None, None)
-    return generate_response(rid, text, output_ids, prompt_tokens=out.prompt_tokens,
+    return generate_response(rid, text, out.token_ids, prompt_tokens=out.prompt_tokens,
                              completion_tokens=out.completion_tokens, cached_tokens=out.cached_tokens,
                              finish_reason=ended, matched_stop=stop,
-                             logprobs=(logprobs or []) if body.return_logprob else None,
+                             logprobs=(out.logprobs or []) if body.return_logprob else None,
                              top=body.top_logprobs_num > 0, token_text=token_text)
 
 
@@ -68,8 +67,7 @@ async def stream(rid: str, outputs: AsyncIterator[RequestOutput], body: Generate
     async for out in outputs:
         raise_if_failed(out)
         ids.extend(out.token_ids)
+        logprobs.extend(out.logprobs or [])
+        texts.update(out.token_texts or {})
         text = out.result.text if out.result is not None else text + out.text_delta
-        if body.return_logprob:
-            logprobs.extend(out.logprobs or [])
-            texts.update(out.token_texts or {})
-        yield answer(rid, text, out, list(ids), logprobs, texts, body)
+        yield answer(rid, text, dataclasses.replace(out, token_ids=ids, logprobs=logprobs, token_texts=texts), body)

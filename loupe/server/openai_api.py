@@ -94,14 +94,11 @@ class ChatChunkChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(ChatCompletion):
     """One event of a chat stream; with `stream_options.include_usage`, the last one has no
     choices and the usage."""
 
-    id: str
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
@@ -196,8 +193,7 @@ class OpenAIFormat:
     """Shapes outputs as OpenAI chat.completion(.chunk) or text_completion objects."""
 
     def __init__(self, rid: str, model: str, chat: bool, created: int, logprobs: bool = False):
-        self.rid, self.model, self.chat, self.created = rid, model, chat, created
-        self.logprobs = logprobs  # whether the request asked for them
+        self.chat, self.logprobs = chat, logprobs  # logprobs: whether the request asked for them
         self.text_offset = 0  # completions: where the next token's text starts in the whole text
         self.header = {"id": rid, "created": created, "model": model}
 

@@ -75,11 +75,7 @@ def answers(body: type[BaseModel], *errors: int, stream: type[BaseModel] | None 
     ok: dict = {"model": body}
     if stream is not None:
         ok["content"] = {SSE: {"schema": sse_event(stream)}}
-    return {200: ok, **{status: error(status) for status in errors}}
-
-
-def error(status: int) -> dict:
-    return {"model": ErrorResponse, "description": ERRORS[status]}
+    return {200: ok, **{status: {"model": ErrorResponse, "description": ERRORS[status]} for status in errors}}
 
 
 ERRORS = {

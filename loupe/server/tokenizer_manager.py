@@ -14,7 +14,6 @@ import zmq.asyncio
 
 from loupe import ipc
 from loupe.core import (
-    Bootstrap,
     FinishReason,
     InvalidRequest,
     ModelInfo,
@@ -48,13 +47,6 @@ class RequestState:
     def trace_id(self) -> str:
         """The id the response's traceparent carries (whether or not the trace is recorded); "-" untraced."""
         return f"{self.trace.ctx.trace_id:032x}" if self.trace is not None else "-"
-
-    @property
-    def exemplar(self) -> dict | None:
-        """The latency histograms' exemplar: the trace id, when the trace will be exported."""
-        if self.trace is None or self.trace.ctx.decision != TraceDecision.SAMPLED:
-            return None
-        return {"trace_id": self.trace_id}
 
 
 class TokenizerManager:
@@ -103,12 +95,6 @@ class TokenizerManager:
 
     # ---- generation -----------------------------------------------------------------------
 
-    def validated(self, rid: str, input_ids: list[int], params: dict, trace: RequestTrace | None,
-                  bootstrap: Bootstrap | None = None) -> TokenizedRequest:
-        """The request as the scheduler takes it; InvalidRequest (a 400) if it cannot run."""
-        return TokenizedRequest.validated(rid, input_ids, params, self.limits, trace.carrier if trace else None,
-                                          bootstrap)
-
     async def generate(self, request: TokenizedRequest, trace: RequestTrace | None = None
                        ) -> AsyncIterator[ipc.RequestOutput]:
         """Yield the request's outputs until it finishes. Closing the iterator early aborts it
@@ -133,7 +119,7 @@ class TokenizerManager:
                     return
         finally:
             if not state.finished:
-                self.abort(rid)
+                ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
                 # Its last output will be dropped by run_inbox (the state is gone): count it here.
                 self.metrics.requests.labels(status="abort").inc()
             self.states.pop(rid, None)
@@ -142,34 +128,13 @@ class TokenizerManager:
             if recording:
                 self.tracer.finish_request(trace, out if state.finished else None)
 
-    def abort(self, rid: str) -> None:
-        if rid in self.states:
-            ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
-
-    def start_trace(self, rid: str, headers, attributes: dict, prompt, wanted: bool | None = None
-                    ) -> RequestTrace | None:
-        """A trace for a request that just arrived, under the caller's `traceparent` if valid;
-        whether it records anything is decided now (`wanted`: the request's own choice)."""
-        if self.tracer is None:
-            return None
-        return self.tracer.start(rid, headers.get("traceparent"), headers.get("tracestate"), attributes, prompt,
-                                 wanted)
-
-    def end_trace_with_error(self, trace: RequestTrace | None, error_type: str, message: str) -> None:
-        """For a request refused before it reached the scheduler."""
-        if trace is not None:
-            self.tracer.finish(trace, None, error_type, message)
-
     def fail_all(self, message: str) -> None:
         """Answer every request in flight with an error (a serving process died: nothing else
         will answer them). Call on the event loop's thread."""
-        now = time.perf_counter()
-        for rid, state in list(self.states.items()):
-            if not state.finished:
-                out = ipc.RequestOutput(rid, [], result=ipc.RequestResult(FinishReason.ABORT, error=message,
-                                                                          error_code="engine_unavailable"))
-                self._observe(state, out, now)
-                state.outputs.put_nowait(out)
+        self._deliver(ipc.TextBatch([
+            ipc.RequestOutput(rid, [], result=ipc.RequestResult(FinishReason.ABORT, error=message,
+                                                                error_code="engine_unavailable"))
+            for rid, state in self.states.items() if not state.finished]))
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests and wait up to `timeout` seconds for the running ones to end;
@@ -214,12 +179,12 @@ class TokenizerManager:
         m = self.metrics
         if out.queue_seconds is not None:
             state.queue_seconds = out.queue_seconds
-            m.queue_time.observe(out.queue_seconds, state.exemplar)
+            m.queue_time.observe(out.queue_seconds, self._exemplar(state))
         if out.token_ids:
             m.generation_tokens.inc(len(out.token_ids))
             if state.first_token_time is None:
                 state.first_token_time = now
-                m.time_to_first_token.observe(now - state.created, state.exemplar)
+                m.time_to_first_token.observe(now - state.created, self._exemplar(state))
                 m.prompt_tokens.inc(out.prompt_tokens)
         result = out.result
         if result is None:
@@ -231,7 +196,7 @@ class TokenizerManager:
         if result.error and result.error_code == "kv_transfer_failed":
             m.kv_transfer_failures.inc()
         state.end = now
-        exemplar = state.exemplar or self._kept_exemplar(state, result, now)
+        exemplar = self._exemplar(state, result, now)
         m.e2e_latency.observe(now - state.created, exemplar)
         m.prefill_time.observe(result.prefill_seconds, exemplar)
         m.decode_time.observe(result.decode_seconds, exemplar)
@@ -239,13 +204,16 @@ class TokenizerManager:
             m.detokenize_time.observe(result.detokenize_seconds, exemplar)
         m.requests.labels(status=status(result)).inc()
 
-    def _kept_exemplar(self, state: RequestState, result: ipc.RequestResult, now: float) -> dict | None:
-        """An undecided trace's exemplar, if a tail rule will keep it (its root ends a little
-        later, so it is at least this slow; one that fails only then gets none)."""
+    def _exemplar(self, state: RequestState, result: ipc.RequestResult | None = None, now: float = 0.0
+                  ) -> dict | None:
+        """The latency histograms' exemplar: the trace id, when the trace will be exported. An
+        undecided trace's only once it ended (`result`), if a tail rule will keep it (its root
+        ends a little later, so it is at least this slow; one that fails only then gets none)."""
         trace = state.trace
-        if trace is None or trace.ctx.decision != TraceDecision.UNDECIDED:
-            return None
-        kept = self.tracer.control.verdict(status(result) in ("error", "abort"), now - trace.start / 1e9)
+        decision = trace.ctx.decision if trace is not None else TraceDecision.OFF
+        kept = decision == TraceDecision.SAMPLED or (
+            decision == TraceDecision.UNDECIDED and result is not None
+            and self.tracer.control.verdict(status(result) in ("error", "abort"), now - trace.start / 1e9))
         return {"trace_id": state.trace_id} if kept else None
 
 

@@ -31,9 +31,6 @@ def start_context(level: int, traceparent: str | None = None, tracestate: str | 
                   decide: Callable[[int, int | None], TraceDecision] | None = None) -> TraceContext:
     """A new request's context: under the caller's span when `traceparent` is valid. `decide`
     (trace id, the caller's flags or None) makes its trace decision; without it, sampled."""
-    parent = parse_traceparent(traceparent)
-    trace_id = parent[0] if parent else new_trace_id()
-    decision = decide(trace_id, parent[2] if parent else None) if decide else TraceDecision.SAMPLED
-    if parent is None:
-        return TraceContext(trace_id, new_span_id(), level, decision)
-    return TraceContext(trace_id, new_span_id(), level, decision, parent[1], tracestate or None)
+    trace_id, parent_id, flags = parse_traceparent(traceparent) or (new_trace_id(), None, None)
+    decision = decide(trace_id, flags) if decide else TraceDecision.SAMPLED
+    return TraceContext(trace_id, new_span_id(), level, decision, parent_id, (tracestate or None) if parent_id else None)

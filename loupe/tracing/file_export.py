@@ -34,16 +34,10 @@ def otlp_json(request) -> str:
     for resource_spans in message.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
-                hex_ids(span)
-                for link in span.get("links", ()):
-                    hex_ids(link)
+                for item in (span, *span.get("links", ())):
+                    for key in item.keys() & ID_FIELDS:
+                        item[key] = base64.b64decode(item[key]).hex()
     return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-
-
-def hex_ids(item: dict) -> None:
-    for key in ID_FIELDS:
-        if key in item:
-            item[key] = base64.b64decode(item[key]).hex()
 
 
 def file_path(endpoint: str) -> str:

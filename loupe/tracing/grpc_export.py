@@ -31,7 +31,7 @@ import h2.exceptions
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.util.re import parse_env_headers
 
-from loupe.tracing.settings import first_env, normalize_endpoint
+from loupe.tracing.settings import first_env, normalize_endpoint, parsed
 
 logger = logging.getLogger(__name__)
 EXPORT_PATH = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -47,16 +47,6 @@ def otlp_env(name: str, default: str | None = None) -> str | None:
     return first_env(f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}", default=default)
 
 
-def seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT must be a positive number of seconds, got {raw!r}")
-    return value
-
-
 class GrpcExporter:
     """Sends ExportTraceServiceRequests to an OTLP/gRPC endpoint: `host:port`, `http://` or
     `https://` (TLS)."""
@@ -65,7 +55,8 @@ class GrpcExporter:
         url = urlparse(normalize_endpoint(endpoint, "grpc"))
         self.address = (url.hostname, url.port or 4317)
         self.tls = url.scheme == "https"
-        self.timeout = seconds(otlp_env("TIMEOUT", "10"))
+        self.timeout = parsed(otlp_env("TIMEOUT", "10"), float, lambda v: v > 0, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+                              "a positive number of seconds")
         compression = (otlp_env("COMPRESSION") or "none").strip().lower()
         if compression not in (*COMPRESSORS, "none"):
             raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION must be gzip, deflate or none, got {compression!r}")

@@ -11,13 +11,7 @@ import os
 import random
 
 _rng = random.Random(os.urandom(32))
-
-
-def _reseed() -> None:
-    _rng.seed(os.urandom(32))
-
-
-os.register_at_fork(after_in_child=_reseed)
+os.register_at_fork(after_in_child=lambda: _rng.seed(os.urandom(32)))
 
 
 def new_trace_id() -> int:

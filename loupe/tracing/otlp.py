@@ -9,7 +9,7 @@ gRPC requests go out through loupe's own sender (tracing/grpc_export.py). HTTP o
 through the SDK's OTLP/HTTP exporter, so its environment variables (headers, timeout,
 compression, certificates), TLS and retries apply: a small subclass hands it the built
 request through a private hook, there since 1.45; the package is pinned below 2 in
-pyproject.toml, and `check_http_hook` refuses to start, saying so, where the hook is missing.
+pyproject.toml, and `HttpExporter` refuses to start, saying so, where the hook is missing.
 """
 
 from __future__ import annotations
@@ -169,18 +169,14 @@ class HttpExporter(sdk_http.OTLPSpanExporter):
 
     def __init__(self, endpoint: str) -> None:
         super().__init__(endpoint=endpoint)
-        check_http_hook(self)
+        if not callable(getattr(getattr(self, "_client", None), "export", None)):
+            from importlib.metadata import version
+
+            raise RuntimeError("OTLP http/protobuf export needs opentelemetry-exporter-otlp-proto-http>=1.45,<2 "
+                               f"(installed: {version('opentelemetry-exporter-otlp-proto-http')})")
 
     def export(self, request: ExportTraceServiceRequest) -> SpanExportResult:
         if self._shutdown:
             return SpanExportResult.FAILURE
         result = self._client.export(request.SerializeToString())
         return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
-
-
-def check_http_hook(exporter: sdk_http.OTLPSpanExporter) -> None:
-    if not callable(getattr(getattr(exporter, "_client", None), "export", None)):
-        from importlib.metadata import version
-
-        raise RuntimeError("OTLP http/protobuf export needs opentelemetry-exporter-otlp-proto-http>=1.45,<2 "
-                           f"(installed: {version('opentelemetry-exporter-otlp-proto-http')})")

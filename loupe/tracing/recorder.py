@@ -67,22 +67,17 @@ def host_id() -> str:
     return f"{uuid.getnode() & 0xFFFFFFFF:08x}"
 
 
-def thread_span_name(label: str, ranks: dict[str, int] | None = None) -> str:
-    rank_text = "".join(f" [{k} {v}]" for k, v in (ranks or {}).items())
-    return f"{label}{rank_text} (host:{host_id()} | pid:{os.getpid()})"
-
-
 class Recorder:
     def __init__(self, address: str, label: str, ranks: dict[str, int] | None = None,
                  rank_attributes: dict[str, int] | None = None):
         """`ranks` name the thread span (`{"TP": 0}` -> "[TP 0]"); `rank_attributes` default to
         them (`tp_rank`), and may list more (a scheduler has all three, named or not)."""
-        self.label = label
-        self.ranks = dict(ranks or {})
-        self.thread_name = thread_span_name(label, ranks)
+        ranks, host, pid = ranks or {}, host_id(), os.getpid()
+        rank_text = "".join(f" [{k} {v}]" for k, v in ranks.items())
+        self.thread_name = f"{label}{rank_text} (host:{host} | pid:{pid})"
         if rank_attributes is None:
-            rank_attributes = {f"{k.lower()}_rank": v for k, v in self.ranks.items()}
-        self.thread_attributes = {"thread_label": label, "host_id": host_id(), "pid": os.getpid(), **rank_attributes}
+            rank_attributes = {f"{k.lower()}_rank": v for k, v in ranks.items()}
+        self.thread_attributes = {"thread_label": label, "host_id": host, "pid": pid, **rank_attributes}
         self.offset_ns = time.time_ns() - time.perf_counter_ns()
         self.spans: list[tuple] = []
         self.fanouts: list[tuple] = []

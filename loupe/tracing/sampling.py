@@ -23,6 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from loupe.core import TraceDecision
+from loupe.tracing.settings import parsed
 
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
             "parentbased_traceidratio")
@@ -62,13 +63,8 @@ class TraceControl:
             raise ValueError(f"OTEL_TRACES_SAMPLER must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
         ratio = 0.0 if sampler.endswith("always_off") else 1.0
         if sampler.endswith("traceidratio"):
-            raw = os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")
-            try:
-                ratio = float(raw)
-            except ValueError:
-                ratio = -1.0
-            if not 0 <= ratio <= 1:
-                raise ValueError(f"OTEL_TRACES_SAMPLER_ARG must be a ratio in [0, 1], got {raw!r}")
+            ratio = parsed(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"), float, lambda v: 0 <= v <= 1,
+                           "OTEL_TRACES_SAMPLER_ARG", "a ratio in [0, 1]")
         return cls(level, ratio if ratio_flag is None else ratio_flag, sampler.startswith("parentbased"),
                    keep_errors, keep_slower_than_ms)
 

@@ -22,6 +22,18 @@ def first_env(*names: str, default: str) -> str:
     return default
 
 
+def parsed(raw: str, kind: type, holds, name: str, said: str):
+    """An environment variable's value as `kind` (int or float); ValueError saying that `name`
+    must be `said` when it is not one, or `holds(value)` is false."""
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not holds(value):
+        raise ValueError(f"{name} must be {said}, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class ExportSettings:
     endpoint: str
@@ -41,23 +53,18 @@ class ExportSettings:
         elif protocol not in ("grpc", "http/protobuf"):
             raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be grpc or http/protobuf, got {protocol!r}")
         values = {}
-        for key, names, default in (
+        for key, names, default, least in (
             ("schedule_delay_ms", ("LOUPE_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS",
-                                   "SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS", "OTEL_BSP_SCHEDULE_DELAY"), "500"),
+                                   "SGLANG_OTLP_EXPORTER_SCHEDULE_DELAY_MILLIS", "OTEL_BSP_SCHEDULE_DELAY"), "500", 0),
             ("max_export_batch_size", ("LOUPE_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE",
-                                       "SGLANG_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), "64"),
-            ("max_queue_size", ("OTEL_BSP_MAX_QUEUE_SIZE",), "2048"),
-            ("file_max_bytes", ("LOUPE_OTLP_FILE_MAX_MB",), "100"),
-            ("file_backups", ("LOUPE_OTLP_FILE_BACKUPS",), "10"),
+                                       "SGLANG_OTLP_EXPORTER_MAX_EXPORT_BATCH_SIZE", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"), "64", 1),
+            ("max_queue_size", ("OTEL_BSP_MAX_QUEUE_SIZE",), "2048", 1),
+            ("file_max_bytes", ("LOUPE_OTLP_FILE_MAX_MB",), "100", 0),
+            ("file_backups", ("LOUPE_OTLP_FILE_BACKUPS",), "10", 0),
         ):
-            raw = first_env(*names, default=default)
-            try:
-                values[key] = int(raw)
-            except ValueError:
-                values[key] = -1
-            if values[key] < (0 if key in ("schedule_delay_ms", "file_max_bytes", "file_backups") else 1):
-                name = next((n for n in names if os.environ.get(n)), names[0])
-                raise ValueError(f"{name} must be a positive integer, got {raw!r}")
+            name = next((n for n in names if os.environ.get(n)), names[0])
+            values[key] = parsed(first_env(*names, default=default), int, lambda v, least=least: v >= least, name,
+                                 "a positive integer")
         values["file_max_bytes"] *= 2**20
         if protocol == "file":
             from loupe.tracing.file_export import check_writable, file_path
@@ -84,12 +91,10 @@ def missing_packages() -> list[str]:
     """pip names of the OpenTelemetry packages tracing needs that are not installed."""
     import importlib.util
 
-    missing = []
-    for module, package in REQUIRED_PACKAGES.items():
+    def found(module: str) -> bool:
         try:
-            found = importlib.util.find_spec(module) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            missing.append(package)
-    return missing
+            return importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # its parent package is missing
+            return False
+
+    return [package for module, package in REQUIRED_PACKAGES.items() if not found(module)]
