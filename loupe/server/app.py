@@ -12,34 +12,15 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loupe.config import ServerArgs
-from loupe.server.admin_api import (
-    AdminAPI,
-    ModelInfoResponse,
-    ModelList,
-    ServerInfo,
-    Status,
-    TracingSettings,
-)
+from loupe.server.admin_api import AdminAPI, ModelInfoResponse, ModelList, ServerInfo, Status, TracingSettings
 from loupe.server.guard import OPEN_ROUTES, install_guard
 from loupe.server.intake import Intake
 from loupe.server.metrics import Metrics
 from loupe.server.native import GenerateResponse
 from loupe.server.native_api import NativeAPI
-from loupe.server.openai_api import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    OpenAIAPI,
-    TextCompletion,
-    TextCompletionChunk,
-)
+from loupe.server.openai_api import ChatCompletion, ChatCompletionChunk, OpenAIAPI, TextCompletion, TextCompletionChunk
 from loupe.server.openapi import METRICS_TEXT, answers, install_openapi
-from loupe.server.protocol import (
-    APIError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerateRequest,
-    TraceLevel,
-)
+from loupe.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, GenerateRequest, TraceLevel
 from loupe.server.streaming import ClientDisconnected, json_answer, trace_headers
 from loupe.server.tokenizer_manager import TokenizerManager
 

@@ -13,14 +13,7 @@ import zmq
 import zmq.asyncio
 
 from loupe import ipc
-from loupe.core import (
-    FinishReason,
-    InvalidRequest,
-    ModelInfo,
-    RequestLimits,
-    TokenizedRequest,
-    TraceDecision,
-)
+from loupe.core import FinishReason, InvalidRequest, ModelInfo, RequestLimits, TokenizedRequest, TraceDecision
 from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import FLUSH_EVERY_NS
 from loupe.tracing.spans import RequestTrace, RequestTracer, now

@@ -7,15 +7,7 @@ import httpx
 import openai
 import pytest
 
-from harness import (
-    BUNDLED_NAME,
-    LiveRouter,
-    LiveServer,
-    free_port,
-    read_metrics,
-    running,
-    sse_events,
-)
+from harness import BUNDLED_NAME, LiveRouter, LiveServer, free_port, read_metrics, running, sse_events
 
 pytestmark = pytest.mark.slow  # it starts servers
 
