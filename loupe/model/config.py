@@ -35,9 +35,7 @@ class ModelConfig:
     def from_hf(cls, hf: dict) -> ModelConfig:
         arch = (hf.get("architectures") or ["?"])[0]
         if arch not in ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})"
-            )
+            raise ValueError(f"unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
         family = ARCHITECTURES[arch]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         rope_theta = float(hf.get("rope_theta") or rope.pop("rope_theta", 10000.0))

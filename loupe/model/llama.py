@@ -44,9 +44,7 @@ class LlamaForCausalLM(nn.Module):
         first, last = ranks.is_first_stage, ranks.is_last_stage
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, comm) if first else None
         self.rotary = RotaryEmbedding(config, max_positions)
-        self.layers = nn.ModuleList(
-            DecoderLayer(config, i, comm, self.qk_norm) for i in range(len(self.layer_range))
-        )
+        self.layers = nn.ModuleList(DecoderLayer(config, i, comm, self.qk_norm) for i in range(len(self.layer_range)))
         self.norm = nn.RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, comm) if last else None
 
