@@ -125,7 +125,7 @@ def install_error_handlers(app: FastAPI, manager: TokenizerManager, error) -> No
     async def on_api_error(request: Request, exc: APIError):
         trace = getattr(request.state, "trace", None)
         if trace is not None and not trace.finished:  # refused before reaching the scheduler
-            manager.tracer.finish(trace, None, exc.TYPES.get(exc.status, "server_error"), exc.message)
+            manager.tracer.finish(trace, None, exc.type, exc.message)
         return error(exc, trace_headers(trace))
 
     @app.exception_handler(Exception)
