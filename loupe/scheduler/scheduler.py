@@ -69,10 +69,10 @@ class Scheduler:
     def add_request(self, request: TokenizedRequest) -> Req:
         """Queue a request, validated where it entered (TokenizedRequest.validated)."""
         req = Req(request, self.seeds.getrandbits(63))
+        if self.tracer:
+            self.tracer.arrived(req, len(self.running), len(self.waiting))
         if not self.exchange.add(req):
             self.waiting.append(req)
-        if self.tracer:
-            self.tracer.arrived(req)
         return req
 
     def abort(self, rid: str) -> Req | None:

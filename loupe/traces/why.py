@@ -278,7 +278,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
         line.add("interference", 0, 0, f"shared {shared} step{'s' if shared > 1 else ''} with the "
                  f"{passes.prompt_tokens.get(other, 0):,}-token prefill of {other}: +{ms(extra)}")
     if long_steps:
-        line.add("long contexts", 0, 0, f"{len(long_steps)} steps attended "
+        line.add("long contexts", 0, 0, f"{len(long_steps)} step{'s' if len(long_steps) > 1 else ''} attended "
                  f"{statistics.mean(k for _, k, _ in long_steps):,.0f} KV tokens on average, against a usual "
                  f"{statistics.mean(u for _, _, u in long_steps):,.0f}: +{ms(sum(e for e, _, _ in long_steps))}")
     slowest = max(steps, key=lambda s: s.seconds)

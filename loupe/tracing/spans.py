@@ -258,9 +258,12 @@ class SchedulerTracer(ProcessTracer):
         self.prefill_server = prefill_server  # requests from the router stop after their first token here
         self.backend = backend  # how KV moves, on a prefill or decode server
 
-    def arrived(self, req) -> None:
+    def arrived(self, req, running: int, waiting: int) -> None:
+        """`req` reached the scheduler with `running` requests running and `waiting` waiting
+        (its `queue` span says so: the requests ahead of it)."""
         if req.trace is not None and req.trace.level >= 2:
             req.spans = SchedulerSpans(req.trace, now())
+            req.spans.stage_attrs = {"running": running, "waiting": waiting}
 
     def admitted(self, req) -> None:
         """`req` joined the running batch: for the first time, or again after a retraction."""
@@ -280,17 +283,18 @@ class SchedulerTracer(ProcessTracer):
         entries of `batch` are decodes, the rest prefill chunks). At level 3: a
         prefill_chunk span per chunk, a decode_step span per decoding request (with its step:
         the request's n-th decode), and a `schedule` event on each request's thread span
-        saying what ran together. Stage changes for requests that got their first token."""
-        decodes = []
-        size = len(batch)
-        scheduled = None
+        saying what ran together; both say the KV tokens the pass attended (`kv_tokens`). Stage
+        changes for requests that got their first token."""
+        decodes, size, scheduled = [], len(batch), None
         for req, n in zip(batch, num_new, strict=True):
             spans = req.spans
             if spans is None:
                 continue
             if spans.ctx.level >= 3:
-                if scheduled is None:
-                    scheduled = self._schedule_event(batch, num_new, start, batch_id, num_decoding)
+                if scheduled is None:  # one event for the pass, shared as one tuple by its requests' traces
+                    mode = "decode" if num_decoding == size else "prefill" if num_decoding == 0 else "mixed"
+                    step = {"batch_id": batch_id, "batch_size": size, "kv_tokens": sum(r.kv_len for r in batch)}
+                    scheduled = ("schedule", start, {**step, "mode": mode, "num_tokens": sum(num_new)})
                 spans.events.append(scheduled)
                 if spans.stage == "decode":
                     decodes.append((spans.ctx.trace_id, spans.stage_id, len(req.output_ids) - 1))
@@ -304,15 +308,8 @@ class SchedulerTracer(ProcessTracer):
             if spans.stage == "prefill" and req.output_ids and req.kv_len >= req.seq_len - 1 and not handing_off:
                 self._next_stage(spans, "decode", {}, at=end)
         if decodes:
-            self.recorder.fanout("decode_step", start, end, {"batch_id": batch_id, "batch_size": size}, decodes)
+            self.recorder.fanout("decode_step", start, end, step, decodes)
         self.recorder.maybe_flush()
-
-    @staticmethod
-    def _schedule_event(batch: list, num_new: list[int], at: int, batch_id: int, num_decoding: int) -> tuple:
-        """One forward batch as an event: shared, as one tuple, by the traces of its requests."""
-        mode = "decode" if num_decoding == len(batch) else "prefill" if num_decoding == 0 else "mixed"
-        return ("schedule", at, {"batch_id": batch_id, "batch_size": len(batch), "mode": mode,
-                                 "num_tokens": sum(num_new)})
 
     def handed_off(self, req) -> None:
         """Prefill server: `req` has its first token and waits for its decode server's claim."""
