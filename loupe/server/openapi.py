@@ -144,15 +144,11 @@ def complete(doc: dict, model_names: list[str], limits: RequestLimits, open_rout
     for schema in schemas.values():
         for name, field in schema.get("properties", {}).items():
             field.update(ranges.get(name, {}))
-    schemas["GenerateRequest"]["properties"].update(
-        input_ids={"anyOf": [token_ids, {"type": "null"}]},
-        sampling_params=ref(NativeSamplingParams),
-    )
+    schemas["GenerateRequest"]["properties"].update(input_ids={"anyOf": [token_ids, {"type": "null"}]},
+                                                    sampling_params=ref(NativeSamplingParams))
     # /generate takes exactly one of text and input_ids.
-    schemas["GenerateRequest"]["oneOf"] = [
-        {"required": ["text"], "properties": {"text": {"type": "string"}}},
-        {"required": ["input_ids"], "properties": {"input_ids": {"type": "array"}}},
-    ]
+    schemas["GenerateRequest"]["oneOf"] = [{"required": ["text"], "properties": {"text": {"type": "string"}}},
+                                           {"required": ["input_ids"], "properties": {"input_ids": {"type": "array"}}}]
     # One prompt: a string, token ids, or a list holding one string.
     schemas["CompletionRequest"]["properties"]["prompt"] = {"anyOf": [
         {"type": "string"}, token_ids, {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
