@@ -57,7 +57,9 @@ def show(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.waterfall import find_trace, waterfall
 
     trace_id = find_trace(spans.traces, args.trace_id)
-    console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold))
+    from loupe.traces.why import Passes
+
+    console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold, passes=Passes(spans.traces)))
 
 
 def why(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:

@@ -127,3 +127,14 @@ def test_steps_that_attended_long_contexts_are_told_apart(tmp_path):
     assert "interference" not in c and c["long contexts"].e2e == pytest.approx(3 * 0.048)
     assert c["long contexts"].evidence == ["3 steps attended 5,000 KV tokens on average, against a usual 1,000: "
                                            "+144.0 ms"]
+
+
+def test_show_names_what_ran_with_each_step_and_a_folded_runs_slowest(run, capsys):
+    main(["traces", "show", "short", run])
+    steps = [line for line in capsys.readouterr().out.splitlines() if "decode_step" in line]
+    assert len(steps) == 10
+    assert sum("mixed with long prefill" in line for line in steps) == 3  # batches 4–6
+    assert "decode" in steps[0] and "with" not in steps[0]
+    main(["traces", "show", "--fold", "short", run])
+    (folded,) = [line for line in capsys.readouterr().out.splitlines() if "decode_step ×10" in line]
+    assert "slowest 60.00 ms step=3 batch_id=4" in folded  # the first of three equals
