@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loupe.traces import perfetto
-from loupe.traces.reader import SpanFile, read_files
+from loupe.traces.reader import STATUS_ERROR, SpanFile, read_files
 from loupe.traces.requests import all_requests
 
 PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
@@ -42,14 +42,17 @@ def load(paths: list[str], console: Console) -> SpanFile:
 
 def summary(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.summary import summarize, tables
+    from loupe.traces.why import explain_all, run_tables, run_view
 
     requests = all_requests(spans.traces)
     result = summarize(requests, args.slowest)
+    roots = [s for trace in spans.traces.values() for s in trace if s.is_request and s.status != STATUS_ERROR]
+    view = run_view(explain_all(spans.traces, roots))
     if args.json:
-        print(json.dumps({"files": args.files, "traces": len(spans.traces), **result}, indent=2))
+        print(json.dumps({"files": args.files, "traces": len(spans.traces), **result, **view}, indent=2))
         return
     console.print(f"{len(requests)} requests in {len(spans.traces)} traces from {len(args.files)} file(s)")
-    for table in tables(result):
+    for table in [*tables(result), *run_tables(view)]:
         console.print(table)
 
 

@@ -26,6 +26,7 @@ level 1 has only the root's latency attributes.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import dataclass, field
 
@@ -142,10 +143,12 @@ class Explanation:
     ttft: float | None
     causes: list[Cause]
     notes: list[str]
+    token_gaps: list[float] = field(default_factory=list)  # seconds between its tokens (level 3)
+    stall: tuple[float, str] | None = None  # the longest of those gaps, and what made it
 
     def as_dict(self) -> dict:
         return {"trace_id": self.trace_id, "rid": self.rid, "route": self.route, "level": self.level,
-                "e2e": self.e2e, "ttft": self.ttft, "notes": self.notes,
+                "e2e": self.e2e, "ttft": self.ttft, "notes": self.notes, "stall": self.stall,
                 "causes": [{"cause": c.name, "e2e": c.e2e, "ttft": c.ttft, "evidence": c.evidence}
                            for c in self.causes]}
 
@@ -157,6 +160,8 @@ class Timeline:
     def __init__(self, start: int, end: int, first_token: int | None):
         self.start, self.end, self.first_token = start, end, first_token
         self.causes = {name: Cause(name) for name in CAUSES}
+        self.token_gaps: list[float] = []
+        self.stall: tuple[float, str] | None = None
 
     def add(self, cause: str, start: int, end: int, evidence: str | None = None) -> None:
         start, end = max(start, self.start), min(end, self.end)
@@ -213,7 +218,8 @@ def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     unexplained.e2e, unexplained.ttft = max(0.0, e2e - covered_e2e), max(0.0, (ttft or 0.0) - covered_ttft)
     shown = [c for c in line.causes.values() if c.e2e > 0 or c.evidence or c is unexplained]
     causes = sorted(shown, key=lambda c: (c is unexplained, -c.e2e))  # unexplained last, always there
-    return Explanation(root.trace_id, rid_of(root), route_of(root), level, e2e, ttft, causes, notes)
+    return Explanation(root.trace_id, rid_of(root), route_of(root), level, e2e, ttft, causes, notes, line.token_gaps,
+                       line.stall)
 
 
 def explain_stages(rid: str, thread: Span, children: dict, passes: Passes, line: Timeline) -> None:
@@ -253,6 +259,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
         return
     culprits: dict[str, list[float]] = {}  # rid: [extra seconds, steps shared]
     long_steps: list[tuple[float, int, float]] = []  # (extra seconds, KV tokens, usual KV tokens)
+    made_by = []  # what made each step as long as it was
     for step in steps:
         batch = passes.batches.get((thread.name, step.attributes.get("batch_id")))
         usual = passes.baseline(thread.name, step.attributes.get("batch_size", 0))
@@ -260,6 +267,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
         long = batch is not None and usual is not None and batch.kv_tokens >= LONG_CONTEXT * max(usual[1], 1)
         if usual is None or step.seconds <= usual[0] or not (others or long):
             line.add("decode", step.start, step.end)
+            made_by.append("decode")
             continue
         split = step.start + int(usual[0] * 1e9)
         line.add("decode", step.start, split)
@@ -267,6 +275,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
         if others:
             line.add("interference", split, step.end)
             tokens = sum(n for _, n in others) or 1
+            made_by.append("interference: the prefill of " + max(others, key=lambda o: o[1])[0])
             for other, n in others:
                 share = culprits.setdefault(other, [0.0, 0])
                 share[0] += extra * n / tokens
@@ -274,6 +283,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
         else:
             line.add("long contexts", split, step.end)
             long_steps.append((extra, batch.kv_tokens, usual[1]))
+            made_by.append(f"long contexts: {batch.kv_tokens:,} KV tokens")
     for other, (extra, shared) in sorted(culprits.items(), key=lambda kv: -kv[1][0]):
         line.add("interference", 0, 0, f"shared {shared} step{'s' if shared > 1 else ''} with the "
                  f"{passes.prompt_tokens.get(other, 0):,}-token prefill of {other}: +{ms(extra)}")
@@ -287,6 +297,10 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
              f"{slowest.attributes.get('step')}, batch {slowest.attributes.get('batch_id')})"
              + (f" against a usual {ms(usual[0])}" if usual is not None else ""))
     between(stage, steps, line)
+    ends = [stage.start, *(s.end for s in steps)]  # the first token came as the decode stage began
+    line.token_gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(ends)]
+    worst = max(range(len(steps)), key=line.token_gaps.__getitem__)
+    line.stall = (line.token_gaps[worst], f"step {steps[worst].attributes.get('step')}, {made_by[worst]}")
 
 
 def between(stage: Span, steps: list[Span], line: Timeline) -> None:
@@ -339,4 +353,56 @@ def table(why: Explanation) -> Table:
         share = c.e2e / why.e2e if why.e2e else 0.0
         out.add_row(c.name, f"{c.e2e * 1000:.1f}", f"{share:.1%}", f"{c.ttft * 1000:.1f}" if why.ttft else "-",
                     "\n".join(c.evidence))
+    return out
+
+
+def run_view(explanations: list[Explanation]) -> dict:
+    """A run's view of the causes: inter-token latency (percentiles over every gap between two
+    tokens, and each request's worst stall with what made it), and for TTFT and e2e the share
+    of each cause over all requests and over the slowest 1% (one request at least)."""
+    from loupe.traces.summary import QUANTILES, percentile
+
+    gaps = sorted(g for e in explanations for g in e.token_gaps)
+    stalls = sorted((e for e in explanations if e.stall), key=lambda e: -e.stall[0])
+    view: dict = {"inter_token": {key: percentile(gaps, q) for key, q in QUANTILES.items()} if gaps else {},
+                  "stalls": [{"rid": e.rid, "trace_id": e.trace_id, "seconds": e.stall[0], "made_by": e.stall[1]}
+                             for e in stalls],
+                  "causes": {}}
+    for metric in ("ttft", "e2e"):
+        timed = sorted((e for e in explanations if getattr(e, metric)), key=lambda e: -getattr(e, metric))
+        slowest = timed[:max(1, len(timed) // 100)]
+        view["causes"][metric] = {group: cause_shares(requests, metric)
+                                  for group, requests in (("all", timed), ("slowest 1%", slowest))}
+    return view
+
+
+def cause_shares(explanations: list[Explanation], metric: str) -> dict[str, float]:
+    total = sum(getattr(e, metric) for e in explanations) or 1.0
+    shares: dict[str, float] = {}
+    for e in explanations:
+        for c in e.causes:
+            shares[c.name] = shares.get(c.name, 0.0) + getattr(c, metric) / total
+    return {name: share for name, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share > 0}
+
+
+def run_tables(view: dict, stalls_shown: int = 5) -> list[Table]:
+    out = []
+    if view["inter_token"]:
+        itl = Table(title="Inter-token latency: " + ", ".join(f"{key} {ms(v)}" for key, v in view["inter_token"].items())
+                    + f"; the {min(stalls_shown, len(view['stalls']))} worst stalls", title_justify="left")
+        for column in ("request", "stall ms", "what made it"):
+            itl.add_column(column, justify="right" if column == "stall ms" else "left")
+        for s in view["stalls"][:stalls_shown]:
+            itl.add_row(s["rid"], f"{s['seconds'] * 1000:.1f}", s["made_by"])
+        out.append(itl)
+    causes = Table(title="Causes: their share of TTFT and of e2e (loupe traces why)", title_justify="left")
+    causes.add_column("cause")
+    columns = [(metric, group) for metric in ("ttft", "e2e") for group in view["causes"][metric]]
+    for metric, group in columns:
+        causes.add_column(f"{metric}, {group}", justify="right")
+    for name in CAUSES:
+        shares = [view["causes"][metric][group].get(name) for metric, group in columns]
+        if any(shares):
+            causes.add_row(name, *("" if s is None else f"{s:.1%}" for s in shares))
+    out.append(causes)
     return out

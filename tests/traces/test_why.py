@@ -138,3 +138,15 @@ def test_show_names_what_ran_with_each_step_and_a_folded_runs_slowest(run, capsy
     main(["traces", "show", "--fold", "short", run])
     (folded,) = [line for line in capsys.readouterr().out.splitlines() if "decode_step ×10" in line]
     assert "slowest 60.00 ms step=3 batch_id=4" in folded  # the first of three equals
+
+
+def test_the_summary_gives_inter_token_latency_its_worst_stalls_and_the_causes_shares(run, capsys):
+    main(["traces", "summary", "--json", run])
+    out = json.loads(capsys.readouterr().out)
+    short = next(s for s in out["stalls"] if s["rid"] == "short")
+    assert short["seconds"] == pytest.approx(0.060) and short["made_by"] == "step 3, interference: the prefill of long"
+    assert out["inter_token"]["p50"] == pytest.approx(0.012)  # short's 10 gaps and long's 5, most of 12 ms
+    e2e = out["causes"]["e2e"]
+    assert e2e["all"]["interference"] == pytest.approx(0.144 / (0.280 + 0.275))
+    assert e2e["slowest 1%"]["interference"] == pytest.approx(0.144 / 0.280)  # short alone, the slowest
+    assert sum(e2e["all"].values()) == pytest.approx(1.0)
