@@ -197,7 +197,9 @@ def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     else:
         level = 2
         thread = threads[0]
-        dispatched = max((s.end for s in below if s.name == "dispatch"), default=thread.start)  # by DP too
+        # The last dispatch (by the DP controller too), unless the scheduler had the request first
+        # (it may read it before the sender's call returns).
+        dispatched = min(max((s.end for s in below if s.name == "dispatch"), default=thread.start), thread.start)
         tokenize = next((s for s in below if s.name == "tokenize"), None)
         line.add("HTTP and tokenization", root.start, dispatched,
                  f"tokenize {ms(tokenize.seconds)} ({tokenize.attributes.get('num_tokens')} tokens)" if tokenize else None)

@@ -150,3 +150,11 @@ def test_the_summary_gives_inter_token_latency_its_worst_stalls_and_the_causes_s
     assert e2e["all"]["interference"] == pytest.approx(0.144 / (0.280 + 0.275))
     assert e2e["slowest 1%"]["interference"] == pytest.approx(0.144 / 0.280)  # short alone, the slowest
     assert sum(e2e["all"].values()) == pytest.approx(1.0)
+
+
+def test_a_scheduler_that_read_the_request_before_dispatch_returned_counts_no_time_twice(tmp_path):
+    records = request(1, "short", 0, 5.5, 5, 16, 280, list(range(1, 12)), 8)  # dispatch ends 0.5 ms late
+    traces = read_files([write(tmp_path / "early.jsonl", records)]).traces
+    (why,) = explain_all(traces, pick(traces, None, 1, None))
+    assert sum(c.e2e for c in why.causes) == pytest.approx(why.e2e)
+    assert causes(why)["HTTP and tokenization"].e2e == pytest.approx(0.005)
