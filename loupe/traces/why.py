@@ -26,6 +26,7 @@ level 1 has only the root's latency attributes.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import statistics
 from dataclasses import dataclass, field
@@ -79,6 +80,14 @@ class Passes:
         self.decode_only = {key: (statistics.median(b.seconds for b in batches),
                                   statistics.median(b.kv_tokens for b in batches))
                             for key, batches in by_size.items()}
+        self.sizes: dict[str, list[int]] = {}  # scheduler: the batch sizes it ran decode-only
+        for scheduler, size in self.decode_only:
+            self.sizes.setdefault(scheduler, []).append(size)
+        self.timeline: dict[str, list[tuple[int, int, object]]] = {}  # scheduler: (start, end, id) of its passes
+        for (scheduler, batch_id), batch in self.batches.items():
+            self.timeline.setdefault(scheduler, []).append((batch.start, batch.end, batch_id))
+        for passes in self.timeline.values():
+            passes.sort(key=lambda p: p[0])
 
     def _add(self, rid: str, thread: Span, children: dict) -> None:
         for event in thread.events:
@@ -101,7 +110,7 @@ class Passes:
     def baseline(self, scheduler: str, size: int) -> tuple[float, float] | None:
         """The median decode-only pass of this scheduler with the nearest batch size: its
         seconds and KV tokens."""
-        sizes = [s for (name, s) in self.decode_only if name == scheduler]
+        sizes = self.sizes.get(scheduler)
         if not sizes:
             return None
         nearest = min(sizes, key=lambda s: (abs(s - size), s))
@@ -109,9 +118,10 @@ class Passes:
 
     def in_flight(self, scheduler: str, at: int) -> tuple[int, Batch] | None:
         """The pass this scheduler was running at `at` (epoch ns), with its id."""
-        for (name, batch_id), batch in self.batches.items():
-            if name == scheduler and batch.start <= at < batch.end:
-                return batch_id, batch
+        passes = self.timeline.get(scheduler, [])
+        i = bisect.bisect_right(passes, at, key=lambda p: p[0]) - 1  # the last pass that began by then
+        if i >= 0 and at < passes[i][1]:
+            return passes[i][2], self.batches[(scheduler, passes[i][2])]
         return None
 
 
