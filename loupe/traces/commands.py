@@ -92,8 +92,14 @@ def export(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
 
 def plot(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.plot import plot as draw
+    from loupe.traces.plot import timeline
+    from loupe.traces.why import explain_all
 
-    drawn = draw(all_requests(spans.traces), args.output)
+    if args.timeline:
+        roots = [s for trace in spans.traces.values() for s in trace if s.is_request and s.status != STATUS_ERROR]
+        drawn = timeline(explain_all(spans.traces, roots), args.output)
+    else:
+        drawn = draw(all_requests(spans.traces), args.output)
     console.print(f"wrote {args.output}: {drawn} requests")
 
 
@@ -135,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plot", help="a PNG of each request's stages, by arrival")
     p.add_argument("files", **files)
     p.add_argument("-o", "--output", default="traces.png", help="default: traces.png")
+    p.add_argument("--timeline", action="store_true", help="time on the x axis, a row per request, coloured by cause")
     p.set_defaults(run=plot)
     return top
 

@@ -155,6 +155,7 @@ class Explanation:
     notes: list[str]
     token_gaps: list[float] = field(default_factory=list)  # seconds between its tokens (level 3)
     stall: tuple[float, str] | None = None  # the longest of those gaps, and what made it
+    intervals: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end epoch ns, cause)
 
     def as_dict(self) -> dict:
         return {"trace_id": self.trace_id, "rid": self.rid, "route": self.route, "level": self.level,
@@ -172,10 +173,12 @@ class Timeline:
         self.causes = {name: Cause(name) for name in CAUSES}
         self.token_gaps: list[float] = []
         self.stall: tuple[float, str] | None = None
+        self.intervals: list[tuple[int, int, str]] = []
 
     def add(self, cause: str, start: int, end: int, evidence: str | None = None) -> None:
         start, end = max(start, self.start), min(end, self.end)
         if end > start:
+            self.intervals.append((start, end, cause))
             c = self.causes[cause]
             c.e2e += (end - start) / 1e9
             if self.first_token is not None:
@@ -231,7 +234,7 @@ def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     shown = [c for c in line.causes.values() if c.e2e > 0 or c.evidence or c is unexplained]
     causes = sorted(shown, key=lambda c: (c is unexplained, -c.e2e))  # unexplained last, always there
     return Explanation(root.trace_id, rid_of(root), route_of(root), level, e2e, ttft, causes, notes, line.token_gaps,
-                       line.stall)
+                       line.stall, line.intervals)
 
 
 def explain_stages(rid: str, thread: Span, children: dict, passes: Passes, line: Timeline) -> None:

@@ -158,3 +158,20 @@ def test_a_scheduler_that_read_the_request_before_dispatch_returned_counts_no_ti
     (why,) = explain_all(traces, pick(traces, None, 1, None))
     assert sum(c.e2e for c in why.causes) == pytest.approx(why.e2e)
     assert causes(why)["HTTP and tokenization"].e2e == pytest.approx(0.005)
+
+
+def test_the_timeline_plot_draws_each_request_where_its_causes_happened(run, tmp_path):
+    from loupe.traces.plot import timeline
+
+    traces = read_files([run]).traces
+    explanations = explain_all(traces, pick(traces, None, 2, None))
+    for why in explanations:  # what is drawn is what is counted
+        assert sum(end - start for start, end, _ in why.intervals) / 1e9 == pytest.approx(why.e2e)
+    short = next(e for e in explanations if e.rid == "short")
+    assert [(s, e) for s, e, cause in short.intervals if cause == "interference"] == [
+        (at(36 + 12 + 60 * i), at(96 + 60 * i)) for i in range(3)]  # the last 48 ms of each shared pass
+    out = tmp_path / "timeline.png"
+    assert timeline(explanations, str(out)) == 2
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main(["traces", "plot", "--timeline", run, "-o", str(tmp_path / "cli.png")])
+    assert (tmp_path / "cli.png").stat().st_size > 10_000
