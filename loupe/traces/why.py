@@ -194,6 +194,10 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
+def count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
 def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     """Where `root`'s request spent its time, as causes (see the module's docstring)."""
     children = children_by_parent(spans)
@@ -224,7 +228,7 @@ def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
         in_flight = passes.in_flight(thread.name, dispatched)
         line.add("queued", dispatched, thread.start, None if in_flight is None or thread.start - dispatched < 1e6
                  else f"{ms((thread.start - dispatched) / 1e9)} for the forward pass in flight when it arrived "
-                      f"(batch {in_flight[0]}: {in_flight[1].mode}, {in_flight[1].size} requests)")
+                      f"(batch {in_flight[0]}: {in_flight[1].mode}, {count(in_flight[1].size, 'request')})")
         explain_stages(rid_of(root), thread, children, passes, line)
         line.add("detokenize and stream", thread.end, root.end)
     e2e, ttft = (root.end - root.start) / 1e9, (first - root.start) / 1e9 if first is not None else None
@@ -254,7 +258,7 @@ def explain_stages(rid: str, thread: Span, children: dict, passes: Passes, line:
             total = int(stage.attributes.get("num_tokens", 0) or 0)
             evidence = f"{total - cached} prompt tokens computed, {cached} reused from the prefix cache"
             if steps:
-                evidence += f", {len(steps)} chunk{'s' if len(steps) > 1 else ''}"
+                evidence += f", {count(len(steps), 'chunk')}"
             line.add(cause, stage.start, stage.end if not steps else stage.start, evidence)
             for step in steps:
                 line.add(cause, step.start, step.end)
@@ -300,10 +304,10 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
             long_steps.append((extra, batch.kv_tokens, usual[1]))
             made_by.append(f"long contexts: {batch.kv_tokens:,} KV tokens")
     for other, (extra, shared) in sorted(culprits.items(), key=lambda kv: -kv[1][0]):
-        line.add("interference", 0, 0, f"shared {shared} step{'s' if shared > 1 else ''} with the "
+        line.add("interference", 0, 0, f"shared {count(shared, 'step')} with the "
                  f"{passes.prompt_tokens.get(other, 0):,}-token prefill of {other}: +{ms(extra)}")
     if long_steps:
-        line.add("long contexts", 0, 0, f"{len(long_steps)} step{'s' if len(long_steps) > 1 else ''} attended "
+        line.add("long contexts", 0, 0, f"{count(len(long_steps), 'step')} attended "
                  f"{statistics.mean(k for _, k, _ in long_steps):,.0f} KV tokens on average, against a usual "
                  f"{statistics.mean(u for _, _, u in long_steps):,.0f}: +{ms(sum(e for e, _, _ in long_steps))}")
     slowest = max(steps, key=lambda s: s.seconds)

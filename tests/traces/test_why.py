@@ -90,7 +90,7 @@ def test_the_causes_add_up_and_interference_names_the_long_prefill(run):
     assert c["own prefill"].e2e == pytest.approx(0.180)
     assert c["own prefill"].evidence == ["1060 prompt tokens computed, 64 reused from the prefix cache, 3 chunks"]
     assert c["queued"].e2e == pytest.approx(0.009)
-    assert "for the forward pass in flight when it arrived (batch 3: decode, 1 requests)" in c["queued"].evidence[0]
+    assert "for the forward pass in flight when it arrived (batch 3: decode, 1 request)" in c["queued"].evidence[0]
     assert "interference" not in c  # its decode steps shared passes with no prefill
     assert [x.name for x in long.causes][0] == "own prefill"  # ranked by time
 
