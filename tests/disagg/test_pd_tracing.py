@@ -11,6 +11,7 @@ from harness import LiveRouter, LiveServer, free_port, read_metrics, running
 pytestmark = pytest.mark.slow  # it starts servers
 
 CLIENT_TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+ROUTER_ATTEMPTS = 3
 
 
 @pytest.fixture(scope="module")
@@ -46,20 +47,31 @@ def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
                     decode.base_url, "--enable-trace", "--otlp-traces-endpoint", f"127.0.0.1:{receiver.port}",
                     num_workers=2, log_dir=logs) as router, httpx.Client(timeout=60, trust_env=False) as client:
         # The client's connection stays open until the spans are in: the router ends its span of a
-        # request whose client has hung up only some seconds later, and now and then never.
+        # request whose client has hung up only some seconds later. Even so the router now and then
+        # never exports a request's span (SGLang's router 0.3.2; twice in ~10 loaded CI runs, both
+        # servers' spans there under its traceparent): a request whose router span has not come in
+        # 20 s is followed by another, at most three in all, and the first one whole is checked.
         body = {"model": model_of(decode), "prompt": "one two three four five six seven eight nine ten",
                 "max_tokens": 6, "ignore_eos": True}
-        r = client.post(router.base_url + "/v1/completions", json=body)
-        assert r.status_code == 200, r.text
-        trace_id = r.headers["traceparent"].split("-")[1]
+        for attempt in range(ROUTER_ATTEMPTS):
+            r = client.post(router.base_url + "/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            trace_id = r.headers["traceparent"].split("-")[1]
 
-        def whole(spans):
-            mine = [s for s in spans if s["trace_id"] == trace_id]
-            names = {s["name"] for s in mine}
-            return {"http_request", "kv_transfer", "kv_receive", "decode_step"} <= names and sum(
-                s["name"].startswith("Req ") for s in mine) == 2
+            def whole(spans, trace_id=trace_id):
+                mine = [s for s in spans if s["trace_id"] == trace_id]
+                names = {s["name"] for s in mine}
+                return {"http_request", "kv_transfer", "kv_receive", "decode_step"} <= names and sum(
+                    s["name"].startswith("Req ") for s in mine) == 2
 
-        spans = [s for s in receiver.wait_for(whole, timeout=40) if s["trace_id"] == trace_id]
+            try:
+                spans = [s for s in receiver.wait_for(whole, timeout=20) if s["trace_id"] == trace_id]
+                break
+            except AssertionError:
+                mine = {s["name"] for s in receiver.spans() if s["trace_id"] == trace_id}
+                assert {"kv_transfer", "kv_receive", "decode_step"} <= mine, mine  # loupe's side, every time
+                if attempt == ROUTER_ATTEMPTS - 1:
+                    raise
     router_span = next(s for s in spans if s["name"] == "http_request" and s["parent_id"] is None)
     roots = {s["attributes"]["disaggregation.role"]: s for s in children(spans, router_span)}
     assert set(roots) == {"prefill", "decode"}
