@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loupe.traces import perfetto
-from loupe.traces.reader import STATUS_ERROR, SpanFile, read_files
+from loupe.traces.reader import SpanFile, read_files
 from loupe.traces.requests import all_requests
 
 PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
@@ -42,12 +42,11 @@ def load(paths: list[str], console: Console) -> SpanFile:
 
 def summary(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.summary import summarize, tables
-    from loupe.traces.why import explain_all, run_tables, run_view
+    from loupe.traces.why import explain_succeeded, run_tables, run_view
 
     requests = all_requests(spans.traces)
     result = summarize(requests, args.slowest)
-    roots = [s for trace in spans.traces.values() for s in trace if s.is_request and s.status != STATUS_ERROR]
-    view = run_view(explain_all(spans.traces, roots))
+    view = run_view(explain_succeeded(spans.traces))
     if args.json:
         print(json.dumps({"files": args.files, "traces": len(spans.traces), **result, **view}, indent=2))
         return
@@ -93,11 +92,10 @@ def export(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
 def plot(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.plot import plot as draw
     from loupe.traces.plot import timeline
-    from loupe.traces.why import explain_all
+    from loupe.traces.why import explain_succeeded
 
     if args.timeline:
-        roots = [s for trace in spans.traces.values() for s in trace if s.is_request and s.status != STATUS_ERROR]
-        drawn = timeline(explain_all(spans.traces, roots), args.output)
+        drawn = timeline(explain_succeeded(spans.traces), args.output)
     else:
         drawn = draw(all_requests(spans.traces), args.output)
     console.print(f"wrote {args.output}: {drawn} requests")

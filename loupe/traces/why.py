@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from rich.table import Table
 
-from loupe.traces.reader import Span
+from loupe.traces.reader import STATUS_ERROR, Span
 from loupe.traces.requests import children_by_parent, route_of
 
 CAUSES = ("HTTP and tokenization", "queued", "own prefill", "re-prefill after a retraction", "interference",
@@ -346,6 +346,11 @@ def explain_from_attributes(root: Span, line: Timeline) -> None:
 def explain_all(traces: dict[str, list[Span]], roots: list[Span]) -> list[Explanation]:
     passes = Passes(traces)
     return [explain(root, traces[root.trace_id], passes) for root in roots]
+
+
+def explain_succeeded(traces: dict[str, list[Span]]) -> list[Explanation]:
+    """Every request that succeeded (a run's view leaves failed ones out, as the summary's latencies do)."""
+    return explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request and s.status != STATUS_ERROR])
 
 
 def pick(traces: dict[str, list[Span]], trace_id: str | None, slowest: int, route: str | None) -> list[Span]:
