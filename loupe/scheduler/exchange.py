@@ -125,9 +125,9 @@ class PrefillSide(NoExchange):
         if req.bootstrap is None:
             return False
         scheduler.running.remove(req)
-        self.handoff.hand_off(req)
-        if scheduler.tracer:
+        if scheduler.tracer:  # first: hand_off starts the transfer at once when the claim came already
             scheduler.tracer.handed_off(req)
+        self.handoff.hand_off(req)
         return True
 
 

@@ -67,6 +67,18 @@ def host_id() -> str:
     return f"{uuid.getnode() & 0xFFFFFFFF:08x}"
 
 
+def epoch_offset_ns(samples: int = 20) -> int:
+    """What turns this process's perf_counter_ns() into epoch ns: read from the tightest of a few
+    paired readings, since a process descheduled between the two clocks' reads (a loaded
+    machine, a server starting) would shift all its spans against its peers' by that pause."""
+    best = None
+    for _ in range(samples):
+        before, wall, after = time.perf_counter_ns(), time.time_ns(), time.perf_counter_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, wall - (before + after) // 2)
+    return best[1]
+
+
 class Recorder:
     def __init__(self, address: str, label: str, ranks: dict[str, int] | None = None,
                  rank_attributes: dict[str, int] | None = None):
@@ -78,7 +90,7 @@ class Recorder:
         if rank_attributes is None:
             rank_attributes = {f"{k.lower()}_rank": v for k, v in ranks.items()}
         self.thread_attributes = {"thread_label": label, "host_id": host, "pid": pid, **rank_attributes}
-        self.offset_ns = time.time_ns() - time.perf_counter_ns()
+        self.offset_ns = epoch_offset_ns()
         self.spans: list[tuple] = []
         self.fanouts: list[tuple] = []
         self.fanout_spans = 0

@@ -69,3 +69,13 @@ def test_a_batch_names_its_undecided_traces_and_a_verdict_survives_a_full_socket
     batch = ipc.recv(inbox)
     assert (batch.spans, batch.dropped, batch.undecided, batch.verdicts) == ([], 2, {7}, [(7, "slow")])
     assert recorder.undecided == set() and recorder.verdicts == []
+
+
+def test_the_epoch_offset_comes_from_the_tightest_reading_not_one_a_pause_split(monkeypatch):
+    """A process paused between its two clocks' reads (35 ms, as a loaded machine starting a
+    server did) would shift every span it records by that much against its peers'."""
+    wall = iter([1_000_000_000 + 35_000_000, *(1_000_000_000 + 100 * i for i in range(1, 20))])
+    perf = iter([0, 35_000_000, *(t for i in range(1, 20) for t in (100 * i - 50, 100 * i + 50))])
+    monkeypatch.setattr(recorder_module.time, "time_ns", lambda: next(wall))
+    monkeypatch.setattr(recorder_module.time, "perf_counter_ns", lambda: next(perf))
+    assert recorder_module.epoch_offset_ns() == 1_000_000_000
