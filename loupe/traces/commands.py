@@ -44,7 +44,7 @@ def summary(args: argparse.Namespace, spans: SpanFile, console: Console) -> None
     from loupe.traces.summary import summarize, tables
     from loupe.traces.why import explain_succeeded, run_tables, run_view
 
-    requests = all_requests(spans.traces)
+    requests = all_requests(spans.traces, join_pairs=not args.per_server)
     result = summarize(requests, args.slowest)
     view = run_view(explain_succeeded(spans.traces))
     if args.json:
@@ -112,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("files", **files)
     p.add_argument("--slowest", type=int, default=0, metavar="N", help="also list the N slowest requests")
     p.add_argument("--json", action="store_true", help="print JSON (seconds) instead of tables (ms)")
+    p.add_argument("--per-server", action="store_true",
+                   help="stage tables with each server's root of a prefill/decode pair on its own (a route each)")
     p.set_defaults(run=summary)
 
     p = commands.add_parser("show", help="one trace as a terminal waterfall")

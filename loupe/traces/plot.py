@@ -14,9 +14,11 @@ from loupe.traces.requests import SEQUENTIAL, RequestTimes
 from loupe.traces.why import CAUSES, Explanation
 
 STACKED = (*SEQUENTIAL, "other")
-COLORS = {"tokenize": "#b07cc6", "queue": "#e8b931", "prefill": "#3d9bd9", "decode": "#4caf63", "other": "#9e9e9e"}
-CAUSE_COLORS = dict(zip(CAUSES, ("#b07cc6", "#e8b931", "#3d9bd9", "#1f5f8b", "#e0463c", "#f08c2e", "#4caf63",
-                                 "#c5e1a5", "#7e57c2", "#ffffff"), strict=True))
+COLORS = {"tokenize": "#b07cc6", "queue": "#e8b931", "prefill": "#3d9bd9", "bootstrap": "#8d6e63",
+          "kv transfer": "#26a69a", "decode": "#4caf63", "other": "#9e9e9e"}
+CAUSE_COLORS = dict(zip(CAUSES, ("#607d8b", "#b07cc6", "#e8b931", "#3d9bd9", "#1f5f8b", "#8d6e63", "#26a69a",
+                                 "#fdd835", "#e0463c", "#f08c2e", "#4caf63", "#c5e1a5", "#7e57c2", "#ffffff"),
+                        strict=True))
 
 
 def pyplot():

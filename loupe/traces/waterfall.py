@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from loupe.traces.reader import STATUS_ERROR, Span
-from loupe.traces.requests import children_by_parent, route_of
+from loupe.traces.requests import children_by_parent, hops_text, pairs, route_of
 from loupe.traces.why import STEP_SPANS, Passes, rid_of
 
 KEY_ATTRIBUTES = ("gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens", "gen_ai.usage.cached_tokens",
@@ -128,8 +128,11 @@ def waterfall(spans: list[Span], width: int = 40, folded: bool = False, passes: 
     ran with it."""
     origin = min(s.start for s in spans)
     total = max(max(s.end for s in spans) - origin, 1)
+    joined = [f"prefill/decode pair, room {p.decode.attributes.get('bootstrap_room')}: {hops_text(p.hops())}"
+              for p in pairs(spans, children_by_parent(spans))]
     table = Table(title=f"trace {spans[0].trace_id}: {len(spans)} spans, {total / 1e6:.1f} ms",
-                  title_justify="left", box=None, pad_edge=False)
+                  title_justify="left", box=None, pad_edge=False, caption="\n".join(joined) or None,
+                  caption_justify="left")
     by_id = {s.span_id: s for s in spans}
     rows = [(prefix + label(span) + (f" ×{count}" if count > 1 else ""), f"{(span.start - origin) / 1e6:.2f}",
              f"{(span.end - span.start) / 1e6:.2f}", bar(span, origin, total, width),

@@ -34,12 +34,15 @@ from dataclasses import dataclass, field
 from rich.table import Table
 
 from loupe.traces.reader import STATUS_ERROR, Span
-from loupe.traces.requests import children_by_parent, route_of
+from loupe.traces.requests import Pair, children_by_parent, hops_text, pairs, route_of, schedulers
 
-CAUSES = ("HTTP and tokenization", "queued", "own prefill", "re-prefill after a retraction", "interference",
-          "long contexts", "decode", "between steps", "detokenize and stream", "unexplained")
+CAUSES = ("router", "HTTP and tokenization", "queued", "own prefill", "re-prefill after a retraction", "bootstrap wait",
+          "KV transfer", "decode queue", "interference", "long contexts", "decode", "between steps",
+          "detokenize and stream", "unexplained")
+HANDOFF_SPANS = ("bootstrap", "kv_transfer", "kv_receive")
 LONG_CONTEXT = 2  # a decode step attending this many times the usual KV tokens is slowed by long contexts
 STEP_SPANS = ("prefill_chunk", "decode_step")
+EVIDENCE_FROM_NS = 1_000_000  # a pair shows a server's evidence for a cause that took this long on its path
 
 
 @dataclass
@@ -129,12 +132,6 @@ def rid_of(root: Span) -> str:
     return str(root.attributes.get("rid", root.name[4:]))
 
 
-def schedulers(root: Span, children: dict) -> list[Span]:
-    """The request's scheduler thread spans, the driver rank (TP 0, PP 0) first."""
-    threads = [s for s in children.get(root.span_id, ()) if s.attributes.get("thread_label") == "Scheduler"]
-    return sorted(threads, key=lambda s: (s.attributes.get("pp_rank", 0), s.attributes.get("tp_rank", 0)))
-
-
 @dataclass
 class Cause:
     name: str
@@ -156,12 +153,22 @@ class Explanation:
     token_gaps: list[float] = field(default_factory=list)  # seconds between its tokens (level 3)
     stall: tuple[float, str] | None = None  # the longest of those gaps, and what made it
     intervals: list[tuple[int, int, str]] = field(default_factory=list)  # (start, end epoch ns, cause)
+    error: bool = False
+    hops: list[tuple[str, float, str]] = field(default_factory=list)  # a pair's way to its first token
+    servers: list[Explanation] = field(default_factory=list)  # a pair's: each server's root on its own
+
+    def cause(self, name: str) -> Cause | None:
+        return next((c for c in self.causes if c.name == name), None)
 
     def as_dict(self) -> dict:
-        return {"trace_id": self.trace_id, "rid": self.rid, "route": self.route, "level": self.level,
-                "e2e": self.e2e, "ttft": self.ttft, "notes": self.notes, "stall": self.stall,
-                "causes": [{"cause": c.name, "e2e": c.e2e, "ttft": c.ttft, "evidence": c.evidence}
-                           for c in self.causes]}
+        out = {"trace_id": self.trace_id, "rid": self.rid, "route": self.route, "level": self.level,
+               "e2e": self.e2e, "ttft": self.ttft, "error": self.error, "notes": self.notes, "stall": self.stall,
+               "causes": [{"cause": c.name, "e2e": c.e2e, "ttft": c.ttft, "evidence": c.evidence}
+                          for c in self.causes]}
+        if self.servers:
+            out["hops"] = [{"hop": name, "seconds": seconds, "note": note} for name, seconds, note in self.hops]
+            out["servers"] = [e.as_dict() for e in self.servers]
+        return out
 
 
 class Timeline:
@@ -186,8 +193,39 @@ class Timeline:
         if evidence:
             self.causes[cause].evidence.append(evidence)
 
-    def covered(self) -> tuple[float, float]:
-        return (sum(c.e2e for c in self.causes.values()), sum(c.ttft for c in self.causes.values()))
+    def take(self, side: Explanation, role: str, start: int, end: int, rename: dict[str, str] | None = None,
+             fill: str | None = None) -> None:
+        """`side`'s intervals within [start, end) (their causes renamed), with their evidence
+        (said to be the `role` server's) where one gave its cause a millisecond or more; what
+        they leave of it goes to `fill`."""
+        rename = rename or {}
+        at = start
+        for a, b, cause in sorted(side.intervals):
+            a, b = max(a, start), min(b, end)
+            if b <= a:
+                continue
+            if fill and a > at:
+                self.add(fill, at, a)
+            name = rename.get(cause, cause)
+            self.add(name, a, b)
+            at = max(at, b)
+            if b - a >= EVIDENCE_FROM_NS:
+                evidence = self.causes[name].evidence
+                evidence.extend(f"{role}: {e}" for e in side.cause(cause).evidence if f"{role}: {e}" not in evidence)
+        if fill and end > at:
+            self.add(fill, at, end)
+
+    def explanation(self, root: Span, route: str, level: int, notes: list[str], **more) -> Explanation:
+        """The causes, ranked, with what no interval covers as "unexplained" (always shown)."""
+        e2e = (self.end - self.start) / 1e9
+        ttft = (self.first_token - self.start) / 1e9 if self.first_token is not None else None
+        unexplained = self.causes["unexplained"]
+        unexplained.e2e = max(0.0, e2e - sum(c.e2e for c in self.causes.values()))
+        unexplained.ttft = max(0.0, (ttft or 0.0) - sum(c.ttft for c in self.causes.values()))
+        shown = [c for c in self.causes.values() if c.e2e > 0 or c.evidence or c is unexplained]
+        causes = sorted(shown, key=lambda c: (c is unexplained, -c.e2e))
+        return Explanation(root.trace_id, rid_of(root), route, level, e2e, ttft, causes, notes, self.token_gaps,
+                           self.stall, self.intervals, **more)
 
 
 def ms(seconds: float) -> str:
@@ -231,14 +269,34 @@ def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
                       f"(batch {in_flight[0]}: {in_flight[1].mode}, {count(in_flight[1].size, 'request')})")
         explain_stages(rid_of(root), thread, children, passes, line)
         line.add("detokenize and stream", thread.end, root.end)
-    e2e, ttft = (root.end - root.start) / 1e9, (first - root.start) / 1e9 if first is not None else None
-    covered_e2e, covered_ttft = line.covered()
-    unexplained = line.causes["unexplained"]
-    unexplained.e2e, unexplained.ttft = max(0.0, e2e - covered_e2e), max(0.0, (ttft or 0.0) - covered_ttft)
-    shown = [c for c in line.causes.values() if c.e2e > 0 or c.evidence or c is unexplained]
-    causes = sorted(shown, key=lambda c: (c is unexplained, -c.e2e))  # unexplained last, always there
-    return Explanation(root.trace_id, rid_of(root), route_of(root), level, e2e, ttft, causes, notes, line.token_gaps,
-                       line.stall, line.intervals)
+    return line.explanation(root, route_of(root), level, notes, error=root.status == STATUS_ERROR)
+
+
+def explain_pair(pair: Pair, spans: list[Span], passes: Passes) -> Explanation:
+    """A prefill/decode pair as one request. Its way to the first token is cut into windows,
+    each told by the server the request waited on then: the router until the prefill server had
+    it; the prefill server until its first token; the decode server until the KV began to leave
+    (its queue is "decode queue"; claimed, "bootstrap wait"); "KV transfer" until the decode
+    server had it; the decode server to the end."""
+    p, d = explain(pair.prefill, spans, passes), explain(pair.decode, spans, passes)
+    edges = list(itertools.accumulate([pair.start, pair.prefill.start, pair.handed_off, pair.transfer.start,
+                                       pair.kv_arrived, pair.end], max))  # clocks of two hosts may disagree
+    line = Timeline(pair.start, pair.end, pair.first_token)
+    line.add("router", edges[0], edges[1])
+    line.take(p, "prefill", edges[1], edges[2])
+    line.take(d, "decode", edges[2], edges[3], rename={"queued": "decode queue"}, fill="bootstrap wait")
+    busy = passes.in_flight(schedulers(pair.decode, children_by_parent(spans))[0].name, pair.transfer.start)
+    line.add("KV transfer", edges[3], edges[4], f"{pair.transfer_text()}: from leaving the prefill server to the "
+             "decode server having it" + ("" if busy is None else f", which was running a forward pass until "
+                                          f"{ms((busy[1].end - pair.transfer.start) / 1e9)} later (batch {busy[0]})"))
+    for role, side in (("prefill", p), ("decode", d)):
+        line.causes["KV transfer"].evidence += [f"{role}: {e}" for e in side.cause("KV transfer").evidence]
+    line.take(d, "decode", edges[4], edges[5])
+    line.token_gaps, line.stall = d.token_gaps, d.stall
+    notes = [f"a prefill/decode pair: {p.rid} on the prefill server, {d.rid} on the decode server "
+             f"(room {pair.decode.attributes.get('bootstrap_room')})", *dict.fromkeys(p.notes + d.notes)]
+    return line.explanation(pair.decode, route_of(pair.decode, with_role=False), min(p.level, d.level), notes,
+                            error=p.error or d.error, hops=pair.hops(), servers=[p, d])
 
 
 def explain_stages(rid: str, thread: Span, children: dict, passes: Passes, line: Timeline) -> None:
@@ -262,11 +320,34 @@ def explain_stages(rid: str, thread: Span, children: dict, passes: Passes, line:
             line.add(cause, stage.start, stage.end if not steps else stage.start, evidence)
             for step in steps:
                 line.add(cause, step.start, step.end)
-            between(stage, steps, line)
+            handoff = explain_handoff(stage, children, line)  # a prefill server's, after its chunks
+            between(stage, sorted(steps + handoff, key=lambda s: s.start), line)
         elif stage.name == "decode":
             explain_decode(rid, thread, stage, steps, passes, line)
-        else:  # a prefill/decode pair's bootstrap: told apart in a later version; here, waiting
-            line.add("queued", stage.start, stage.end, f"{stage.name} {ms(stage.seconds)}")
+        elif stage.name == "bootstrap":  # a decode server's: claimed, waiting for the prefill server's KV
+            received = explain_handoff(stage, children, line)  # taking the KV in is the transfer's end
+            line.add("bootstrap wait", stage.start, received[0].start if received else stage.end,
+                     f"{ms(stage.seconds)} from its claim on {stage.attributes.get('prefill_server', 'its prefill server')}"
+                     " to having the KV")
+            if received:
+                line.add("bootstrap wait", received[-1].end, stage.end)
+        else:
+            line.add("unexplained", stage.start, stage.end, f"a stage loupe does not know: {stage.name}")
+
+
+def explain_handoff(stage: Span, children: dict, line: Timeline) -> list[Span]:
+    """A prefill/decode pair's hand-off spans under `stage`: waiting for the decode server's claim
+    (`bootstrap`), and the KV leaving (`kv_transfer`) or taken in (`kv_receive`)."""
+    spans = sorted((s for s in children.get(stage.span_id, ()) if s.name in HANDOFF_SPANS), key=lambda s: s.start)
+    for span in spans:
+        if span.name == "bootstrap":
+            line.add("bootstrap wait", span.start, span.end, f"{ms(span.seconds)} waiting for the decode server's claim")
+        else:
+            a = span.attributes
+            done = "sent, until its receipt came back," if span.name == "kv_transfer" else "placed in the KV cache"
+            line.add("KV transfer", span.start, span.end, f"{a.get('bytes', 0) / 1e6:.1f} MB {done} in "
+                     f"{ms(span.seconds)} ({a.get('backend', '?')}, {count(a.get('pages', 0), 'page')})")
+    return spans
 
 
 def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passes: Passes, line: Timeline) -> None:
@@ -344,13 +425,28 @@ def explain_from_attributes(root: Span, line: Timeline) -> None:
 
 
 def explain_all(traces: dict[str, list[Span]], roots: list[Span]) -> list[Explanation]:
+    """Each root's request explained; a prefill/decode pair's two roots as one request, once."""
     passes = Passes(traces)
-    return [explain(root, traces[root.trace_id], passes) for root in roots]
+    pair_of: dict[int, Pair] = {}
+    for trace_id in dict.fromkeys(root.trace_id for root in roots):
+        spans = traces[trace_id]
+        for pair in pairs(spans, children_by_parent(spans)):
+            pair_of[id(pair.prefill)] = pair_of[id(pair.decode)] = pair
+    out, done = [], set()
+    for root in roots:
+        pair = pair_of.get(id(root))
+        if pair is None:
+            out.append(explain(root, traces[root.trace_id], passes))
+        elif id(pair) not in done:
+            done.add(id(pair))
+            out.append(explain_pair(pair, traces[root.trace_id], passes))
+    return out
 
 
 def explain_succeeded(traces: dict[str, list[Span]]) -> list[Explanation]:
     """Every request that succeeded (a run's view leaves failed ones out, as the summary's latencies do)."""
-    return explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request and s.status != STATUS_ERROR])
+    explained = explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request])
+    return [e for e in explained if not e.error]
 
 
 def pick(traces: dict[str, list[Span]], trace_id: str | None, slowest: int, route: str | None) -> list[Span]:
@@ -366,8 +462,11 @@ def pick(traces: dict[str, list[Span]], trace_id: str | None, slowest: int, rout
 
 def table(why: Explanation) -> Table:
     ttft = f", TTFT {ms(why.ttft)}" if why.ttft is not None else ""
+    notes = list(why.notes)
+    if why.hops:
+        notes.insert(1, hops_text(why.hops))
     out = Table(title=f"{why.rid} ({why.route}, trace {why.trace_id}): e2e {ms(why.e2e)}{ttft}, level {why.level}",
-                title_justify="left", caption="\n".join(why.notes) or None, caption_justify="left")
+                title_justify="left", caption="\n".join(notes) or None, caption_justify="left")
     out.add_column("cause")
     out.add_column("e2e ms", justify="right")
     out.add_column("share", justify="right")

@@ -43,12 +43,15 @@ def test_stage_times_from_the_root_attributes_or_else_from_the_spans(tmp_path):
     assert requests["a"].dominant == ("decode", 0.03)
 
 
-def test_a_prefill_decode_pair_is_two_requests_in_one_trace(tmp_path):
+def test_a_prefill_decode_pair_is_one_request_in_one_trace_or_a_root_per_server(tmp_path):
     router_span = 0x99
     pair = (request_spans(7, "p", 0, 1, 20, 0, steps=0, role="prefill", room=42, parent=router_span)
             + request_spans(7, "d", 1, 25, 0, 40, role="decode", room=42, parent=router_span))
     read = read_files([write(tmp_path / "t.jsonl", pair)])
     assert len(read.traces) == 1
-    requests = all_requests(read.traces)
+    (joined,) = all_requests(read.traces)
+    assert (joined.rid, joined.route, joined.stages["prefill"], joined.stages["decode"]) == (
+        "d", "/v1/completions", 0.02, 0.04)
+    requests = all_requests(read.traces, join_pairs=False)
     assert [(r.rid, r.route) for r in requests] == [("p", "/v1/completions (prefill)"), ("d", "/v1/completions (decode)")]
     assert requests[1].stages["decode"] == 0.04
