@@ -427,14 +427,14 @@ def explain_from_attributes(root: Span, line: Timeline) -> None:
 def explain_all(traces: dict[str, list[Span]], roots: list[Span]) -> list[Explanation]:
     """Each root's request explained; a prefill/decode pair's two roots as one request, once."""
     passes = Passes(traces)
-    pair_of: dict[int, Pair] = {}
+    pair_of: dict[tuple[str, str], Pair] = {}  # (trace id, root span id): its pair
     for trace_id in dict.fromkeys(root.trace_id for root in roots):
         spans = traces[trace_id]
         for pair in pairs(spans, children_by_parent(spans)):
-            pair_of[id(pair.prefill)] = pair_of[id(pair.decode)] = pair
+            pair_of[(trace_id, pair.prefill.span_id)] = pair_of[(trace_id, pair.decode.span_id)] = pair
     out, done = [], set()
     for root in roots:
-        pair = pair_of.get(id(root))
+        pair = pair_of.get((root.trace_id, root.span_id))
         if pair is None:
             out.append(explain(root, traces[root.trace_id], passes))
         elif id(pair) not in done:

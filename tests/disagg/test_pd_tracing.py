@@ -7,6 +7,8 @@ import httpx
 import pytest
 
 from harness import LiveRouter, LiveServer, free_port, read_metrics, running
+from loupe.traces.reader import Event, Span
+from loupe.traces.why import explain_all
 
 pytestmark = pytest.mark.slow  # it starts servers
 
@@ -94,6 +96,33 @@ def test_one_trace_holds_the_router_and_both_servers(traced_pd, receiver):
     receive = one(children(spans, d_stages[1], "kv_receive"))
     assert receive["attributes"]["bytes"] == transfer["attributes"]["bytes"]
     assert len(children(spans, d_stages[2], "decode_step")) == 5  # the first of 6 tokens came from prefill
+
+    # `loupe traces why` reads the two roots as one request, each hop from these very spans
+    (why,) = explain_all({trace_id: [as_span(s) for s in spans]}, [as_span(roots["decode"])])
+    assert why.servers and why.route == "/v1/completions" and why.level == 3
+    assert sum(c.e2e for c in why.causes) == pytest.approx(why.e2e) and why.cause("unexplained").e2e < 0.05 * why.e2e
+    hops = {hop: seconds for hop, seconds, _ in why.hops}
+    assert hops["router"] == pytest.approx(max(0, roots["prefill"]["start"] - router_span["start"]) / 1e9)
+    assert hops["prefill queue"] == pytest.approx(seconds_of(one(children(spans, p_thread, "queue"))))
+    assert hops["prefill"] == pytest.approx((bootstrap["start"] - p_prefill["start"]) / 1e9)
+    assert hops["bootstrap"] == pytest.approx(seconds_of(bootstrap))
+    assert hops["KV transfer"] == pytest.approx((d_stages[2]["start"] - transfer["start"]) / 1e9)
+    assert hops["decode queue"] == pytest.approx(seconds_of(d_stages[0]))
+    chunks = sum(seconds_of(c) for c in children(spans, p_prefill, "prefill_chunk"))
+    assert why.cause("own prefill").e2e == pytest.approx(chunks, rel=1e-6)  # all of them on its way
+    assert why.ttft == pytest.approx((next(e["time"] for e in roots["decode"]["events"] if e["name"] == "first_token")
+                                      - min(router_span["start"], roots["prefill"]["start"], roots["decode"]["start"]))
+                                     / 1e9)
+
+
+def seconds_of(span: dict) -> float:
+    return (span["end"] - span["start"]) / 1e9
+
+
+def as_span(s: dict) -> Span:
+    """A span the receiver got, as `loupe traces` reads one from a file."""
+    return Span(s["trace_id"], s["span_id"], s["parent_id"], s["name"], s["start"], s["end"], s["kind"],
+                s["attributes"], [Event(e["name"], e["time"], e["attributes"]) for e in s["events"]], s["status"])
 
 
 def test_a_client_traceparent_joins_both_servers_without_the_routers_tracing(traced_pd, receiver):
