@@ -20,8 +20,10 @@ whole. The same intervals cut at the first token give the causes of its TTFT.
   handing tokens on).
 - detokenize and stream: the scheduler's last output to the root's end.
 
-Level 3 explains all of these; level 2 has no step spans, so interference stays in decode;
-level 1 has only the root's latency attributes.
+Level 3 explains all of these. Level 2 has no step spans: a decode stage's counts (its
+passes, those shared with prefill chunks, their seconds and the chunks' tokens) give
+interference against the request's own usual decode-only pass, without naming the requests,
+and long contexts stay in decode. Level 1 has only the root's latency attributes.
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
                for step in children.get(stage.span_id, ())):
             level = 3
         else:
-            notes.append("level 2: no step spans, so interference from other requests' prefill stays in decode")
+            notes.append("level 2: interference from the decode stage's counts, against its own usual step, "
+                         "without naming whose prefill; long contexts not told apart")
         in_flight = passes.in_flight(thread.name, dispatched)
         line.add("queued", dispatched, thread.start, None if in_flight is None or thread.start - dispatched < 1e6
                  else f"{ms((thread.start - dispatched) / 1e9)} for the forward pass in flight when it arrived "
@@ -355,7 +358,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
     is beyond goes to interference when other requests' prefill chunks ran in it, to long
     contexts when it attended at least LONG_CONTEXT times the usual KV tokens."""
     if not steps:
-        line.add("decode", stage.start, stage.end, f"{stage.attributes.get('completion_tokens', '?')} tokens")
+        explain_decode_counts(stage, line)
         return
     culprits: dict[str, list[float]] = {}  # rid: [extra seconds, steps shared]
     long_steps: list[tuple[float, int, float]] = []  # (extra seconds, KV tokens, usual KV tokens)
@@ -401,6 +404,29 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
     line.token_gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(ends)]
     worst = max(range(len(steps)), key=line.token_gaps.__getitem__)
     line.stall = (line.token_gaps[worst], f"step {steps[worst].attributes.get('step')}, {made_by[worst]}")
+
+
+def explain_decode_counts(stage: Span, line: Timeline) -> None:
+    """Level 2: the decode stage's counts of its passes. Interference is what its passes shared
+    with prefill chunks took beyond its own usual decode-only pass, laid after its decode (the
+    counts do not say when, nor whose chunks); the stage's time outside its passes is between
+    steps."""
+    a = stage.attributes
+    steps, step_seconds = a.get("steps", 0), a.get("step_seconds", 0.0)
+    if not steps:
+        line.add("decode", stage.start, stage.end, f"{a.get('completion_tokens', '?')} tokens")
+        return
+    mixed, mixed_seconds = a.get("mixed_steps", 0), a.get("mixed_seconds", 0.0)
+    usual = (step_seconds - mixed_seconds) / (steps - mixed) if steps > mixed else None
+    extra = max(0.0, mixed_seconds - mixed * usual) if usual is not None else 0.0
+    at = stage.start + int((step_seconds - extra) * 1e9)
+    line.add("decode", stage.start, at, f"{count(steps, 'step')} in {ms(step_seconds)}"
+             + (f", its usual step {ms(usual)}" if usual is not None else ""))
+    if mixed:
+        line.add("interference", at, at + int(extra * 1e9),
+                 f"{mixed} of its steps shared their pass with {a.get('mixed_prefill_tokens', 0):,} prompt tokens of "
+                 f"other requests: +{ms(extra)}" + ("" if usual is not None else " (no step of its own to compare)"))
+    line.add("between steps", at + int(extra * 1e9), stage.end)
 
 
 def between(stage: Span, steps: list[Span], line: Timeline) -> None:

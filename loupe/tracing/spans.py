@@ -235,13 +235,18 @@ class SchedulerSpans:
     """Open spans of one request in the scheduler (level 2+)."""
 
     __slots__ = ("ctx", "thread_id", "start", "stage", "stage_id", "stage_start", "stage_attrs", "handed_off",
-                 "events")
+                 "events", "steps")
 
     def __init__(self, ctx: TraceContext, start: int):
         self.ctx, self.thread_id, self.start = ctx, new_span_id(), start
         self.events: list = []  # `schedule` events, at level 3
         self.stage, self.stage_id, self.stage_start, self.stage_attrs = "queue", new_span_id(), start, {}
         self.handed_off: int | None = None  # prefill server: when it began waiting for its decode server
+        # its decode stage's passes: [count, ns, those shared with prefill chunks, their ns, the chunks' tokens]
+        self.steps = [0, 0, 0, 0, 0]
+
+
+DECODE_COUNTS = ("steps", "step_seconds", "mixed_steps", "mixed_seconds", "mixed_prefill_tokens")
 
 
 class SchedulerTracer(ProcessTracer):
@@ -283,13 +288,23 @@ class SchedulerTracer(ProcessTracer):
         entries of `batch` are decodes, the rest prefill chunks). At level 3: a
         prefill_chunk span per chunk, a decode_step span per decoding request (with its step:
         the request's n-th decode), and a `schedule` event on each request's thread span
-        saying what ran together; both say the KV tokens the pass attended (`kv_tokens`). Stage
-        changes for requests that got their first token."""
+        saying what ran together; both say the KV tokens the pass attended (`kv_tokens`). From
+        level 2, a decode stage counts its passes and those shared with prefill chunks (its
+        DECODE_COUNTS attributes). Stage changes for requests that got their first token."""
         decodes, size, scheduled = [], len(batch), None
+        prefill_tokens = sum(num_new[num_decoding:]) if num_decoding < size else 0
         for req, n in zip(batch, num_new, strict=True):
             spans = req.spans
             if spans is None:
                 continue
+            if spans.stage == "decode":
+                counts = spans.steps
+                counts[0] += 1
+                counts[1] += end - start
+                if prefill_tokens:
+                    counts[2] += 1
+                    counts[3] += end - start
+                    counts[4] += prefill_tokens
             if spans.ctx.level >= 3:
                 if scheduled is None:  # one event for the pass, shared as one tuple by its requests' traces
                     mode = "decode" if num_decoding == size else "prefill" if num_decoding == 0 else "mixed"
@@ -378,6 +393,11 @@ class SchedulerTracer(ProcessTracer):
         spans.stage, spans.stage_id, spans.stage_start, spans.stage_attrs = stage, new_span_id(), at, attrs
 
     def _close_stage(self, spans: SchedulerSpans, end: int) -> None:
+        if spans.stage == "decode" and spans.steps[0]:
+            counts = spans.steps
+            spans.stage_attrs.update(zip(DECODE_COUNTS, (counts[0], seconds(counts[1] / 1e9), counts[2],
+                                                         seconds(counts[3] / 1e9), counts[4]), strict=True))
+            spans.steps = [0, 0, 0, 0, 0]
         self.recorder.slice(spans.ctx, spans.thread_id, spans.stage, spans.stage_start, end,
                             spans.stage_attrs or None, span_id=spans.stage_id)
 

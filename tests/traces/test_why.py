@@ -44,11 +44,16 @@ def request(trace_id: int, rid: str, start: float, dispatched: float, scheduled:
                            at(scheduled), at(last), {"thread_label": "Scheduler", "pid": SCHEDULER_PID, "tp_rank": 0},
                            events)
     queue_end = BATCHES[batches[0]][0]
+    decoded = [BATCHES[b] for b in batches if BATCHES[b][2] != "prefill" and not (rid == "long" and b in LONG_CHUNKS)]
+    mixed = [(start, end) for start, end, mode, _ in decoded if mode == "mixed"]
+    counts = {"steps": len(decoded), "step_seconds": sum(end - start for start, end, _, _ in decoded) / 1000,
+              "mixed_steps": len(mixed), "mixed_seconds": sum(end - start for start, end in mixed) / 1000,
+              "mixed_prefill_tokens": sum(LONG_CHUNKS[b] for b in batches if BATCHES[b][2] == "mixed")}
     out += [scheduler, SpanRecord(trace_id, root_id + 4, scheduler.span_id, "queue", at(scheduled), at(queue_end),
                                   {"running": 1, "waiting": 0}),
             SpanRecord(trace_id, root_id + 5, scheduler.span_id, "prefill", at(queue_end), at(prefill_end),
                        {"num_tokens": prompt_tokens, "cached_tokens": cached}),
-            SpanRecord(trace_id, root_id + 6, scheduler.span_id, "decode", at(prefill_end), at(last))]
+            SpanRecord(trace_id, root_id + 6, scheduler.span_id, "decode", at(prefill_end), at(last), counts)]
     if level == 3:
         for i, b in enumerate(batches):
             start_ms, end_ms, mode, size = BATCHES[b]
@@ -95,12 +100,20 @@ def test_the_causes_add_up_and_interference_names_the_long_prefill(run):
     assert [x.name for x in long.causes][0] == "own prefill"  # ranked by time
 
 
-def test_level_2_says_what_it_cannot_tell(tmp_path):
+def test_level_2_tells_interference_from_the_decode_stages_counts_and_says_what_it_cannot_tell(tmp_path):
+    """Its 10 decode passes took 260 ms, the 3 shared with the long prompt's chunks 180 ms: its
+    usual pass is (260 - 180) / 7 ms, the interference 180 - 3 × that (level 3 said 3 × 48 ms,
+    against the scheduler's usual 12 ms pass of two)."""
     path = write(tmp_path / "l2.jsonl", request(1, "short", 0, 2, 5, 16, 280, list(range(1, 12)), 8, level=2))
     traces = read_files([path]).traces
     (why,) = explain_all(traces, pick(traces, None, 1, None))
-    assert why.level == 2 and "interference" not in causes(why)
-    assert any("level 2" in note for note in why.notes)
+    assert why.level == 2 and any("level 2" in note for note in why.notes)
+    interference, decode = causes(why)["interference"], causes(why)["decode"]
+    usual = (0.260 - 0.180) / 7
+    assert interference.e2e == pytest.approx(0.180 - 3 * usual)
+    assert interference.evidence == [f"3 of its steps shared their pass with 1,124 prompt tokens of other requests: "
+                                     f"+{(0.180 - 3 * usual) * 1000:.1f} ms"]
+    assert decode.e2e == pytest.approx(0.260 - interference.e2e) and "long contexts" not in causes(why)
     assert sum(c.e2e for c in why.causes) == pytest.approx(why.e2e)
 
 

@@ -97,6 +97,27 @@ def test_a_long_prompt_amid_short_streams_is_interference_of_the_right_size(run)
         assert interference.e2e > causes["decode"].e2e / 4  # a cause of its size, not noise
 
 
+def test_the_decode_stages_counts_agree_with_its_steps_and_tell_interference_at_level_2(run):
+    """The counts a decode stage carries from level 2 are its step spans summed; the streams'
+    traces without their step spans (as level 2 writes them) still show the interference."""
+    chunk_batches = {s.attributes["batch_id"] for spans in run["traces"].values() for s in spans
+                     if s.name == "prefill_chunk"}
+    for trace_id in run["rids"]["short"]:
+        spans = run["traces"][trace_id]
+        (stage,) = [s for s in spans if s.name == "decode"]
+        steps = [s for s in spans if s.name == "decode_step"]
+        mixed = [s for s in steps if s.attributes["batch_id"] in chunk_batches]
+        a = stage.attributes
+        assert (a["steps"], a["mixed_steps"]) == (len(steps), len(mixed))
+        assert a["step_seconds"] == pytest.approx(sum(s.seconds for s in steps), abs=1e-5)
+        assert a["mixed_seconds"] == pytest.approx(sum(s.seconds for s in mixed), abs=1e-5)
+        level_3 = explain(run, trace_id)[1]["interference"].e2e
+        without_steps = {trace_id: [s for s in spans if s.name not in ("decode_step", "prefill_chunk")]}
+        (level_2,) = explain_all(without_steps, pick(without_steps, trace_id, 1, None))
+        assert level_2.level == 2
+        assert level_2.cause("interference").e2e == pytest.approx(level_3, rel=0.25)
+
+
 def test_a_burst_beyond_max_running_requests_is_queued_with_the_count_ahead(run):
     queued = {}  # requests ahead of it when it arrived (running and waiting): its queued seconds
     for trace_id in run["rids"]["burst"]:
