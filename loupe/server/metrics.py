@@ -12,6 +12,12 @@ from loupe.ipc import ExporterStats, SchedulerStats
 SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+# The GenAI semantic conventions' model server metrics, with the bucket boundaries they give
+GENAI_DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+GENAI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+GENAI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")  # gen_ai.operation.name…
+PROVIDER = "loupe"  # gen_ai.provider.name, as on the root spans
 
 
 class Metrics:
@@ -53,6 +59,28 @@ class Metrics:
         self._exporter_totals = ExporterStats(0, 0, 0)
         self._replicas: dict[int, SchedulerStats] = {}
         self.open_requests = Gauge("loupe_open_requests", "Requests the HTTP side holds state for", registry=r)
+        self.genai_duration = Histogram(
+            "gen_ai_server_request_duration", "Generative AI server request duration such as time-to-last byte or "
+            "last output token", [*GENAI_LABELS, "error_type"], unit="seconds", buckets=GENAI_DURATION_BUCKETS,
+            registry=r)
+        self.genai_ttft = Histogram("gen_ai_server_time_to_first_token", "Time to generate first token for successful "
+                                    "responses", GENAI_LABELS, unit="seconds", buckets=GENAI_TTFT_BUCKETS, registry=r)
+        self.genai_tpot = Histogram("gen_ai_server_time_per_output_token", "Time per output token generated after the "
+                                    "first token for successful responses", GENAI_LABELS, unit="seconds",
+                                    buckets=GENAI_TPOT_BUCKETS, registry=r)
+
+    def observe_genai(self, operation: str, model: str, e2e: float, ttft: float | None, completion_tokens: int,
+                      error_type: str | None, exemplar: dict | None) -> None:
+        """One request of a generation route (gen_ai.operation.name `operation`, the `model` it
+        asked for: "" when it names none) as the GenAI server metrics count it: its duration,
+        with `error_type` when it failed; its TTFT and time per output token after the first
+        when it succeeded."""
+        labels = (operation, PROVIDER, model)
+        self.genai_duration.labels(*labels, error_type or "").observe(e2e, exemplar)
+        if error_type is None and ttft is not None:
+            self.genai_ttft.labels(*labels).observe(ttft, exemplar)
+            if completion_tokens > 1:
+                self.genai_tpot.labels(*labels).observe((e2e - ttft) / (completion_tokens - 1), exemplar)
 
     def set_scheduler_stats(self, stats: SchedulerStats) -> None:
         """The latest stats of one scheduler; the gauges show the sum over data-parallel replicas."""

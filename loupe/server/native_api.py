@@ -27,7 +27,7 @@ class NativeAPI:
         self._check(body, rid)
         params = {**body.sampling_params, **logprob_switches(body.return_logprob, body.top_logprobs_num)}
         input_ids = body.input_ids if body.text is None else self.intake.tokenize(trace, self.manager.encode, body.text)
-        outputs = self.manager.generate(self.intake.validated(rid, input_ids, params, body, trace), trace)
+        outputs = self.manager.generate(self.intake.validated(rid, input_ids, params, body, trace), trace, "generate")
         if body.stream:
             return sse(stream(rid, outputs, body), outputs, trace)
         final = await last_output(outputs, request)

@@ -180,9 +180,9 @@ class OpenAIAPI:
             limits = self.manager.limits
             max_tokens = max(min(limits.context_length, limits.max_total_tokens) - len(input_ids), 1)
         validated = self.intake.validated(rid, input_ids, body.sampling_dict(max_tokens), body, trace, OPENAI_NAMES)
-        outputs = self.manager.generate(validated, trace)
-        fmt = OpenAIFormat(rid, self.model_name, rid.startswith("chatcmpl-"), int(time.time()),
-                           validated.sampling.logprobs)
+        chat = rid.startswith("chatcmpl-")
+        outputs = self.manager.generate(validated, trace, "chat" if chat else "text_completion", body.model)
+        fmt = OpenAIFormat(rid, self.model_name, chat, int(time.time()), validated.sampling.logprobs)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return sse(fmt.stream(outputs, usage), outputs, trace)

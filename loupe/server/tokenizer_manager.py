@@ -31,6 +31,8 @@ class RequestState:
     first_token_time: float | None = None
     queue_seconds: float | None = None  # from the first output
     end: float | None = None  # when the last output arrived
+    operation: str | None = None  # gen_ai.operation.name of a generation route's request (else not in gen_ai_*)
+    model: str = ""  # the model it asked for
 
     @property
     def finished(self) -> bool:
@@ -88,14 +90,15 @@ class TokenizerManager:
 
     # ---- generation -----------------------------------------------------------------------
 
-    async def generate(self, request: TokenizedRequest, trace: RequestTrace | None = None
-                       ) -> AsyncIterator[ipc.RequestOutput]:
+    async def generate(self, request: TokenizedRequest, trace: RequestTrace | None = None,
+                       operation: str | None = None, model: str = "") -> AsyncIterator[ipc.RequestOutput]:
         """Yield the request's outputs until it finishes. Closing the iterator early aborts it
-        (and ends its trace, if it has one)."""
+        (and ends its trace, if it has one). A generation route's request names its
+        `operation` (and the `model` it asked for) for the GenAI server metrics."""
         rid = request.rid
         if rid in self.states:
             raise ValueError(f"request id {rid!r} is already in use")
-        state = self.states[rid] = RequestState(trace)
+        state = self.states[rid] = RequestState(trace, operation=operation, model=model)
         dispatched = now()
         ipc.send(self.to_scheduler, request)
         recording = trace is not None and trace.recording  # an unsampled request costs this branch
@@ -196,6 +199,10 @@ class TokenizerManager:
         if result.detokenize_seconds is not None:
             m.detokenize_time.observe(result.detokenize_seconds, exemplar)
         m.requests.labels(status=status(result)).inc()
+        if state.operation is not None and status(result) != "abort":  # a cancelled request is not timed
+            ttft = state.first_token_time - state.created if state.first_token_time is not None else None
+            m.observe_genai(state.operation, state.model, now - state.created, ttft, out.completion_tokens,
+                            result.error_code if result.error else None, exemplar)
 
     def _exemplar(self, state: RequestState, result: ipc.RequestResult | None = None, now: float = 0.0
                   ) -> dict | None:

@@ -7,11 +7,13 @@ import uuid
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness import LiveServer, read_metrics
 from loupe import ipc
 from loupe.core import FinishReason, TraceContext
 from loupe.detokenizer import DetokenizerProcess
+from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import Recorder
 from loupe.tracing.spans import DetokenizerTracer
 
@@ -123,6 +125,74 @@ def test_stage_histograms_count_every_finished_request(server):
     finished = after["loupe_e2e_request_latency_seconds_count"]
     for family in ("loupe_prefill_time_seconds", "loupe_decode_time_seconds", "loupe_detokenize_time_seconds"):
         assert after[f"{family}_count"] == finished, family
+
+
+def genai_samples(server: LiveServer) -> dict[tuple, float]:
+    """The gen_ai_server_* samples of /metrics, read with prometheus_client's own parser:
+    {(sample name, operation, model, error type, le): value}."""
+    text = httpx.get(server.url("/metrics"), timeout=10, trust_env=False).text
+    return {(s.name, s.labels["gen_ai_operation_name"], s.labels["gen_ai_request_model"], s.labels.get("error_type", ""),
+             s.labels.get("le")): s.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("gen_ai_server_")
+            for s in family.samples if s.labels["gen_ai_provider_name"] == "loupe"}
+
+
+def test_genai_server_metrics_count_each_route_with_the_conventions_names_buckets_and_exemplars(server):
+    """Two completions and a chat of 6 tokens and a /generate of 4: each in its operation's
+    series; their durations the same as loupe's e2e histogram saw, their TTFT too; the time per
+    output token after the first from both."""
+    model = served_name(server)
+    before, loupe_before = genai_samples(server), read_metrics(server)
+    complete(server)
+    traced = complete(server)  # the series' last: its bucket's exemplar
+    chat = httpx.post(server.url("/v1/chat/completions"), json={
+        "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "ignore_eos": True},
+        timeout=60, trust_env=False)
+    native = httpx.post(server.url("/generate"), json={"text": "Hello", "sampling_params": {
+        "max_new_tokens": 4, "ignore_eos": True}}, timeout=60, trust_env=False)
+    assert chat.status_code == native.status_code == 200
+    after, loupe_after = genai_samples(server), read_metrics(server)
+
+    def grown(name: str, operation: str, requested: str, le: str | None = None) -> float:
+        key = (name, operation, requested, "", le)
+        return after[key] - before.get(key, 0.0)
+
+    counts = {op: grown("gen_ai_server_request_duration_seconds_count", op, m)
+              for op, m in (("text_completion", model), ("chat", model), ("generate", ""))}
+    assert counts == {"text_completion": 2, "chat": 1, "generate": 1}
+    for name in ("gen_ai_server_time_to_first_token_seconds", "gen_ai_server_time_per_output_token_seconds"):
+        assert grown(f"{name}_count", "text_completion", model) == 2 and grown(f"{name}_count", "generate", "") == 1
+    e2e = sum(grown("gen_ai_server_request_duration_seconds_sum", op, m)
+              for op, m in (("text_completion", model), ("chat", model), ("generate", "")))
+    ttft = sum(grown("gen_ai_server_time_to_first_token_seconds_sum", op, m)
+               for op, m in (("text_completion", model), ("chat", model), ("generate", "")))
+    loupe = {name: loupe_after[name] - loupe_before[name] for name in (
+        "loupe_e2e_request_latency_seconds_sum", "loupe_time_to_first_token_seconds_sum")}
+    assert e2e == pytest.approx(loupe["loupe_e2e_request_latency_seconds_sum"], rel=1e-6)
+    assert ttft == pytest.approx(loupe["loupe_time_to_first_token_seconds_sum"], rel=1e-6)
+    tpot = sum(grown("gen_ai_server_time_per_output_token_seconds_sum", op, m)
+               for op, m in (("text_completion", model), ("chat", model), ("generate", "")))
+    assert 0 < tpot < e2e - ttft  # each request's (e2e - ttft) / (tokens - 1), tokens > 2
+    le = [key[4] for key in after if key[0] == "gen_ai_server_time_to_first_token_seconds_bucket"
+          and key[1] == "chat"]
+    assert le == ["0.001", "0.005", "0.01", "0.02", "0.04", "0.06", "0.08", "0.1", "0.25", "0.5", "0.75", "1.0",
+                  "2.5", "5.0", "7.5", "10.0", "+Inf"]
+    scrape = httpx.get(server.url("/metrics"), headers=OPENMETRICS, timeout=10, trust_env=False).text
+    assert "# UNIT gen_ai_server_request_duration_seconds seconds" in scrape
+    exemplar = rf'^gen_ai_server_request_duration_seconds_bucket\{{[^}}]*\}} \S+ # \{{trace_id="{trace_id(traced)}"\}}'
+    assert re.search(exemplar, scrape, re.M)
+
+
+def test_a_failed_request_is_timed_with_its_error_type_and_not_in_ttft():
+    metrics = Metrics()
+    metrics.observe_genai("text_completion", "m", 1.5, 0.5, 3, "kv_transfer_failed", None)
+    metrics.observe_genai("text_completion", "m", 2.0, 0.5, 4, None, {"trace_id": "ab" * 16})
+    sample = metrics.registry.get_sample_value
+    labels = {"gen_ai_operation_name": "text_completion", "gen_ai_provider_name": "loupe", "gen_ai_request_model": "m"}
+    assert sample("gen_ai_server_request_duration_seconds_count", {**labels, "error_type": "kv_transfer_failed"}) == 1
+    assert sample("gen_ai_server_request_duration_seconds_sum", {**labels, "error_type": ""}) == 2.0
+    assert sample("gen_ai_server_time_to_first_token_seconds_count", labels) == 1
+    assert sample("gen_ai_server_time_per_output_token_seconds_sum", labels) == pytest.approx(0.5)  # 1.5 s / 3
 
 
 def test_the_detokenize_span_reports_the_time_the_last_output_carries(tiny_model_dir, tmp_path):
