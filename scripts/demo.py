@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READY_TIMEOUT = 240
@@ -95,6 +96,35 @@ def services(args, server_args: list[str]) -> list[tuple[str, list[str], str]]:
             ("the router", router, f"http://127.0.0.1:{args.port}/readiness")]
 
 
+def own_the_terminal() -> Callable[[], None]:
+    """Take the terminal's Ctrl-C for this script alone: its own process group, made the
+    terminal's foreground. `make demo` would otherwise hear the Ctrl-C too, and make ends an
+    interrupted recipe with "*** [Makefile:…] Interrupt" and a failure whatever the recipe did.
+    Returns what gives the terminal back (nothing to do off a terminal)."""
+    try:
+        fd = sys.stdin.fileno()
+        before = os.tcgetpgrp(fd)
+    except OSError:  # not a terminal (CI, a pipe)
+        return lambda: None
+
+    def foreground(group: int) -> None:
+        muted = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # a background group may not otherwise
+        try:
+            os.tcsetpgrp(fd, group)
+        except OSError:
+            pass
+        finally:
+            signal.signal(signal.SIGTTOU, muted)
+
+    if os.getpgrp() == before:
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # already leading a session or a group: the terminal's signals are ours
+            return lambda: None
+    foreground(os.getpgrp())
+    return lambda: foreground(before)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=30000, help="loupe's HTTP port")
@@ -137,6 +167,7 @@ def main() -> int:
 
     # Each child gets its own session: the terminal's Ctrl-C reaches only this script, which
     # then stops them in order.
+    give_back_terminal = own_the_terminal()
     phoenix = None
     started: list[tuple[str, subprocess.Popen]] = []
     interrupted = False
@@ -190,7 +221,8 @@ def main() -> int:
         for name, proc in reversed(started):  # first, so that they flush their last spans into Phoenix
             stop(name, proc)
         stop("Phoenix", phoenix)
-        say("stopped")
+        say("stopped" + (": Ctrl-C, a clean stop" if interrupted else ""))
+        give_back_terminal()
 
 
 if __name__ == "__main__":

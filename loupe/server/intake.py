@@ -29,7 +29,7 @@ class Intake:
         if tracer is None:
             return None
         attributes = {"gen_ai.operation.name": operation, "gen_ai.response.model": self.model_name,
-                      "http.route": request.url.path}
+                      "http.route": request.url.path, "gen_ai.request.stream": bool(getattr(body, "stream", False))}
         if requested_model is not None:
             attributes["gen_ai.request.model"] = requested_model
         if self.role != "null":

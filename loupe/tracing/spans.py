@@ -117,7 +117,8 @@ class RequestTracer(ProcessTracer):
                                  "gen_ai.provider.name": "loupe", **attributes})
         if self.include_content and prompt is not None:
             text = prompt if isinstance(prompt, str) else json.dumps(prompt)
-            trace.attributes.update({"gen_ai.prompt": text, "input.value": text,
+            trace.attributes.update({"gen_ai.prompt": text, "input.value": text, "input.mime_type": "text/plain"
+                                     if isinstance(prompt, str) else "application/json",
                                      "gen_ai.input.messages": json.dumps(input_messages(prompt))})
         elif not self.include_content:  # else Phoenix shows an input and output made up of other attributes
             trace.attributes.update(CONTENT_NOT_RECORDED)
@@ -184,7 +185,7 @@ class RequestTracer(ProcessTracer):
             text = result.text if result is not None and result.text is not None else "".join(trace.text)
             message = {"role": "assistant", "parts": [{"type": "text", "content": text}],
                        "finish_reason": result.finish_reason if result is not None else "error"}
-            attrs.update({"gen_ai.completion": text, "output.value": text,
+            attrs.update({"gen_ai.completion": text, "output.value": text, "output.mime_type": "text/plain",
                           "gen_ai.output.messages": json.dumps([message])})
         if error_type:
             attrs["error.type"] = error_type

@@ -79,6 +79,8 @@ def test_level_1_is_the_root_alone_with_content_when_asked(traced, receiver):
     assert root["attributes"]["gen_ai.completion"] == r.json()["choices"][0]["text"]
     a = root["attributes"]
     assert (a["input.value"], a["output.value"]) == (a["gen_ai.prompt"], a["gen_ai.completion"])
+    assert (a["input.mime_type"], a["output.mime_type"], a["gen_ai.request.stream"]) == ("text/plain", "text/plain",
+                                                                                          False)
     assert json.loads(a["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": a["gen_ai.prompt"]}]}]
     (message,) = json.loads(a["gen_ai.output.messages"])
