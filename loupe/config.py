@@ -120,6 +120,8 @@ class ServerArgs:
                                            "(unsampled ones are recorded and held until they end)")
     trace_keep_slower_than_ms: float | None = _flag(None, "also export whole every request slower than this, "
                                                           "end to end, sampled or not")
+    trace_keep_cancelled: bool = _flag(False, "also export whole every request cancelled (its client went away, or "
+                                              "it was aborted), sampled or not; --trace-keep-errors keeps failures")
     trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
     disaggregation_mode: Literal["null", "prefill", "decode"] = _flag(
         "null", "prefill or decode: this server is one half of a pair behind SGLang's router in PD mode, "

@@ -154,6 +154,33 @@ class FinishReason(enum.StrEnum):
     ABORT = "abort"
 
 
+class Outcome(enum.StrEnum):
+    """How a request ended, as its root span's `loupe.request.outcome` and /metrics say."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"  # the client went away, or it was aborted: not an error
+    REJECTED = "rejected"  # refused (4xx) before it ran
+    OVERLOADED = "overloaded"  # refused for want of room (503, 429): the server's to fix, an error
+    FAILED = "failed"  # it broke: a peer's KV never came, a process died, a bug
+
+    @classmethod
+    def of_result(cls, finish_reason: str, error: str | None) -> Outcome:
+        """A request that reached the scheduler."""
+        return cls.FAILED if error else cls.CANCELLED if finish_reason == FinishReason.ABORT else cls.COMPLETED
+
+    @classmethod
+    def of_refusal(cls, http_status: int) -> Outcome:
+        """A request answered with an HTTP error before it ran."""
+        if http_status in (429, 503):
+            return cls.OVERLOADED
+        return cls.REJECTED if http_status < 500 else cls.FAILED
+
+    @property
+    def is_error(self) -> bool:
+        """Whether its span's status is ERROR (a client's 4xx, like a cancellation, is not the server's)."""
+        return self in (Outcome.OVERLOADED, Outcome.FAILED)
+
+
 class TraceDecision(enum.IntEnum):
     """Whether a request's spans are recorded and exported. Made when the request arrives;
     an undecided request's fate is settled when it ends (tail keeping: tracing/tail.py)."""

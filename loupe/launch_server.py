@@ -57,7 +57,7 @@ def trace_control(args: ServerArgs):
     from loupe.tracing.sampling import TraceControl
 
     return TraceControl.from_env(args.trace_level, args.trace_sampling_ratio, args.trace_keep_errors,
-                                 args.trace_keep_slower_than_ms)
+                                 args.trace_keep_slower_than_ms, args.trace_keep_cancelled)
 
 
 def tracing_settings(args: ServerArgs) -> ExportSettings | None:

@@ -71,6 +71,7 @@ class TracingSettings(BaseModel):
     parent_based: bool | None = None
     keep_errors: bool | None = None
     keep_slower_than_ms: float | None = None
+    keep_cancelled: bool | None = None
 
 
 class AdminAPI:

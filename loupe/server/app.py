@@ -12,6 +12,7 @@ from fastapi.responses import PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loupe.config import ServerArgs
+from loupe.core import Outcome
 from loupe.server.admin_api import AdminAPI, ModelInfoResponse, ModelList, ServerInfo, Status, TracingSettings
 from loupe.server.guard import OPEN_ROUTES, install_guard
 from loupe.server.intake import Intake
@@ -33,8 +34,10 @@ def create_app(manager: TokenizerManager, args: ServerArgs, metrics: Metrics, mo
     admin = AdminAPI(manager, args, model_name)
 
     def error(exc: APIError, headers: dict | None = None) -> Response:
-        """An error answer, counted in the metrics by its status."""
+        """An error answer, counted in the metrics by its status and outcome."""
         metrics.requests.labels(status=f"http_{exc.status}").inc()
+        if not exc.ran:
+            metrics.outcomes.labels(outcome=Outcome.of_refusal(exc.status)).inc()
         return exc.response(headers)
 
     install_openapi(app, [model_name], lambda: manager.limits, OPEN_ROUTES if args.api_key else None)
@@ -125,7 +128,7 @@ def install_error_handlers(app: FastAPI, manager: TokenizerManager, error) -> No
     async def on_api_error(request: Request, exc: APIError):
         trace = getattr(request.state, "trace", None)
         if trace is not None and not trace.finished:  # refused before reaching the scheduler
-            manager.tracer.finish(trace, None, exc.type, exc.message)
+            manager.tracer.finish(trace, None, Outcome.of_refusal(exc.status), exc.type, exc.message)
         return error(exc, trace_headers(trace))
 
     @app.exception_handler(Exception)

@@ -24,6 +24,9 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("loupe_requests", "Requests by how they ended (finish reason or HTTP error)", ["status"], registry=r)
+        self.outcomes = Counter("loupe_request_outcomes", "Requests by outcome: completed; cancelled (the client went "
+                                "away, or aborted); rejected (a 4xx before running); overloaded (503 or 429: no "
+                                "room, or draining); failed", ["outcome"], registry=r)
         self.prompt_tokens = Counter("loupe_prompt_tokens", "Prompt tokens of requests that produced output", registry=r)
         self.generation_tokens = Counter("loupe_generation_tokens", "Generated tokens", registry=r)
         self.time_to_first_token = Histogram("loupe_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r)

@@ -48,6 +48,7 @@ class NativeSamplingParams(BaseModel):
 TRACING_CHANGES = {"type": "object", "additionalProperties": False, "title": "TracingChanges", "properties": {
     "level": {"type": "integer"}, "sampling_ratio": {"type": "number"}, "parent_based": {"type": "boolean"},
     "keep_errors": {"type": "boolean"}, "keep_slower_than_ms": {"type": ["number", "null"]},
+    "keep_cancelled": {"type": "boolean"},
 }}
 
 # What core.SamplingParams.validate and tracing.sampling.RULES accept, by field name (OpenAI's

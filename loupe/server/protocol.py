@@ -29,9 +29,11 @@ class APIError(Exception):
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
              503: "service_unavailable"}
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 ran: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.ran = ran  # it reached the scheduler and failed there: its outcome is counted already
 
     @property
     def type(self) -> str:

@@ -26,7 +26,8 @@ def raise_if_failed(out: RequestOutput) -> None:
     or a serving process died (503)."""
     result = out.result
     if result is not None and result.error:
-        raise APIError(503 if result.error_code == "engine_unavailable" else 502, result.error, code=result.error_code)
+        raise APIError(503 if result.error_code == "engine_unavailable" else 502, result.error, code=result.error_code,
+                       ran=True)
 
 
 def trace_headers(trace: RequestTrace | None) -> dict | None:

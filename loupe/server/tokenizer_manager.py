@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from loupe import ipc
-from loupe.core import FinishReason, InvalidRequest, ModelInfo, RequestLimits, TokenizedRequest, TraceDecision
+from loupe.core import FinishReason, InvalidRequest, ModelInfo, Outcome, RequestLimits, TokenizedRequest, TraceDecision
 from loupe.server.metrics import Metrics
 from loupe.tracing.recorder import FLUSH_EVERY_NS
 from loupe.tracing.spans import RequestTrace, RequestTracer, now
@@ -118,6 +118,7 @@ class TokenizerManager:
                 ipc.send(self.to_scheduler, ipc.AbortRequest(rid))
                 # Its last output will be dropped by run_inbox (the state is gone): count it here.
                 self.metrics.requests.labels(status="abort").inc()
+                self.metrics.outcomes.labels(outcome=Outcome.CANCELLED).inc()
             self.states.pop(rid, None)
             if self.log_requests:
                 log_request(request, state, out)
@@ -199,7 +200,9 @@ class TokenizerManager:
         if result.detokenize_seconds is not None:
             m.detokenize_time.observe(result.detokenize_seconds, exemplar)
         m.requests.labels(status=status(result)).inc()
-        if state.operation is not None and status(result) != "abort":  # a cancelled request is not timed
+        outcome = Outcome.of_result(result.finish_reason, result.error)
+        m.outcomes.labels(outcome=outcome).inc()
+        if state.operation is not None and outcome != Outcome.CANCELLED:  # a cancelled request is not timed
             ttft = state.first_token_time - state.created if state.first_token_time is not None else None
             m.observe_genai(state.operation, state.model, now - state.created, ttft, out.completion_tokens,
                             result.error_code if result.error else None, exemplar)
@@ -213,7 +216,8 @@ class TokenizerManager:
         decision = trace.ctx.decision if trace is not None else TraceDecision.OFF
         kept = decision == TraceDecision.SAMPLED or (
             decision == TraceDecision.UNDECIDED and result is not None
-            and self.tracer.control.verdict(status(result) in ("error", "abort"), now - trace.start / 1e9))
+            and self.tracer.control.verdict(Outcome.of_result(result.finish_reason, result.error),
+                                            now - trace.start / 1e9))
         return {"trace_id": state.trace_id} if kept else None
 
 

@@ -34,6 +34,7 @@ LOCAL_PARENT = 0x01 | SpanFlags.SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK
 REMOTE_PARENT = LOCAL_PARENT | SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK
 # What Arize Phoenix (OpenInference) shows as a span's kind: the request is the LLM call,
 # the spans inside it steps of it.
+OUTCOME = "loupe.request.outcome"  # the root's
 LLM_KIND = KeyValue(key="openinference.span.kind", value=AnyValue(string_value="LLM"))
 CHAIN_KIND = KeyValue(key="openinference.span.kind", value=AnyValue(string_value="CHAIN"))
 
@@ -108,8 +109,9 @@ def encode_span(span: Span, record: SpanRecord, offset: int) -> None:
     if record.error:
         span.status.code = Status.StatusCode.STATUS_CODE_ERROR
         span.status.message = record.error
-    elif record.kind == SERVER:  # a request that succeeded says so; its inner spans stay unset
-        span.status.code = Status.StatusCode.STATUS_CODE_OK
+    elif record.kind == SERVER and record.attributes and record.attributes.get(OUTCOME) == "completed":
+        span.status.code = Status.StatusCode.STATUS_CODE_OK  # a request that succeeded says so; a cancelled
+        # or refused one (a client's 4xx), like the inner spans, stays unset
     span.attributes.append(LLM_KIND if record.kind == SERVER else CHAIN_KIND)
 
 

@@ -10,7 +10,7 @@ trace context to every process:
                                      server decides the same trace alike (a PD pair, a
                                      router's workers)
     not picked, with a keep rule     UNDECIDED: recorded, and exported only if the request
-                                     fails or runs slow (`verdict`, when its root span ends;
+                                     fails, is cancelled (when asked) or runs slow (`verdict`, when its root span ends;
                                      the exporter holds its spans until then: tracing/tail.py)
 
 The settings can change while serving (`POST /tracing`, `/set_trace_level`); requests that
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from loupe.core import TraceDecision
+from loupe.core import Outcome, TraceDecision
 from loupe.tracing.settings import parsed
 
 SAMPLERS = ("always_on", "always_off", "traceidratio", "parentbased_always_on", "parentbased_always_off",
@@ -34,6 +34,7 @@ RULES = {
     "sampling_ratio": ("a number in [0, 1]", lambda v: type(v) in (int, float) and 0 <= v <= 1),
     "parent_based": ("true or false", lambda v: type(v) is bool),
     "keep_errors": ("true or false", lambda v: type(v) is bool),
+    "keep_cancelled": ("true or false", lambda v: type(v) is bool),
     "keep_slower_than_ms": ("a number of milliseconds >= 0, or null",
                             lambda v: v is None or (type(v) in (int, float) and v >= 0)),
 }
@@ -52,10 +53,11 @@ class TraceControl:
     parent_based: bool = True
     keep_errors: bool = False
     keep_slower_than_ms: float | None = None
+    keep_cancelled: bool = False
 
     @classmethod
     def from_env(cls, level: int, ratio_flag: float | None, keep_errors: bool = False,
-                 keep_slower_than_ms: float | None = None) -> TraceControl:
+                 keep_slower_than_ms: float | None = None, keep_cancelled: bool = False) -> TraceControl:
         """OTEL_TRACES_SAMPLER and OTEL_TRACES_SAMPLER_ARG, the --trace-sampling-ratio flag
         winning over the ratio they give; ValueError names a bad variable."""
         sampler = os.environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
@@ -66,7 +68,7 @@ class TraceControl:
             ratio = parsed(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0"), float, lambda v: 0 <= v <= 1,
                            "OTEL_TRACES_SAMPLER_ARG", "a ratio in [0, 1]")
         return cls(level, ratio if ratio_flag is None else ratio_flag, sampler.startswith("parentbased"),
-                   keep_errors, keep_slower_than_ms)
+                   keep_errors, keep_slower_than_ms, keep_cancelled)
 
     def decide(self, trace_id: int, parent_flags: int | None, wanted: bool | None = None) -> TraceDecision:
         """The decision for a new request: `parent_flags` from its caller's traceparent (None
@@ -81,14 +83,16 @@ class TraceControl:
             keep = ratio_keeps(trace_id, self.sampling_ratio)
         if keep:
             return TraceDecision.SAMPLED
-        tail_rules = self.keep_errors or self.keep_slower_than_ms is not None
+        tail_rules = self.keep_errors or self.keep_cancelled or self.keep_slower_than_ms is not None
         return TraceDecision.UNDECIDED if tail_rules else TraceDecision.OFF
 
-    def verdict(self, failed: bool, seconds: float) -> str | None:
-        """Why an UNDECIDED request that took `seconds` end to end is kept ("error", "slow"),
-        or None: it is discarded."""
-        if failed and self.keep_errors:
+    def verdict(self, outcome: Outcome, seconds: float) -> str | None:
+        """Why an UNDECIDED request that ended so after `seconds` end to end is kept ("error":
+        failed or overloaded; "cancelled"; "slow"), or None: it is discarded."""
+        if outcome.is_error and self.keep_errors:
             return "error"
+        if outcome == Outcome.CANCELLED and self.keep_cancelled:
+            return "cancelled"
         if self.keep_slower_than_ms is not None and seconds * 1000 > self.keep_slower_than_ms:
             return "slow"
         return None

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from loupe.core import FinishReason, TokenizedRequest, TraceContext, TraceDecision
+from loupe.core import FinishReason, Outcome, TokenizedRequest, TraceContext, TraceDecision
 from loupe.tracing.context import start_context
 from loupe.tracing.ids import new_span_id
 from loupe.tracing.recorder import SERVER, Recorder, SpanRecord
@@ -152,14 +152,23 @@ class RequestTracer(ProcessTracer):
         """End the trace of a request that reached the scheduler; `out` is its last output,
         or None when the client went away first."""
         if out is None:
-            self.finish(trace, None, "client_disconnected", "the client went away")
-        elif out.result.error:
-            self.finish(trace, out, out.result.error_code, out.result.error)
+            self.finish(trace, None, Outcome.CANCELLED, "client_disconnected", "the client went away")
         else:
-            self.finish(trace, out)
+            result = out.result
+            outcome = Outcome.of_result(result.finish_reason, result.error)
+            if outcome == Outcome.FAILED:
+                self.finish(trace, out, outcome, result.error_code, result.error)
+            elif outcome == Outcome.CANCELLED:
+                self.finish(trace, out, outcome, "aborted", "the request was aborted")
+            else:
+                self.finish(trace, out, outcome)
 
-    def finish(self, trace: RequestTrace, out, error_type: str | None = None, error: str | None = None) -> None:
-        """Record the root (and, from level 2, the tokenizer's spans) of a finished request."""
+    def finish(self, trace: RequestTrace, out, outcome: Outcome, reason: str | None = None,
+               message: str | None = None) -> None:
+        """Record the root (and, from level 2, the tokenizer's spans) of a request that ended
+        with `outcome`: `reason` is the error's type (`error.type`; a cancellation's, the
+        `cancelled` event's), `message` what was said. Its status is ERROR only when it
+        failed or found no room; a cancellation or a client's 4xx leaves it unset."""
         if trace.finished:
             return
         trace.finished = True
@@ -176,8 +185,7 @@ class RequestTracer(ProcessTracer):
             attrs["gen_ai.latency.time_in_model_prefill"] = seconds(result.prefill_seconds)
             attrs["gen_ai.latency.time_in_model_decode"] = seconds(result.decode_seconds)
             events.extend((name, wall - self.offset, a) for name, wall, a in result.events)
-            if result.finish_reason == "abort" and error_type is None:
-                error_type, error = "aborted", "the request was aborted"
+        attrs["loupe.request.outcome"] = outcome.value
         if trace.first_token is not None:
             attrs["gen_ai.latency.time_to_first_token"] = seconds((trace.first_token - trace.start) / 1e9)
         attrs["gen_ai.latency.e2e"] = seconds((end - trace.start) / 1e9)
@@ -187,15 +195,17 @@ class RequestTracer(ProcessTracer):
                        "finish_reason": result.finish_reason if result is not None else "error"}
             attrs.update({"gen_ai.completion": text, "output.value": text, "output.mime_type": "text/plain",
                           "gen_ai.output.messages": json.dumps([message])})
-        if error_type:
-            attrs["error.type"] = error_type
-            events.append(("exception", end, {"exception.type": error_type, "exception.message": error or ""}))
+        if outcome == Outcome.CANCELLED:
+            events.append(("cancelled", end, {"reason": reason or "aborted", "message": message or ""}))
+        elif reason:
+            attrs["error.type"] = reason
+            events.append(("exception", end, {"exception.type": reason, "exception.message": message or ""}))
         events.sort(key=lambda e: e[1])
         rec.span(SpanRecord(ctx.trace_id, ctx.root_span_id, ctx.remote_parent_id, f"Req {trace.rid}", trace.start,
-                            end, attrs, events, error if error_type else None, SERVER, ctx.tracestate,
-                            ctx.remote_parent_id is not None))
+                            end, attrs, events, (message or reason) if outcome.is_error else None, SERVER,
+                            ctx.tracestate, ctx.remote_parent_id is not None))
         if ctx.decision == TraceDecision.UNDECIDED:
-            rec.settle(ctx.trace_id, self.control.verdict(error_type is not None, (end - trace.start) / 1e9))
+            rec.settle(ctx.trace_id, self.control.verdict(outcome, (end - trace.start) / 1e9))
         if ctx.level >= 2:
             thread_id = new_span_id()
             rec.thread_span(ctx, thread_id, trace.start, end)
@@ -373,7 +383,7 @@ class SchedulerTracer(ProcessTracer):
         """Close the request's spans (finished, aborted, or shut down)."""
         if req.trace is None:
             return
-        aborted = req.finish_reason == FinishReason.ABORT
+        aborted = req.finish_reason == FinishReason.ABORT and not req.error  # cancelled, not failed
         if aborted:
             req.events.append(("abort", time.time_ns(), {}))
         spans, req.spans = req.spans, None
@@ -384,8 +394,7 @@ class SchedulerTracer(ProcessTracer):
             spans.stage_attrs["completion_tokens"] = len(req.output_ids)
         self._close_stage(spans, end)
         self.recorder.thread_span(spans.ctx, spans.thread_id, spans.start, end,
-                                  {"finish_reason": req.finish_reason.value},
-                                  error=f"aborted: {req.finish_reason.value}" if aborted else None,
+                                  {"finish_reason": req.finish_reason.value}, error=req.error or None,
                                   events=spans.events or None)
 
     def _next_stage(self, spans: SchedulerSpans, stage: str, attrs: dict, at: int | None = None) -> None:

@@ -155,7 +155,8 @@ def test_kv_that_never_comes_fails_the_request_clearly_and_the_trace_says_so(tra
     root = next(s for s in receiver.wait_for(lambda spans: any(s["trace_id"] == trace_id and s["name"].startswith(
         "Req ") for s in spans)) if s["trace_id"] == trace_id and s["name"].startswith("Req "))
     assert root["status"] == 2 and root["attributes"]["error.type"] == "kv_transfer_failed"
-    assert root["attributes"]["bootstrap_room"] == 12345
+    assert root["attributes"]["bootstrap_room"] == 12345 and root["attributes"]["loupe.request.outcome"] == "failed"
     metrics = read_metrics(decode)
+    assert metrics['loupe_request_outcomes_total{outcome="failed"}'] == 1
     assert metrics["loupe_kv_used_tokens"] == 0  # its pages went back
     assert metrics["loupe_kv_transfer_failures_total"] == 1

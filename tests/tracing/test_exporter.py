@@ -56,7 +56,8 @@ class Exporter:
 
 def record_request(recorder: Recorder, trace_id: int, n_steps: int = 3) -> None:
     t0 = time.perf_counter_ns()
-    recorder.span(SpanRecord(trace_id, 10, None, "Req r1", t0, t0 + 5_000_000, {"rid": "r1"},
+    recorder.span(SpanRecord(trace_id, 10, None, "Req r1", t0, t0 + 5_000_000,
+                             {"rid": "r1", "loupe.request.outcome": "completed"},
                              [("first_token", t0 + 1_000_000, {"n": 1})], kind=SERVER))
     recorder.span(SpanRecord(trace_id, 11, 10, recorder.thread_name, t0 + 100, t0 + 4_000_000,
                              recorder.thread_attributes))
@@ -86,7 +87,8 @@ def test_spans_arrive_with_structure_and_times(protocol):
         by_name = {s["name"]: s for s in spans}
         root = by_name["Req r1"]
         assert root["parent_id"] is None and root["kind"] == 2 and root["status"] == 1  # OK
-        assert root["attributes"] == {"rid": "r1", "openinference.span.kind": "LLM"}  # what Phoenix shows as kind
+        assert root["attributes"] == {"rid": "r1", "loupe.request.outcome": "completed",
+                                      "openinference.span.kind": "LLM"}  # what Phoenix shows as kind
         assert root["trace_id"] == f"{0xABCDEF:032x}"
         assert abs(root["start"] - before) < 2e9 and root["end"] - root["start"] == 5_000_000
         assert root["events"][0]["name"] == "first_token" and root["events"][0]["time"] - root["start"] == 1_000_000
@@ -242,10 +244,12 @@ def test_events_status_kind_parent_tracestate_and_flags(in_process):
     proc, receiver = in_process()
     events = [("first_token", 150, {"completion_tokens": 1}), ("done", 190, None)]
     export_now(proc,
-               span(1, 0x99, "Req r1", kind=SERVER, events=events, tracestate="vendor=1,other=x", remote_parent=True),
+               span(1, 0x99, "Req r1", kind=SERVER, events=events, tracestate="vendor=1,other=x", remote_parent=True,
+                    attributes={"loupe.request.outcome": "completed"}),
                span(2, 1, "decode", error="boom"),
-               span(3, 2, "odd state", tracestate="Not Valid"))
-    spans = {s["name"]: s for s in receiver.wait_for(lambda s: len(s) == 3)}
+               span(3, 2, "odd state", tracestate="Not Valid"),
+               span(4, None, "Req cancelled", kind=SERVER, attributes={"loupe.request.outcome": "cancelled"}))
+    spans = {s["name"]: s for s in receiver.wait_for(lambda s: len(s) == 4)}
     root, decode, odd = spans["Req r1"], spans["decode"], spans["odd state"]
     assert root["trace_id"] == f"{0xABC:032x}" and root["span_id"] == f"{1:016x}" and root["parent_id"] == f"{0x99:016x}"
     assert (root["start"], root["end"]) == (OFFSET + 100, OFFSET + 200)
@@ -253,10 +257,12 @@ def test_events_status_kind_parent_tracestate_and_flags(in_process):
     assert root["events"] == [{"name": "first_token", "time": OFFSET + 150, "attributes": {"completion_tokens": 1}},
                               {"name": "done", "time": OFFSET + 190, "attributes": {}}]
     assert root["status"] == 1 and (decode["status"], decode["status_message"]) == (2, "boom")  # OK, error
+    assert spans["Req cancelled"]["status"] == 0  # unset: not an error, nor a success
     assert root["trace_state"] == "vendor=1,other=x" and decode["trace_state"] == "" and odd["trace_state"] == ""
     assert decode["parent_id"] == f"{1:016x}"
     flags = {s.name: s.flags for s in receiver.requests[0].resource_spans[0].scope_spans[0].spans}
-    assert flags == {"Req r1": 0x301, "decode": 0x101, "odd state": 0x101}  # sampled; parent remote or not
+    assert flags == {"Req r1": 0x301, "decode": 0x101, "odd state": 0x101,
+                     "Req cancelled": 0x101}  # sampled; parent remote or not
     scope = receiver.requests[0].resource_spans[0].scope_spans[0].scope
     assert scope.name == "loupe"
 

@@ -69,7 +69,7 @@ def test_changes_are_checked_before_any_applies():
         assert bad.value.args[0] == name
     control.update({"level": 0, "sampling_ratio": 1})
     assert control.settings() == {"level": 0, "sampling_ratio": 1.0, "parent_based": True, "keep_errors": False,
-                                  "keep_slower_than_ms": None}
+                                  "keep_slower_than_ms": None, "keep_cancelled": False}
 
 
 def test_trace_level_from_the_environment_the_flag_winning(monkeypatch, capsys):

@@ -3,7 +3,7 @@
 import pytest
 
 from loupe import Engine, ipc
-from loupe.core import FinishReason, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
+from loupe.core import FinishReason, Outcome, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
 from loupe.detokenizer import DetokenizerProcess
 from loupe.tracing.recorder import Recorder
 from loupe.tracing.sampling import TraceControl
@@ -93,7 +93,8 @@ def test_abort_and_shutdown_close_every_span(tiny_model_dir, tmp_path):
     for i, req in enumerate(reqs):
         spans = check_closed(recorder, req, i + 1)
         thread = next(s for s in spans if s["name"].startswith("Scheduler"))
-        assert thread["error"] and thread["attributes"]["finish_reason"] == "abort"
+        assert thread["attributes"]["finish_reason"] == "abort"
+        assert thread["error"] is None  # cancelled, not failed: the span's status is not ERROR
         assert "abort" in {e[0] for e in req.events}
 
 
@@ -128,9 +129,9 @@ def test_an_undecided_request_ends_with_its_verdict(tmp_path):
     assert failed.ctx.decision == fine.ctx.decision == TraceDecision.UNDECIDED
     assert failed.carrier == failed.ctx and failed.ctx.traceparent.endswith("-00")  # recorded, not yet sampled
     assert declined.carrier is None
-    tracer.finish(failed, None, "client_disconnected", "gone")
-    tracer.finish(fine, None)
-    tracer.finish(declined, None, "client_disconnected", "gone")
+    tracer.finish(failed, None, Outcome.FAILED, "kv_transfer_failed", "no KV")
+    tracer.finish(fine, None, Outcome.CANCELLED, "client_disconnected", "gone")  # kept only when asked
+    tracer.finish(declined, None, Outcome.FAILED, "kv_transfer_failed", "no KV")
     recorder = tracer.recorder
     assert recorder.verdicts == [(failed.ctx.trace_id, "error"), (fine.ctx.trace_id, None)]
     assert recorder.undecided == {failed.ctx.trace_id, fine.ctx.trace_id}  # the exporter holds their spans

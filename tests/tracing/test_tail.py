@@ -3,7 +3,7 @@
 import pytest
 
 from loupe import ipc
-from loupe.core import TraceDecision
+from loupe.core import Outcome, TraceDecision
 from loupe.tracing import tail
 from loupe.tracing.exporter import ExporterProcess
 from loupe.tracing.recorder import Fanout, SpanRecord
@@ -31,11 +31,17 @@ def test_requests_head_sampling_skips_are_undecided_only_under_a_keep_rule():
 
 def test_the_verdict_names_the_rule_that_kept_the_trace():
     both = control(keep_errors=True, keep_slower_than_ms=500.0)
-    assert both.verdict(failed=True, seconds=0.1) == "error"
-    assert both.verdict(failed=False, seconds=0.6) == "slow"
-    assert both.verdict(failed=False, seconds=0.4) is None
-    assert control(keep_slower_than_ms=500.0).verdict(failed=True, seconds=0.1) is None
-    assert control(keep_errors=True).verdict(failed=False, seconds=1e6) is None
+    for outcome in (Outcome.FAILED, Outcome.OVERLOADED):
+        assert both.verdict(outcome, seconds=0.1) == "error"
+    assert both.verdict(Outcome.COMPLETED, seconds=0.6) == "slow"
+    for outcome in (Outcome.COMPLETED, Outcome.REJECTED, Outcome.CANCELLED):  # not the server's errors
+        assert both.verdict(outcome, seconds=0.4) is None
+    assert control(keep_slower_than_ms=500.0).verdict(Outcome.FAILED, seconds=0.1) is None
+    assert control(keep_errors=True).verdict(Outcome.COMPLETED, seconds=1e6) is None
+    cancelled = control(keep_cancelled=True)
+    assert cancelled.decide(1, None) == TraceDecision.UNDECIDED
+    assert cancelled.verdict(Outcome.CANCELLED, seconds=0.1) == "cancelled"
+    assert cancelled.verdict(Outcome.FAILED, seconds=0.1) is None  # only when asked: each rule its own
 
 
 def test_keep_rules_change_while_serving_and_bad_ones_change_nothing():

@@ -87,7 +87,7 @@ def test_the_level_changes_while_serving(server, receiver):
 
     try:
         assert set_level(2) == {"enabled": True, "level": 2, "sampling_ratio": 0.0, "parent_based": True,
-                                "keep_errors": False, "keep_slower_than_ms": None}
+                                "keep_errors": False, "keep_slower_than_ms": None, "keep_cancelled": False}
         at_two, _ = generate(server, metadata={"trace": "true"})
         names = {s["name"] for s in traced(receiver, at_two)}
         assert "decode" in names and "decode_step" not in names and "prefill_chunk" not in names
@@ -121,12 +121,12 @@ def test_a_server_without_tracing_says_so(bundled_server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "tracing_disabled"
 
 
-def test_tail_keeping_exports_failed_and_slow_requests_whole_and_counts_the_rest(server, receiver):
+def test_tail_keeping_exports_cancelled_and_slow_requests_whole_and_counts_the_rest(server, receiver):
     def change(**settings) -> None:
         r = httpx.post(server.url("/tracing"), json=settings, trust_env=False)
         assert r.status_code == 200, r.text
 
-    change(keep_errors=True, keep_slower_than_ms=60_000)
+    change(keep_errors=True, keep_cancelled=True, keep_slower_than_ms=60_000)
     try:
         fast, flags = generate(server)  # neither failed nor slow: recorded, held, discarded
         assert flags == "00"
@@ -135,7 +135,7 @@ def test_tail_keeping_exports_failed_and_slow_requests_whole_and_counts_the_rest
             _, gone, _, flags = stream.headers["traceparent"].split("-")
             for i, _ in enumerate(stream.iter_lines()):
                 if i > 4:
-                    break  # the client leaves: the request fails
+                    break  # the client leaves: the request is cancelled
         assert flags == "00"
         processes = ("Req ", "Tokenizer", "Scheduler", "Detokenizer")
         spans = receiver.wait_for(lambda all_spans: {p for p in processes for s in all_spans
@@ -143,7 +143,9 @@ def test_tail_keeping_exports_failed_and_slow_requests_whole_and_counts_the_rest
                                   == set(processes))
         spans = [s for s in spans if s["trace_id"] == gone]
         root = next(s for s in spans if s["name"].startswith("Req "))
-        assert root["status"] == 2 and root["attributes"]["error.type"] == "client_disconnected"
+        assert root["status"] == 0 and root["attributes"]["loupe.request.outcome"] == "cancelled"  # not an error
+        assert "error.type" not in root["attributes"]
+        assert ("cancelled", "client_disconnected") in {(e["name"], e["attributes"].get("reason")) for e in root["events"]}
         assert {"queue", "prefill", "decode", "decode_step"} <= {s["name"] for s in spans}
 
         change(keep_slower_than_ms=0)  # now every request is slow enough
@@ -151,9 +153,10 @@ def test_tail_keeping_exports_failed_and_slow_requests_whole_and_counts_the_rest
         assert flags == "00"
         assert {"tokenize", "queue", "prefill", "decode", "detokenize"} <= {s["name"] for s in traced(receiver, slow)}
         assert_untraced(receiver, [fast], then_traced=slow)
-        want = {'loupe_tracing_traces_kept_total{reason="error"}': 1, 'loupe_tracing_traces_kept_total{reason="slow"}': 1,
+        want = {'loupe_tracing_traces_kept_total{reason="cancelled"}': 1,
+                'loupe_tracing_traces_kept_total{reason="slow"}': 1,
                 'loupe_tracing_traces_discarded_total{reason="ok"}': 1}
         samples = wait_metrics(server, lambda m: all(m.get(k, 0) >= v for k, v in want.items()))
         assert all(samples.get(k, 0) >= v for k, v in want.items()), samples
     finally:
-        change(keep_errors=False, keep_slower_than_ms=None)
+        change(keep_errors=False, keep_cancelled=False, keep_slower_than_ms=None)
