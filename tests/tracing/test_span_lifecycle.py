@@ -2,8 +2,9 @@
 
 import pytest
 
+from harness import free_port
 from loupe import Engine, ipc
-from loupe.core import FinishReason, Outcome, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
+from loupe.core import Bootstrap, FinishReason, Outcome, SamplingParams, TokenizedRequest, TraceContext, TraceDecision
 from loupe.detokenizer import DetokenizerProcess
 from loupe.tracing.recorder import Recorder
 from loupe.tracing.sampling import TraceControl
@@ -96,6 +97,61 @@ def test_abort_and_shutdown_close_every_span(tiny_model_dir, tmp_path):
         assert thread["attributes"]["finish_reason"] == "abort"
         assert thread["error"] is None  # cancelled, not failed: the span's status is not ERROR
         assert "abort" in {e[0] for e in req.events}
+
+
+def pd_engine(folder: str, recorder, mode: str, port: int) -> Engine:
+    """An engine as a prefill or decode server's scheduler runs it, traced into `recorder`."""
+    flags = {"disaggregation_bootstrap_port": port} if mode == "prefill" else {}
+    return Engine(folder, dtype="float32", page_size=4, chunked_prefill_size=8, disaggregation_mode=mode,
+                  disaggregation_timeout=30, disaggregation_transfer_backend="tcp",
+                  tracer=SchedulerTracer(recorder, prefill_server=mode == "prefill"), **flags)
+
+
+STAGES = {  # where the request is when it is aborted: the engine's mode, and its stages' spans by then
+    "queued": ("null", ["queue"]), "prefilling": ("null", ["queue", "prefill"]),
+    "decoding": ("null", ["queue", "prefill", "decode"]), "handed off": ("prefill", ["queue", "prefill"]),
+    "receiving KV": ("decode", ["queue", "bootstrap"])}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_an_abort_at_every_stage_ends_every_span_of_the_request(tiny_model_dir, tmp_path, stage):
+    """Cancelled wherever it is (the client went away): its open stage and thread span end
+    there, and no span of it is left open or marked an error."""
+    mode, stages = STAGES[stage]
+    recorder, folder, port = CapturingRecorder(tmp_path), tiny_model_dir("llama"), free_port()
+    if mode == "null":
+        eng = Engine(folder, dtype="float32", chunked_prefill_size=4, max_running_requests=1,
+                     tracer=SchedulerTracer(recorder))
+        others = []
+    else:  # a decode engine whose prefill server (alive, never stepped) does not send the KV yet
+        eng = pd_engine(folder, recorder, mode, port)
+        others = [pd_engine(folder, CapturingRecorder(tmp_path), "prefill", port)] if mode == "decode" else []
+    bootstrap = Bootstrap("127.0.0.1", port, 7) if mode != "null" else None
+    first = TokenizedRequest("first", eng.tokenizer.encode(PROMPTS[2]), SamplingParams(max_new_tokens=40),
+                             TraceContext(1, 1000, 3), bootstrap)
+    if stage == "queued":  # behind another that holds the one slot
+        eng.scheduler.add_request(TokenizedRequest("blocker", eng.tokenizer.encode(PROMPTS[1]),
+                                                   SamplingParams(max_new_tokens=40)))
+        eng.scheduler.step()
+    req = eng.scheduler.add_request(first)
+    reached = {"queued": lambda: req in eng.scheduler.waiting, "prefilling": lambda: 0 < req.kv_len < req.seq_len - 1,
+               "decoding": lambda: len(req.output_ids) >= 3, "handed off": lambda: req in eng.scheduler.exchange.held(),
+               "receiving KV": lambda: req.spans is not None and req.spans.stage == "bootstrap"}[stage]
+    for _ in range(200):
+        if reached():
+            break
+        eng.scheduler.step()
+    assert reached(), stage
+    assert eng.scheduler.abort(req.rid) is req and req.finish_reason == FinishReason.ABORT
+    assert req.spans is None  # nothing of it left open
+    mine = [s for s in recorder.named() if s["trace"] == req.trace.trace_id]
+    (thread,) = [s for s in mine if s["name"].startswith("Scheduler")]
+    assert thread["error"] is None and thread["attributes"]["finish_reason"] == "abort"
+    assert [s["name"] for s in mine if s["parent"] == thread["id"]] == stages
+    assert ("abort" in {e[0] for e in req.events}) and all(s["error"] is None for s in mine)
+    for other in others:
+        other.shutdown()
+    eng.shutdown()
 
 
 @pytest.mark.parametrize("level,expected", [(1, 0), (2, 4)])
