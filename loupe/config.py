@@ -15,6 +15,7 @@ from loupe.core import is_loopback
 S = typing.TypeVar("S")
 TRACE_LEVEL_ENV = ("LOUPE_TRACE_LEVEL", "SGLANG_TRACE_LEVEL")  # first set wins
 SECRET_ENV = "LOUPE_DISAGGREGATION_SECRET"
+TRACE_MODULES = ("request", "scheduler", "detokenizer", "disaggregation", "dp")  # --trace-modules
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class ServerArgs:
     trace_keep_cancelled: bool = _flag(False, "also export whole every request cancelled (its client went away, or "
                                               "it was aborted), sampled or not; --trace-keep-errors keeps failures")
     trace_include_content: bool = _flag(False, "record prompt and completion text in traces")
+    trace_modules: str = _flag(",".join(TRACE_MODULES), "which parts record spans beside each request's root, "
+                               "comma-separated: request (the HTTP process's tokenize and dispatch), scheduler "
+                               "(stages, chunks, decode steps), detokenizer, disaggregation (a pair's bootstrap "
+                               "and KV transfer), dp (the data-parallel controller's dispatch)", "--trace-module")
     disaggregation_mode: Literal["null", "prefill", "decode"] = _flag(
         "null", "prefill or decode: this server is one half of a pair behind SGLang's router in PD mode, "
         "running prompts or generating from KV the other half computed (null: whole requests)")
@@ -187,6 +192,8 @@ class ServerArgs:
              "a number in [0, 1]")
         need(self.trace_keep_slower_than_ms is None or self.trace_keep_slower_than_ms >= 0,
              "trace_keep_slower_than_ms", "a number of milliseconds >= 0")
+        need(set(self.traced_modules) <= set(TRACE_MODULES), "trace_modules",
+             "a comma-separated list of " + ", ".join(TRACE_MODULES))
         need(self.disaggregation_secret is None or len(self.disaggregation_secret) >= 16, "disaggregation_secret",
              "at least 16 characters")
         need(self.disaggregation_mode != "prefill" or self.disaggregation_secret is not None or
@@ -215,6 +222,14 @@ class ServerArgs:
     @property
     def allowed_origins(self) -> list[str]:
         return [o.strip() for o in (self.cors_allow_origins or "").split(",") if o.strip()]
+
+    @property
+    def traced_modules(self) -> list[str]:
+        return [m.strip() for m in self.trace_modules.split(",") if m.strip()]
+
+    def traces(self, module: str) -> bool:
+        """Whether tracing is on and `module` (one of TRACE_MODULES) records its spans."""
+        return self.enable_tracing and module in self.traced_modules
 
     @property
     def max_in_flight(self) -> int:

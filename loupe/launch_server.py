@@ -134,14 +134,13 @@ class Supervisor:
         if tracing is not None:  # first, so that the others' spans have somewhere to go
             self.start("exporter", *self.exporter_args)
         if args.dp_size > 1 and serves_http:
-            self.start("DP controller", DataParallelController, args.load_balance_method, args.enable_tracing,
-                       endpoints)
+            self.start("DP controller", DataParallelController, args.load_balance_method, args.traces("dp"), endpoints)
         for dp_rank in range(args.dp_size):
             address = replica_address(args, dp_rank)
             for ranks in replica_ranks(args, dp_rank):
                 self.start(ranks.process_name(), SchedulerProcess, args, endpoints, ranks, address)
         if serves_http:
-            self.start("detokenizer", DetokenizerProcess, args.model_path, args.enable_tracing, endpoints)
+            self.start("detokenizer", DetokenizerProcess, args.model_path, args.traces("detokenizer"), endpoints)
         self.stopping = False
         self.exit_code = 0
 
@@ -269,7 +268,7 @@ def launch(args: ServerArgs) -> int:
     tracer = None
     if tracing is not None:  # its environment was checked by tracing_settings
         tracer = open_tracer(RequestTracer, True, endpoints.tracing, include_content=args.trace_include_content,
-                             control=trace_control(args))
+                             control=trace_control(args), own_spans=args.traces("request"))
     manager = TokenizerManager(endpoints, metrics, tracer, args.log_requests)
     name = served_model_name(args)
     app = create_app(manager, args, metrics, name)

@@ -23,12 +23,16 @@ def test_cli_parses_each_flag_into_its_type():
     assert args.enable_tracing is True and args.otlp_endpoint == "h:1" and args.context_length is None
     keep = ServerArgs.from_cli(["--trace-keep-errors", "--trace-keep-slower-than-ms", "250", "--log-requests"])
     assert keep.trace_keep_errors is True and keep.trace_keep_slower_than_ms == 250.0 and keep.log_requests is True
+    modules = ServerArgs.from_cli(["--enable-tracing", "--trace-module", "request, scheduler"])  # SGLang's name too
+    assert [modules.traces(m) for m in ("request", "scheduler", "detokenizer")] == [True, True, False]
+    assert not ServerArgs.from_cli(["--trace-modules", "request"]).traces("request")  # tracing off
 
 
 @pytest.mark.parametrize("argv,flag", [(["--trace-level", "4"], "--trace-level"), (["--dtype", "float8"], "--dtype"),
                                        (["--port", "x"], "--port"), (["--page-size", "0"], "--page-size"),
                                        (["--trace-sampling-ratio", "1.5"], "--trace-sampling-ratio"),
-                                       (["--trace-keep-slower-than-ms", "-5"], "--trace-keep-slower-than-ms")])
+                                       (["--trace-keep-slower-than-ms", "-5"], "--trace-keep-slower-than-ms"),
+                                       (["--trace-modules", "request,kv"], "--trace-modules")])
 def test_bad_values_are_refused_naming_the_flag(capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_info:
         ServerArgs.from_cli(argv)

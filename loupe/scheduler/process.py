@@ -37,8 +37,9 @@ class SchedulerProcess:
         self.ranks = ranks
         worker = Worker(args.settings(WorkerSettings), comm=self.comm)
         mode = args.disaggregation_mode
-        self.tracer = open_tracer(SchedulerTracer, args.enable_tracing, endpoints.tracing, ranks,
-                                  prefill_server=mode == "prefill", backend=args.disaggregation_transfer_backend)
+        self.tracer = open_tracer(SchedulerTracer, args.traces("scheduler"), endpoints.tracing, ranks,
+                                  prefill_server=mode == "prefill", backend=args.disaggregation_transfer_backend,
+                                  handoff=args.traces("disaggregation"))
         self.scheduler = Scheduler(worker, args.settings(SchedulerSettings),
                                    exchange_for(args.settings(ExchangeSettings), worker), self.tracer)
         self.ready_info: ModelInfo = worker.info

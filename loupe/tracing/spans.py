@@ -100,9 +100,10 @@ class RequestTrace:
 class RequestTracer(ProcessTracer):
     label = "Tokenizer"
 
-    def __init__(self, recorder: Recorder, control: TraceControl, include_content: bool):
+    def __init__(self, recorder: Recorder, control: TraceControl, include_content: bool, own_spans: bool = True):
         super().__init__(recorder)
         self.control, self.include_content = control, include_content
+        self.own_spans = own_spans  # --trace-modules has `request`: its thread span, tokenize, dispatch
         self.offset = recorder.offset_ns
 
     def start(self, rid: str, traceparent: str | None, tracestate: str | None, attributes: dict,
@@ -206,7 +207,7 @@ class RequestTracer(ProcessTracer):
                             ctx.tracestate, ctx.remote_parent_id is not None))
         if ctx.decision == TraceDecision.UNDECIDED:
             rec.settle(ctx.trace_id, self.control.verdict(outcome, (end - trace.start) / 1e9))
-        if ctx.level >= 2:
+        if ctx.level >= 2 and self.own_spans:
             thread_id = new_span_id()
             rec.thread_span(ctx, thread_id, trace.start, end)
             for name, start, stop, slice_attrs in trace.slices:
@@ -269,10 +270,11 @@ class SchedulerTracer(ProcessTracer):
 
     label = "Scheduler"
 
-    def __init__(self, recorder: Recorder, prefill_server: bool = False, backend: str = "tcp"):
+    def __init__(self, recorder: Recorder, prefill_server: bool = False, backend: str = "tcp", handoff: bool = True):
         super().__init__(recorder)
         self.prefill_server = prefill_server  # requests from the router stop after their first token here
         self.backend = backend  # how KV moves, on a prefill or decode server
+        self.handoff = handoff  # --trace-modules has `disaggregation`: bootstrap, kv_transfer, kv_receive
 
     def arrived(self, req, running: int, waiting: int) -> None:
         """`req` reached the scheduler with `running` requests running and `waiting` waiting
@@ -345,7 +347,7 @@ class SchedulerTracer(ProcessTracer):
     def kv_sent(self, req) -> None:
         """Prefill server: `req`'s KV left for its decode server (or never will: `req.error`)."""
         spans = req.spans
-        if spans is None or spans.handed_off is None:
+        if spans is None or spans.handed_off is None or not self.handoff:
             return
         waited_until = req.kv_transfer[0] if req.kv_transfer else now()
         self.recorder.slice(spans.ctx, spans.stage_id, "bootstrap", spans.handed_off, waited_until,
@@ -364,7 +366,8 @@ class SchedulerTracer(ProcessTracer):
         spans = req.spans
         if spans is None:
             return
-        self.recorder.slice(spans.ctx, spans.stage_id, "kv_receive", *req.kv_transfer, self._kv_attributes(req))
+        if self.handoff:
+            self.recorder.slice(spans.ctx, spans.stage_id, "kv_receive", *req.kv_transfer, self._kv_attributes(req))
         self._next_stage(spans, "decode", {}, at=req.kv_transfer[1])
 
     def _kv_attributes(self, req) -> dict:

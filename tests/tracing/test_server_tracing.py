@@ -39,6 +39,8 @@ def traced(tiny_model_dir, logs, receiver):
     servers = {level: traced_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}", "--trace-level",
                                     level, *(["--trace-include-content"] if level == 1 else []), env=fast)
                for level in (1, 2, 3)}
+    servers["some modules"] = traced_server(tiny_model_dir("llama"), logs, f"127.0.0.1:{receiver.port}",
+                                            "--trace-modules", "request,detokenizer", env=fast)
     with running(*servers.values()):
         yield servers
 
@@ -86,6 +88,17 @@ def test_level_1_is_the_root_alone_with_content_when_asked(traced, receiver):
     (message,) = json.loads(a["gen_ai.output.messages"])
     assert message == {"role": "assistant", "parts": [{"type": "text", "content": a["gen_ai.completion"]}],
                        "finish_reason": "length"}
+
+
+def test_trace_modules_pick_which_processes_record(traced, receiver):
+    """Level 3 with only the HTTP process's and the detokenizer's own spans: the root, the
+    tokenizer's thread with tokenize and dispatch, the detokenizer's; nothing of the scheduler."""
+    r = complete(traced["some modules"])
+    spans = trace_of(receiver, r, expected=6)
+    time.sleep(0.5)  # anything else of the trace would have come by now
+    spans = [s for s in receiver.spans() if s["trace_id"] == spans[0]["trace_id"]]
+    assert names(spans) == sorted(["Req " + r.json()["id"], "Tokenizer", "tokenize", "dispatch", "Detokenizer",
+                                   "detokenize"])
 
 
 def test_level_2_adds_thread_spans_and_major_stages(traced, receiver):
