@@ -11,9 +11,10 @@ The change's interval is a percentile bootstrap: each run's requests are resampl
 replacement RESAMPLES times (a fixed seed: the same files give the same output), the
 percentile is taken of each resample (a request's token gaps travel with it), and the
 interval is the middle CONFIDENCE of the after-minus-before differences. A change is flagged
-when its interval excludes zero: resampling either run rarely undoes it. Each row is tested
-on its own, so among many unchanged rows about one in twenty may be flagged by chance; a
-p99 of few requests is weak evidence either way.
+when its interval excludes zero: resampling either run rarely undoes it. A percentile gets no
+interval (and no flag) when a run has fewer than MIN_REQUESTS requests with the measure or
+too few values to have one beyond it (a p99 needs 100). Each row is tested on its own, so
+among many unchanged rows about one in twenty may be flagged by chance.
 """
 
 from __future__ import annotations
@@ -88,6 +89,19 @@ def resampled(requests: list[np.ndarray], rng: np.random.Generator) -> np.ndarra
     return out
 
 
+def intervals(before: list[np.ndarray], after: list[np.ndarray], rng: np.random.Generator) -> list:
+    """The interval of each percentile's change, or None where a run has too few requests or no
+    value beyond the percentile (a p99 needs 100): its resamples would be little more than the
+    run's largest value."""
+    if min(len(before), len(after)) < MIN_REQUESTS:
+        return [None] * len(PERCENTS)
+    tail = 50 * (1 - CONFIDENCE)
+    low, high = np.percentile(resampled(after, rng) - resampled(before, rng), [tail, 100 - tail], axis=0)
+    values = min(sum(map(len, before)), sum(map(len, after)))
+    return [[float(lo), float(hi)] if values * (1 - q) >= 1 else None
+            for q, lo, hi in zip(QUANTILES.values(), low, high, strict=True)]
+
+
 def compare(before: Run, after: Run, rng: np.random.Generator) -> dict:
     """Each measure's percentiles before and after, the change, its interval and flag."""
     rows = []
@@ -96,12 +110,7 @@ def compare(before: Run, after: Run, rng: np.random.Generator) -> dict:
         if not all(sides) or (cause and not any(v.any() for side in sides for v in side)):
             continue
         was, now = (np.percentile(np.concatenate(side), PERCENTS) for side in sides)
-        intervals = [None] * len(PERCENTS)
-        if min(map(len, sides)) >= MIN_REQUESTS:
-            change = resampled(sides[1], rng) - resampled(sides[0], rng)
-            tail = 50 * (1 - CONFIDENCE)
-            intervals = np.percentile(change, [tail, 100 - tail], axis=0).T.tolist()
-        for key, b, a, interval in zip(QUANTILES, was, now, intervals, strict=True):
+        for key, b, a, interval in zip(QUANTILES, was, now, intervals(*sides, rng), strict=True):
             rows.append({"metric": metric, "cause": cause, "quantile": key, "before": float(b), "after": float(a),
                          "change": float(a - b), "interval": interval,
                          "flagged": interval is not None and (interval[0] > 0 or interval[1] < 0)})
@@ -139,7 +148,8 @@ def group_table(title: str, group: dict) -> Table:
             continue
         flagged_causes.add(cause)
         longer = row["change"] > 0
-        percent = f" ({row['change'] / row['before']:+.0%})" if row["before"] else ""
+        ratio = row["after"] / row["before"] if row["before"] else None
+        percent = "" if ratio is None else f" ({ratio - 1:+.0%})" if ratio < 10 else f" (×{ratio:,.0f})"
         interval = row["interval"]
         table.add_row(f"{cause} ({NAMES[row['metric']]})" if cause else NAMES[row["metric"]], row["quantile"],
                       ms(row["before"]), ms(row["after"]), ms(row["change"], "+") + percent,
