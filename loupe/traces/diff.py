@@ -106,7 +106,10 @@ def compare(before: Run, after: Run, rng: np.random.Generator) -> dict:
     """Each measure's percentiles before and after, the change, its interval and flag."""
     rows = []
     for metric, cause in MEASURES:
-        sides = [[np.array(v) for e in run.explanations if (v := values(e, metric, cause))] for run in (before, after)]
+        # to the µs: the causes of a request are sums of spans' ns, whose float dust (an unexplained
+        # 1e-12 s) would otherwise read as a change
+        sides = [[np.round(v, 6) for e in run.explanations if (v := values(e, metric, cause))]
+                 for run in (before, after)]
         if not all(sides) or (cause and not any(v.any() for side in sides for v in side)):
             continue
         was, now = (np.percentile(np.concatenate(side), PERCENTS) for side in sides)

@@ -12,7 +12,7 @@ from loupe.cli import main
 from loupe.traces.diff import Run, compare_runs
 from loupe.traces.reader import read_files
 
-UNCHANGED = ("HTTP and tokenization", "own prefill", "decode", "between steps", "detokenize and stream")
+UNCHANGED = ("HTTP and tokenization", "own prefill", "decode", "detokenize and stream")
 
 
 def requests(extra_queue: float) -> list:
@@ -75,7 +75,7 @@ def test_the_command_prints_json_and_tables_the_same_every_time(runs, capsys):
     text = capsys.readouterr().out.split("All requests:")[1]  # after each route's table
     (queued,) = [line for line in text.splitlines() if "queued (e2e)" in line and "p50" in line]
     assert "+50.0" in queued and "longer" in queued
-    assert "nothing flagged in HTTP and tokenization, own prefill, decode" in " ".join(text.split())
+    assert "nothing flagged in HTTP and tokenization, own prefill, decode, detokenize" in " ".join(text.split())
 
 
 def test_mistakes_get_one_line(runs):
