@@ -97,8 +97,8 @@ def intervals(before: list[np.ndarray], after: list[np.ndarray], rng: np.random.
         return [None] * len(PERCENTS)
     tail = 50 * (1 - CONFIDENCE)
     low, high = np.percentile(resampled(after, rng) - resampled(before, rng), [tail, 100 - tail], axis=0)
-    values = min(sum(map(len, before)), sum(map(len, after)))
-    return [[float(lo), float(hi)] if values * (1 - q) >= 1 else None
+    fewest = min(sum(map(len, before)), sum(map(len, after)))
+    return [[float(lo), float(hi)] if fewest * (1 - q) >= 1 else None
             for q, lo, hi in zip(QUANTILES.values(), low, high, strict=True)]
 
 
