@@ -1,5 +1,5 @@
 """`loupe serve [flags]` starts a server; `loupe bench [flags]` measures a running one;
-`loupe traces summary|show|export|plot FILE…` looks at the spans a server wrote to a file."""
+`loupe traces summary|show|why|diff|export|plot …` looks at the spans a server wrote to a file."""
 
 from __future__ import annotations
 

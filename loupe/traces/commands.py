@@ -1,5 +1,5 @@
-"""`loupe traces summary | show | why | export | plot FILE…`: look at the OTLP JSON lines a server
-wrote with `--otlp-endpoint file:///path/traces.jsonl`, without a tracing backend."""
+"""`loupe traces summary | show | why | export | plot FILE…` and `diff BEFORE… -- AFTER…`: look at the
+OTLP JSON lines a server wrote with `--otlp-endpoint file:///path/traces.jsonl`, without a tracing backend."""
 
 from __future__ import annotations
 
@@ -77,6 +77,20 @@ def why(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
         console.print(table(explanation))
 
 
+def diff(args: argparse.Namespace, before: SpanFile, after: SpanFile, console: Console) -> None:
+    from loupe.traces.diff import Run, compare_runs, tables
+
+    result = compare_runs(Run.read(before.traces), Run.read(after.traces))
+    if args.json:
+        print(json.dumps({"before": args.files, "after": args.after, **result}, indent=2))
+        return
+    console.print(f"before: {', '.join(args.files)}; after: {', '.join(args.after)}\n"
+                  f"flagged: the {result['confidence']:.0%} interval of the change excludes zero "
+                  f"({result['resamples']:,} resamples of each run's requests, seed {result['seed']})")
+    for table in tables(result):
+        console.print(table)
+
+
 def export(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     traces = spans.traces
     if args.trace_id:
@@ -131,6 +145,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (seconds) instead of tables (ms)")
     p.set_defaults(run=why)
 
+    p = commands.add_parser("diff", help="two runs compared: latencies and causes, flagging the changes beyond luck",
+                            usage="loupe traces diff [-h] [--json] BEFORE_FILE… -- AFTER_FILE…",
+                            description="Per route and over all requests: TTFT, e2e, inter-token latency and each "
+                            "cause's seconds (as `why` finds them), p50/p90/p99 before and after. A change is flagged "
+                            "when its 95% bootstrap interval (1,000 resamples of each run's requests) excludes zero.")
+    p.add_argument("files", nargs="*", metavar="BEFORE_FILE… -- AFTER_FILE…",
+                   help="the first run's files, then after -- the second's")
+    p.add_argument("--after", nargs="*", help=argparse.SUPPRESS)  # what main() makes of the bare --
+    p.add_argument("--json", action="store_true", help="print JSON (seconds) instead of tables (ms)")
+
     p = commands.add_parser("export", help="Chrome trace-event JSON for Perfetto or chrome://tracing")
     p.add_argument("files", **files)
     p.add_argument("--format", choices=["perfetto"], default="perfetto", help="perfetto (Chrome trace-event JSON)")
@@ -147,7 +171,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["diff"] and "--" in argv:  # argparse would drop the bare -- that splits the runs
+        argv[argv.index("--")] = "--after"
+    args = parser().parse_args(argv)
     console = Console(highlight=False)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console.width = WIDTH_OFF_TERMINAL
@@ -155,7 +182,14 @@ def main(argv: list[str] | None = None) -> None:
         args.trace_id = None if args.slowest or args.route else args.files.pop(0)
         if not args.files:
             raise SystemExit("loupe traces why: give TRACE_ID FILE… or --slowest N FILE…")
+    if args.command == "diff" and not (args.files and args.after):
+        missing = ("no -- between the runs" if args.after is None
+                   else f"no files {'after' if args.files else 'before'} --")
+        raise SystemExit(f"loupe traces diff: {missing}; give BEFORE_FILE… -- AFTER_FILE…")
     try:
-        args.run(args, load(args.files, console), console)
+        if args.command == "diff":  # two runs, each read on its own
+            diff(args, load(args.files, console), load(args.after, console), console)
+        else:
+            args.run(args, load(args.files, console), console)
     except LookupError as e:  # a trace id that names no trace, or several
         raise SystemExit(f"loupe traces {args.command}: {e}") from None
