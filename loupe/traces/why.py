@@ -11,7 +11,7 @@ whole. The same intervals cut at the first token give the causes of its TTFT.
   prompt tokens computed and those reused from the prefix cache; after a retraction, the
   prefill again is "re-prefill after a retraction".
 - interference: the part of each of its decode steps beyond the scheduler's median
-  decode-only step of the same batch size (in the same files), when other requests'
+  decode-only step of as many decoding requests (in the same files), when other requests'
   prefill chunks ran in that step; the requests whose chunks those were are named.
 - long contexts: the part beyond that usual step of a decode-only step that attended at
   least twice the usual KV tokens (decode_step's `kv_tokens`: its own and its batch-mates').
@@ -365,7 +365,7 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
     made_by = []  # what made each step as long as it was
     for step in steps:
         batch = passes.batches.get((thread.name, step.attributes.get("batch_id")))
-        usual = passes.baseline(thread.name, step.attributes.get("batch_size", 0))
+        usual = passes.baseline(thread.name, decoding(step, batch))
         others = [(r, n) for r, n in batch.chunks if r != rid] if batch else []
         long = batch is not None and usual is not None and batch.kv_tokens >= LONG_CONTEXT * max(usual[1], 1)
         if usual is None or step.seconds <= usual[0] or not (others or long):
@@ -395,7 +395,8 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
                  f"{statistics.mean(k for _, k, _ in long_steps):,.0f} KV tokens on average, against a usual "
                  f"{statistics.mean(u for _, _, u in long_steps):,.0f}: +{ms(sum(e for e, _, _ in long_steps))}")
     slowest = max(steps, key=lambda s: s.seconds)
-    usual = passes.baseline(thread.name, slowest.attributes.get("batch_size", 0))
+    usual = passes.baseline(thread.name, decoding(slowest, passes.batches.get((thread.name,
+                                                                               slowest.attributes.get("batch_id")))))
     line.add("decode", 0, 0, f"{len(steps)} steps, the slowest {ms(slowest.seconds)} (step "
              f"{slowest.attributes.get('step')}, batch {slowest.attributes.get('batch_id')})"
              + (f" against a usual {ms(usual[0])}" if usual is not None else ""))
@@ -404,6 +405,13 @@ def explain_decode(rid: str, thread: Span, stage: Span, steps: list[Span], passe
     line.token_gaps = [(b - a) / 1e9 for a, b in itertools.pairwise(ends)]
     worst = max(range(len(steps)), key=line.token_gaps.__getitem__)
     line.stall = (line.token_gaps[worst], f"step {steps[worst].attributes.get('step')}, {made_by[worst]}")
+
+
+def decoding(step: Span, batch: Batch | None) -> int:
+    """The requests decoding in a step's pass: its size less the prefill chunks in it (those of
+    traced requests: an untraced one's chunk counts as decoding). A mixed pass is measured
+    against the decode-only pass of that many."""
+    return step.attributes.get("batch_size", 0) - (len(batch.chunks) if batch else 0)
 
 
 def explain_decode_counts(stage: Span, line: Timeline) -> None:

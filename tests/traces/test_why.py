@@ -85,9 +85,10 @@ def test_the_causes_add_up_and_interference_names_the_long_prefill(run):
         assert sum(c.ttft for c in why.causes) == pytest.approx(why.ttft)
         assert causes(why)["unexplained"].e2e == pytest.approx(0, abs=1e-6)  # shown, even when nothing is left
     c = causes(short)
-    assert c["interference"].e2e == pytest.approx(3 * 0.048)  # three 60 ms passes against the usual 12 ms
-    assert c["interference"].evidence == ["shared 3 steps with the 1,124-token prefill of long: +144.0 ms"]
-    assert c["decode"].e2e == pytest.approx(0.010 * 2 + 0.012 * 8)
+    # three 60 ms passes against its usual 10 ms one decoding alone (the pass's other request prefilled)
+    assert c["interference"].e2e == pytest.approx(3 * 0.050)
+    assert c["interference"].evidence == ["shared 3 steps with the 1,124-token prefill of long: +150.0 ms"]
+    assert c["decode"].e2e == pytest.approx(0.010 * 5 + 0.012 * 5)
     assert c["own prefill"].e2e == pytest.approx(0.010) and c["own prefill"].ttft == pytest.approx(0.010)
     assert c["interference"].ttft == 0  # all after its first token
     assert c["queued"].e2e == pytest.approx(0.004) and "1 running and 0 waiting" in c["queued"].evidence[-1]
@@ -102,8 +103,8 @@ def test_the_causes_add_up_and_interference_names_the_long_prefill(run):
 
 def test_level_2_tells_interference_from_the_decode_stages_counts_and_says_what_it_cannot_tell(tmp_path):
     """Its 10 decode passes took 260 ms, the 3 shared with the long prompt's chunks 180 ms: its
-    usual pass is (260 - 180) / 7 ms, the interference 180 - 3 × that (level 3 said 3 × 48 ms,
-    against the scheduler's usual 12 ms pass of two)."""
+    usual pass is (260 - 180) / 7 ms, the interference 180 - 3 × that (level 3 said 3 × 50 ms,
+    against the scheduler's usual 10 ms pass of one decoding alone)."""
     path = write(tmp_path / "l2.jsonl", request(1, "short", 0, 2, 5, 16, 280, list(range(1, 12)), 8, level=2))
     traces = read_files([path]).traces
     (why,) = explain_all(traces, pick(traces, None, 1, None))
@@ -160,8 +161,8 @@ def test_the_summary_gives_inter_token_latency_its_worst_stalls_and_the_causes_s
     assert short["seconds"] == pytest.approx(0.060) and short["made_by"] == "step 3, interference: the prefill of long"
     assert out["inter_token"]["p50"] == pytest.approx(0.012)  # short's 10 gaps and long's 5, most of 12 ms
     e2e = out["causes"]["e2e"]
-    assert e2e["all"]["interference"] == pytest.approx(0.144 / (0.280 + 0.275))
-    assert e2e["slowest 1%"]["interference"] == pytest.approx(0.144 / 0.280)  # short alone, the slowest
+    assert e2e["all"]["interference"] == pytest.approx(0.150 / (0.280 + 0.275))
+    assert e2e["slowest 1%"]["interference"] == pytest.approx(0.150 / 0.280)  # short alone, the slowest
     assert sum(e2e["all"].values()) == pytest.approx(1.0)
 
 
@@ -182,7 +183,7 @@ def test_the_timeline_plot_draws_each_request_where_its_causes_happened(run, tmp
         assert sum(end - start for start, end, _ in why.intervals) / 1e9 == pytest.approx(why.e2e)
     short = next(e for e in explanations if e.rid == "short")
     assert [(s, e) for s, e, cause in short.intervals if cause == "interference"] == [
-        (at(36 + 12 + 60 * i), at(96 + 60 * i)) for i in range(3)]  # the last 48 ms of each shared pass
+        (at(36 + 10 + 60 * i), at(96 + 60 * i)) for i in range(3)]  # the last 50 ms of each shared pass
     out = tmp_path / "timeline.png"
     assert timeline(explanations, str(out)) == 2
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
