@@ -4,6 +4,7 @@ processes it starts and supervises are drawn in docs/architecture.md ("Processes
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -12,6 +13,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from multiprocessing.connection import wait
 
 import uvicorn
@@ -22,9 +24,11 @@ from loupe.core import ModelInfo
 from loupe.distributed.parallel import Ranks, free_address
 from loupe.process import EXIT_LOST_PEER, Ready, StartFailed, configure_logging, run_child
 from loupe.tracing.settings import ExportSettings, missing_packages
+from loupe.tracing.spans import ChildStart
 
 logger = logging.getLogger("loupe")
 CHILD_STOP_SECONDS = 5
+EXPORTER_START_S = 30  # a failed start waits this long at most for the span exporter, to send its trace
 EXPORTER_RESTARTS = 5  # a span exporter that keeps dying is left dead: serving comes first
 
 
@@ -128,6 +132,7 @@ class Supervisor:
         share_cores_politely(args)
         self.log_level = args.log_level
         self.children: list[tuple[str, mp.Process, object]] = []
+        self.starts: dict[str, ChildStart] = {}  # what each child's start took, for the start-up trace
         self.exporter_args = (ExporterProcess, tracing, endpoints)
         self.exporter_restarts = 0
         serves_http = args.node_rank == 0
@@ -149,7 +154,9 @@ class Supervisor:
         reader, writer = self.ctx.Pipe(duplex=False)
         proc = self.ctx.Process(target=run_child, args=(name, self.log_level, writer, build, *args),
                                 name=f"loupe-{name}", daemon=True)
+        spawned = time.perf_counter_ns()
         proc.start()
+        self.starts[name] = ChildStart(name, proc.pid, spawned)
         writer.close()
         self.children.append((name, proc, reader))
 
@@ -167,14 +174,30 @@ class Supervisor:
                     info = reader.recv() if reader.poll() else None
                 except EOFError:  # it died before it could say why
                     info = None
+                if info is None or isinstance(info, StartFailed):
+                    self.starts[name].failed = True
                 if info is None:
                     proc.join()
                     raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
                 if isinstance(info, StartFailed):
                     raise RuntimeError(f"{name}: {info.error}")
+                self.starts[name].ready, self.starts[name].phases = time.perf_counter_ns(), info.phases
                 infos.append(info)
                 del pending[reader]
         return infos
+
+    def await_exporter(self, timeout: float) -> None:
+        """Wait up to `timeout` s for a span exporter still starting: a start that failed
+        before it served still gets its trace out."""
+        for name, _, reader in self.children:
+            if name != "exporter" or self.starts[name].ready is not None:
+                continue
+            try:
+                info = reader.recv() if reader.poll(timeout) else None
+            except EOFError:
+                info = None
+            if isinstance(info, Ready):
+                self.starts[name].ready, self.starts[name].phases = time.perf_counter_ns(), info.phases
 
     def watch(self, on_death, on_exporter_death=None) -> None:
         """Until a serving child dies (then `on_death(message, exit code)`) or the server
@@ -250,6 +273,7 @@ class DrainingServer(uvicorn.Server):
 
 def launch(args: ServerArgs) -> int:
     """Serve until a signal or a child's death; returns the process exit code."""
+    started = time.perf_counter_ns()
     configure_logging(args.log_level, "loupe")
     tracing = tracing_settings(args)
     check_transfer_backend(args)
@@ -262,7 +286,7 @@ def launch(args: ServerArgs) -> int:
     from loupe.server.app import create_app
     from loupe.server.metrics import Metrics
     from loupe.server.tokenizer_manager import TokenizerManager
-    from loupe.tracing.spans import RequestTracer, open_tracer
+    from loupe.tracing.spans import RequestTracer, open_tracer, record_startup
 
     metrics = Metrics()
     tracer = None
@@ -282,15 +306,34 @@ def launch(args: ServerArgs) -> int:
             manager.loop.call_soon_threadsafe(manager.fail_all, message.removeprefix("loupe: "))
         server.should_exit = True
 
+    def trace_start(error: str | None = None) -> None:
+        """The start as one trace, recorded on the event loop's thread, which alone uses the
+        recorder (a failed start's spans go with the flush at exit)."""
+        if tracer is None:
+            return
+        attributes = {"service.instance.id": f"{args.host}:{args.port}", "gen_ai.response.model": name,
+                      "tp_size": args.tp_size, "pp_size": args.pp_size, "dp_size": args.dp_size,
+                      "disaggregation.role": args.disaggregation_mode}
+        record = functools.partial(record_startup, tracer.recorder, started, list(supervisor.starts.values()),
+                                   attributes, error)
+        if manager.loop is not None:
+            manager.loop.call_soon_threadsafe(record)
+        else:
+            record()
+
     def bring_up() -> None:
         try:
             tokenizer = load_tokenizer(args.model_path)
             infos = supervisor.wait_ready()
         except (RuntimeError, ValueError) as e:
             if not supervisor.stopping:  # else a signal stopped the start-up: not a failure
+                if tracer is not None:
+                    supervisor.await_exporter(EXPORTER_START_S)
+                    trace_start(str(e))
                 fail(f"loupe: cannot start: {e}")
             return
         model = next(ready.info for ready in infos if isinstance(ready.info, ModelInfo))
+        trace_start()
         manager.set_ready(tokenizer, model)
         logger.info("serving %s at http://%s:%d", name, args.host, args.port)
         supervisor.watch(fail, metrics.exporter_died)

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -30,6 +30,7 @@ class Ready:
     needs from it (a scheduler's ModelInfo), None for the others."""
 
     info: Any = None
+    phases: list = field(default_factory=list)  # (name, start, end perf_counter_ns, attributes) of its start
 
 
 @dataclass
@@ -42,13 +43,15 @@ def run_child(name: str, log_level: str, ready: Connection, build: Callable[...,
     `Ready` (with the object's `ready_info`, if it has one) or `StartFailed` (a bad model
     path, out of memory...), then serve until stopped."""
     setup_child(name, log_level)
+    started = time.perf_counter_ns()
     try:
         child = build(*args)
     except Exception as e:
         logger.debug("%s failed to start", name, exc_info=True)
         ready.send(StartFailed(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"))
         return
-    ready.send(Ready(getattr(child, "ready_info", None)))
+    phases = [("build", started, time.perf_counter_ns(), {}), *getattr(child, "startup_phases", ())]
+    ready.send(Ready(getattr(child, "ready_info", None), phases))
     child.run_forever()
 
 

@@ -39,10 +39,11 @@ class Worker:
     def __init__(self, settings: WorkerSettings, comm: Comm | None = None, loaded: LoadedModel | None = None):
         self.comm = comm or Comm(Ranks())
         self.device = self.comm.device if comm else resolve_device(settings.device)
-        t0 = time.perf_counter()
+        t0 = time.perf_counter_ns()
         self.model = loaded or load_model(settings.model_path, settings.dtype, self.device.type,
                                           settings.context_length, self.comm, settings.quantization)
-        self.load_seconds = time.perf_counter() - t0
+        loaded_at = time.perf_counter_ns()
+        self.load_seconds = (loaded_at - t0) / 1e9
         config = self.model.config
         self.tokenizer = self.model.tokenizer
         self.context_length = settings.context_length or config.max_position_embeddings
@@ -56,13 +57,24 @@ class Worker:
         self.num_pages = self.comm.agree_min(budget) // self.page_size + 1  # page 0 is reserved
         self.kv = KVCache(num_layers, self.num_pages * self.page_size, num_kv_heads, config.head_dim, self.dtype,
                           self.device)
+        sized_at = time.perf_counter_ns()
+        weights = sum(p.numel() * p.element_size() for p in self.model.model.parameters())
+        weights += sum(b.numel() * b.element_size() for b in self.model.model.buffers())
+        # What its start took, for the start-up trace: (name, start, end perf_counter_ns, attributes)
+        self.phases = [("load weights", t0, loaded_at, {"bytes": weights, "quantization": self.model.quantization
+                                                         or "none", "dtype": str(self.dtype).removeprefix("torch.")}),
+                       ("size the KV cache", loaded_at, sized_at, {
+                           "tokens": self.num_pages * self.page_size, "bytes": per_token * self.num_pages * self.page_size,
+                           "device": str(self.device)})]
         self.slot_table = torch.zeros(settings.max_running_requests, self.context_length, dtype=torch.int64,
                                       device=self.device)
         self.runner = ModelRunner(self.model, self.kv, self.slot_table, self.device)
         # The int4 decode step is compiled on a CPU with one rank (runner/compiled.py), unless --enforce-eager.
         single_rank = self.comm.ranks.tp_size * self.comm.ranks.pp_size == 1
         if settings.compile_decode and self.device.type == "cpu" and single_rank and self.model.quantization == "int4":
+            started = time.perf_counter_ns()
             self.runner.compiled = CompiledDecode(self.model)
+            self.phases.append(("compile and warm up the decode step", started, time.perf_counter_ns(), {}))
         self.limits = RequestLimits(config.vocab_size, self.context_length, (self.num_pages - 1) * self.page_size)
 
     def _default_kv_tokens(self, per_token: int, ranks_per_node: int) -> int:

@@ -43,6 +43,7 @@ class SchedulerProcess:
         self.scheduler = Scheduler(worker, args.settings(SchedulerSettings),
                                    exchange_for(args.settings(ExchangeSettings), worker), self.tracer)
         self.ready_info: ModelInfo = worker.info
+        self.startup_phases = worker.phases
         logger.info("ready: %d KV tokens on %s, model loaded in %.1f s", worker.limits.max_total_tokens,
                     worker.device, worker.load_seconds)
         self.num_received = 0

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from loupe.core import FinishReason, Outcome, TokenizedRequest, TraceContext, TraceDecision
 from loupe.tracing.context import start_context
-from loupe.tracing.ids import new_span_id
+from loupe.tracing.ids import new_span_id, new_trace_id
 from loupe.tracing.recorder import SERVER, Recorder, SpanRecord
 from loupe.tracing.sampling import TraceControl
 
@@ -456,3 +456,46 @@ class DispatchTracer(ProcessTracer):
         thread_id = new_span_id()
         self.recorder.thread_span(ctx, thread_id, start, end)
         self.recorder.slice(ctx, thread_id, "dispatch", start, end, {"dp_rank": dp_rank})
+
+
+# ---- the server's start ----------------------------------------------------------------------
+
+
+@dataclass
+class ChildStart:
+    """One child process's start, as the supervisor saw it: spawned at `spawned`, ready at
+    `ready` (None: it never was), with the phases it reported (process.Ready.phases); `failed`
+    when it is what failed the start."""
+
+    name: str
+    pid: int | None
+    spawned: int  # perf_counter_ns
+    ready: int | None = None
+    phases: list = field(default_factory=list)
+    failed: bool = False
+
+
+def record_startup(recorder: Recorder, started: int, children: list[ChildStart], attributes: dict,
+                   error: str | None = None) -> int:
+    """The server's start as one trace (tracing on): a root `loupe start` from `started` to now
+    (ready, or failed), a span per child process from its spawn to its readiness with the
+    phases it reported inside (load weights, size the KV cache, compile…), and on a failed
+    start an `error` span naming the cause, the root then ERROR. Returns the trace id; the
+    recorder sends the spans with its next flush."""
+    trace_id, root_id, end = new_trace_id(), new_span_id(), now()
+    for child in children:
+        child_id = new_span_id()
+        recorder.span(SpanRecord(trace_id, child_id, root_id, f"{child.name} process", child.spawned,
+                                 child.ready or end, {"pid": child.pid, "ready": child.ready is not None}, None,
+                                 error if child.failed else None))
+        if child.phases:  # from the spawn to its first phase: a new interpreter, importing loupe and torch
+            recorder.span(SpanRecord(trace_id, new_span_id(), child_id, "start the interpreter and import",
+                                     child.spawned, child.phases[0][1]))
+        for name, start, stop, phase_attributes in child.phases:
+            recorder.span(SpanRecord(trace_id, new_span_id(), child_id, name, start, stop, phase_attributes or None))
+    if error is not None:
+        recorder.span(SpanRecord(trace_id, new_span_id(), root_id, "error", end, end, {"exception.message": error},
+                                 None, error))
+    recorder.span(SpanRecord(trace_id, root_id, None, "loupe start", started, end,
+                             {**attributes, "loupe.start.seconds": seconds((end - started) / 1e9)}, None, error))
+    return trace_id

@@ -29,7 +29,8 @@ class Exporter:
         self.proc = ctx.Process(target=run_child, args=("exporter", "info", write, ExporterProcess, settings,
                                                          self.endpoints), daemon=True)
         self.proc.start()
-        assert read.recv() == Ready()
+        got = read.recv()
+        assert isinstance(got, Ready) and got.info is None  # ready, with no info to give
         self.recorder = Recorder(self.endpoints.tracing, "Test")
 
     def stats(self) -> ipc.ExporterStats | None:

@@ -213,6 +213,52 @@ def test_refused_and_cancelled_requests_end_their_traces_with_their_outcomes(tra
     assert samples["loupe_open_requests"] == 0 and samples["loupe_num_running_reqs"] == 0
 
 
+def start_traces(receiver) -> list[list[dict]]:
+    """The spans of each `loupe start` trace the receiver has."""
+    spans = receiver.spans()
+    roots = [s for s in spans if s["name"] == "loupe start"]
+    return [[s for s in spans if s["trace_id"] == root["trace_id"]] for root in roots]
+
+
+def test_a_servers_start_is_one_trace(traced, receiver):
+    """Each of the module's servers: its start from launch to ready, a span per child process
+    from its spawn to its readiness, and the scheduler's phases inside."""
+    traces = receiver.wait_for(lambda spans: sum(s["name"] == "loupe start" for s in spans) >= len(traced))
+    assert traces
+    for spans in start_traces(receiver):
+        by_name = {s["name"]: s for s in spans}
+        root = by_name["loupe start"]
+        assert root["status"] == 0 and root["attributes"]["loupe.start.seconds"] > 0
+        children = {s["name"] for s in spans if s["parent_id"] == root["span_id"]}
+        assert children == {"exporter process", "scheduler process", "detokenizer process"}
+        scheduler = by_name["scheduler process"]
+        phases = {s["name"]: s for s in spans if s["parent_id"] == scheduler["span_id"]}
+        assert {"start the interpreter and import", "build", "load weights", "size the KV cache"} <= set(phases)
+        assert phases["load weights"]["attributes"]["bytes"] > 0 and "quantization" in phases["load weights"][
+            "attributes"]
+        assert phases["size the KV cache"]["attributes"]["tokens"] > 0
+        for child in (s for s in spans if s["parent_id"] == root["span_id"]):
+            assert root["start"] <= child["start"] <= child["end"] <= root["end"], child["name"]
+            assert child["attributes"]["ready"] is True and child["status"] == 0
+
+
+def test_a_failed_start_ends_its_trace_with_the_cause(tmp_path, receiver):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    done = run_server("--enable-tracing", "--otlp-endpoint", f"127.0.0.1:{receiver.port}", "--model-path",
+                      str(empty), timeout=120)
+    assert done.returncode == 1 and "cannot start" in done.stderr
+
+    def failed(spans):
+        return [s for s in spans if s["name"] == "loupe start" and s["status"] == 2]
+
+    (root,) = failed(receiver.wait_for(lambda spans: failed(spans)))
+    spans = [s for s in receiver.spans() if s["trace_id"] == root["trace_id"]]
+    (error,) = [s for s in spans if s["name"] == "error"]
+    assert "cannot load the tokenizer" in error["attributes"]["exception.message"] and error["status"] == 2
+    assert "cannot load the tokenizer" in root["status_message"]
+
+
 def test_http_protobuf_export_to_a_bare_host_port(tiny_model_dir, logs):
     with HttpReceiver() as receiver, traced_server(
             tiny_model_dir("llama"), logs, f"http://127.0.0.1:{receiver.port}",
