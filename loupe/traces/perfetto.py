@@ -17,6 +17,9 @@ from loupe.traces.reader import Span
 FLOW_CATEGORY = "request"
 
 
+STARTUP_ROOT = "loupe start"  # the root of a server's start-up trace
+
+
 def is_thread_span(span: Span) -> bool:
     return "thread_label" in span.attributes
 
@@ -61,8 +64,12 @@ def place_trace(spans: list[Span], tracks: Tracks) -> dict[str, tuple[int, int]]
         rid = root.attributes.get("rid", root.name)
         http = next((t for t in threads if t.parent_id == root.span_id and t.attributes["thread_label"] == "Tokenizer"),
                     None)
-        pid = process_of(http, tracks) if http is not None else tracks.process(
-            ("service", root.service), f"{root.service or 'loupe'} requests")
+        if http is not None:
+            pid = process_of(http, tracks)
+        elif root.name == STARTUP_ROOT:  # a server's start: its child processes' tracks under it
+            pid = tracks.process(("start", root.service), f"{root.service or 'loupe'} start")
+        else:  # another service's request (a router's), or a request without its tokenizer's spans
+            pid = tracks.process(("service", root.service), f"{root.service or 'loupe'} requests")
         placed[root.span_id] = tracks.track(root, pid, str(rid))
     for thread in threads:
         pid = process_of(thread, tracks)

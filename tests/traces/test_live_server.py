@@ -100,7 +100,9 @@ def test_perfetto_has_a_process_per_rank_and_a_track_per_request_and_rank(run, t
     main(["traces", "export", path, "--format", "perfetto", "-o", str(out)])
     events = json.loads(out.read_text())["traceEvents"]
     processes = {e["pid"]: e["args"]["name"].split(" (host:")[0] for e in events if e.get("name") == "process_name"}
-    assert sorted(processes.values()) == ["Detokenizer", "Scheduler [TP 0]", "Scheduler [TP 1]", "Tokenizer"]
+    # the requests' processes, and the server's start (its trace is in the file too)
+    assert sorted(processes.values()) == ["Detokenizer", "Scheduler [TP 0]", "Scheduler [TP 1]", "Tokenizer",
+                                          "loupe start"]
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events if e.get("name") == "thread_name"}
     for _, r in responses:
         rid = r.json()["id"]
