@@ -83,7 +83,7 @@ class Pair:
     @property
     def moved(self) -> float:
         """Seconds from the KV leaving the prefill server to the decode server having it."""
-        return max(self.kv_arrived - self.transfer.start, 0) / 1e9
+        return seconds_between(self.transfer.start, self.kv_arrived)
 
     def transfer_text(self) -> str:
         gigabytes = self.transfer.attributes.get("bytes", 0) / 1e9
@@ -92,16 +92,20 @@ class Pair:
 
     def hops(self) -> list[tuple[str, float, str]]:
         """The request's way to its first token: each hop, its seconds and a note."""
-        seconds = lambda a, b: max(b - a, 0) / 1e9  # noqa: E731
         waited = self.decode_queue is not None and self.decode_queue.end <= self.handed_off
-        return [("router", seconds(self.start, self.prefill.start), "to the prefill server"),
+        return [("router", seconds_between(self.start, self.prefill.start), "to the prefill server"),
                 ("prefill queue", self.prefill_queue.seconds if self.prefill_queue else 0.0, ""),
-                ("prefill", seconds(self.prefill_stage.start, self.handed_off), ""),
-                ("bootstrap", seconds(self.handed_off, self.transfer.start), "the decode server's claim"),
+                ("prefill", seconds_between(self.prefill_stage.start, self.handed_off), ""),
+                ("bootstrap", seconds_between(self.handed_off, self.transfer.start), "the decode server's claim"),
                 ("KV transfer", self.moved, self.transfer_text()),
                 ("decode queue", self.decode_queue.seconds if self.decode_queue else 0.0,
                  "while the prefill ran" if waited else ""),
-                ("first token", seconds(self.kv_arrived, self.first_token or self.kv_arrived), "")]
+                ("first token", seconds_between(self.kv_arrived, self.first_token or self.kv_arrived), "")]
+
+
+def seconds_between(start: int, end: int) -> float:
+    """From `start` to `end` (epoch ns), never negative (two hosts' clocks may disagree)."""
+    return max(end - start, 0) / 1e9
 
 
 def hops_text(hops: list[tuple[str, float, str]]) -> str:
