@@ -23,7 +23,8 @@ T0 = 1_700_000_000_000_000_000
 
 def request(trace_id: int = 0xABC, steps: int = 2) -> ExportTraceServiceRequest:
     """A root, a thread span, a failed stage and a decode-step fan-out, as the exporter encodes them."""
-    root = SpanRecord(trace_id, 10, 0x77, "Req r1", 0, 5_000, {"rid": "r1", "gen_ai.latency.e2e": 5e-6},
+    root = SpanRecord(trace_id, 10, 0x77, "Req r1", 0, 5_000, {"rid": "r1", "gen_ai.latency.e2e": 5e-6,
+                                                               "loupe.request.outcome": "completed"},
                       [("first_token", 1_000, {"completion_tokens": 1})], kind=SERVER, remote_parent=True)
     items = [(root, T0), (SpanRecord(trace_id, 11, 10, "Scheduler [TP 0]", 100, 4_000, {"tp_rank": 0}), T0),
              (SpanRecord(trace_id, 12, 11, "decode", 200, 3_000, error="boom"), T0)]
