@@ -139,7 +139,7 @@ class Supervisor:
         from loupe.detokenizer import DetokenizerProcess
         from loupe.dp_controller import DataParallelController
         from loupe.scheduler.process import SchedulerProcess
-        from loupe.tracing.exporter import ExporterProcess
+        from loupe.tracing.exporter import ExporterProcess, server_resource
         from loupe.tracing.metrics_exporter import MetricsExporterProcess
 
         self.ctx = mp.get_context("spawn")
@@ -147,10 +147,11 @@ class Supervisor:
         self.log_level = args.log_level
         self.children: list[tuple[str, mp.Process, object]] = []
         self.exporters = {}  # name -> how to start it
+        resource = server_resource() if tracing is not None or metrics is not None else None
         if tracing is not None:
-            self.exporters["exporter"] = (ExporterProcess, tracing, endpoints)
+            self.exporters["exporter"] = (ExporterProcess, tracing, endpoints, resource)
         if metrics is not None:
-            self.exporters["metrics"] = (MetricsExporterProcess, metrics, endpoints)
+            self.exporters["metrics"] = (MetricsExporterProcess, metrics, endpoints, resource)
         self.restarts: Counter[str] = Counter()
         serves_http = args.node_rank == 0
         for name, build in self.exporters.items():  # first, so that the others' spans have somewhere to go

@@ -56,11 +56,15 @@ def make_exporter(settings: ExportSettings | MetricsSettings, signal: str = "tra
     return HttpExporter(endpoint=settings.endpoint)
 
 
-def make_resource():
+def server_resource() -> dict[str, object]:
+    """The resource of a server's spans and metrics: OTEL_SERVICE_NAME and
+    OTEL_RESOURCE_ATTRIBUTES, service.name "loupe" by default. Made once, in the main
+    process, so that the service.instance.id the SDK draws for each process is the same
+    whichever exporter sends, and after one is started again."""
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    return Resource.create({} if named else {SERVICE_NAME: "loupe"})
+    return dict(Resource.create({} if named else {SERVICE_NAME: "loupe"}).attributes)
 
 
 def check_endpoint(protocol: str, endpoint: str, what: str = "spans", setting: str = "--otlp-endpoint") -> None:
@@ -92,7 +96,7 @@ def stop_on_sigterm(stop) -> tuple[socket.socket, socket.socket]:
 
 
 class ExporterProcess:
-    def __init__(self, settings: ExportSettings, endpoints: ipc.Endpoints):
+    def __init__(self, settings: ExportSettings, endpoints: ipc.Endpoints, resource: dict | None = None):
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         from loupe.tracing.otlp import SpanEncoder
@@ -100,7 +104,7 @@ class ExporterProcess:
         self.settings = settings
         self.success = SpanExportResult.SUCCESS
         self.exporter = make_exporter(settings)
-        self.encoder = SpanEncoder(make_resource().attributes)
+        self.encoder = SpanEncoder(resource if resource is not None else server_resource())
         ctx = zmq.Context()
         self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.tracing)
         self.to_manager = ipc.connect(ctx, zmq.PUSH, endpoints.manager)

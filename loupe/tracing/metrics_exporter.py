@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 
 from loupe import ipc
 from loupe.process import yield_to_serving
-from loupe.tracing.exporter import DRAIN_QUIET_S, check_endpoint, make_exporter, make_resource, stop_on_sigterm
+from loupe.tracing.exporter import DRAIN_QUIET_S, check_endpoint, make_exporter, server_resource, stop_on_sigterm
 from loupe.tracing.metrics_otlp import MetricsEncoder
 from loupe.tracing.settings import MetricsSettings
 
@@ -28,10 +28,10 @@ logger = logging.getLogger(__name__)
 
 
 class MetricsExporterProcess:
-    def __init__(self, settings: MetricsSettings, endpoints: ipc.Endpoints):
+    def __init__(self, settings: MetricsSettings, endpoints: ipc.Endpoints, resource: dict | None = None):
         self.settings = settings
         self.exporter = make_exporter(settings, "metrics")
-        self.encoder = MetricsEncoder(make_resource().attributes, settings.delta)
+        self.encoder = MetricsEncoder(resource if resource is not None else server_resource(), settings.delta)
         ctx = zmq.Context()
         self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.metrics, queue=ipc.METRICS_QUEUE)
         self.to_manager = ipc.connect(ctx, zmq.PUSH, endpoints.manager)

@@ -1,7 +1,11 @@
 """Live servers on a tiny model pushing their metrics over OTLP (OTEL_METRICS_EXPORTER=otlp):
-over gRPC beside their traces, over HTTP/protobuf in delta without tracing, and to a backend
-that hangs, which costs the requests nothing. (The file form: test_metrics_export.py.)"""
+over gRPC beside their traces, over HTTP/protobuf in delta without tracing (its exporter killed
+and started again), and to a backend that hangs, which costs the requests nothing. (The file
+form: test_metrics_export.py.)"""
 
+import os
+import re
+import signal
 import time
 from collections import Counter
 
@@ -86,7 +90,7 @@ def test_grpc_sends_the_genai_metrics_with_the_traces_resource_and_exemplars(ser
     assert last["attributes"]["gen_ai.provider.name"] == "loupe"
     assert last["attributes"]["gen_ai.request.model"] == served_name(server)
     root = receivers["spans"].wait_for(lambda s: any(x["name"].startswith("Req ") for x in s))[0]
-    assert last["resource"]["service.name"] == root["resource"]["service.name"] == "llm-test"
+    assert last["resource"] == root["resource"] and last["resource"]["service.name"] == "llm-test"
     exemplars = {trace for p in points for trace, _ in p["exemplars"]}
     assert exemplars and exemplars <= {r.headers["traceparent"].split("-")[1] for r in sent}
     assert grpc.points("loupe_requests") and not grpc.points("gen_ai_server_request_duration_seconds")
@@ -102,6 +106,29 @@ def test_http_in_delta_without_tracing_counts_each_request_once(servers, receive
     assert {p["temporality"] for p in points} == {1} and set(http.paths) == {"/v1/metrics"}
     time.sleep(0.6)  # more exports, nothing more to count
     assert summed_counts(http.points(DURATION)) == {"text_completion": 2, "chat": 1}
+
+
+def test_a_killed_metrics_exporter_starts_again_and_counts_nothing_twice(servers, receivers):
+    """In delta, the new exporter's first snapshot is where it counts from: what the dead one
+    exported is not sent again."""
+    server, http = servers["http"], receivers["http"]
+    before = Counter(summed_counts(http.points(DURATION)))
+    dead = int(re.search(r"\[metrics pid:(\d+)\]", server.log()).group(1))
+    os.kill(dead, signal.SIGKILL)
+    assert server.wait_log(f"the metrics exporter (pid {dead}) died with exit code -9; starting it again", 10)
+    exports = http.export_count()
+    deadline = time.monotonic() + 30
+    while http.export_count() < exports + 2:  # the new one's first (its gauges) and another
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    requests(server)
+    expected = dict(before + Counter({"text_completion": 2, "chat": 1}))
+    http.wait_for_points(DURATION, lambda p: summed_counts(p) == expected)
+    time.sleep(0.6)
+    assert summed_counts(http.points(DURATION)) == expected
+    resources = {tuple(sorted(p["resource"].items())) for p in http.points(DURATION)}
+    assert len(resources) == 1  # its service.instance.id too: the server's, not the process's
+    assert httpx.get(server.url("/health"), timeout=5).status_code == 200
 
 
 def test_a_hanging_backend_costs_the_requests_nothing(servers):
