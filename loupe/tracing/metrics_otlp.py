@@ -76,6 +76,7 @@ class MetricsEncoder:
         # were sent (or lost) before; from it the next ones count, and it sends its gauges only.
         self.baseline_only = False
         self.encoded = 0
+        self.add_point = {"counter": self.add_counter, "gauge": self.add_gauge, "histogram": self.add_histogram}
 
     def encode(self, snapshot: ipc.MetricsSnapshot) -> ExportMetricsServiceRequest:
         self.baseline_only = self.delta and self.encoded == 0 and snapshot.number > 0
@@ -87,7 +88,7 @@ class MetricsEncoder:
         scope_metrics = resource_metrics.scope_metrics.add()
         scope_metrics.scope.CopyFrom(self.scope)
         for family in snapshot.families:
-            add_point = getattr(self, f"add_{family.kind}", None)
+            add_point = self.add_point.get(family.kind)
             if add_point is None:  # loupe has no summaries, infos or state sets
                 continue
             metric = Metric(name=family.name, description=family.description, unit=family.unit)
