@@ -4,6 +4,7 @@
     scheduler --TokenBatch--> detokenizer --TextBatch--> tokenizer manager
     scheduler --SchedulerStats--> tokenizer manager (same socket as the text)
     every serving process --SpanBatch--> span exporter --ExporterStats--> tokenizer manager
+    HTTP process --MetricsSnapshot--> metrics exporter --MetricsExported--> tokenizer manager
 
 With --dp-size N a DP controller binds the scheduler's endpoint instead and forwards each
 request to one of N schedulers (`Endpoints.replica`), which also send it their stats.
@@ -113,6 +114,14 @@ class ExporterStats:
     queued: int = 0  # spans waiting now: queued for export, or held for a tail verdict
 
 
+@dataclass
+class MetricsExported:
+    """Whether the metrics exporter's export of a snapshot succeeded."""
+
+    ok: bool
+    superseded: int = 0  # older snapshots that waited with it, not sent: it carries their totals
+
+
 # ---- to the span exporter ---------------------------------------------------------------------
 
 
@@ -126,6 +135,36 @@ class SpanBatch:
     dropped: int  # spans this process had to drop since its last batch
     undecided: set = field(default_factory=set)  # trace ids whose spans wait for a verdict
     verdicts: list = field(default_factory=list)  # (trace id, why kept or None): tail keeping's
+
+
+# ---- to the metrics exporter --------------------------------------------------------------------
+
+# Snapshots that may wait for a busy metrics exporter at each end of its socket (a few more fit
+# in the kernel's buffer between); the HTTP process drops the rest.
+METRICS_QUEUE = 1
+
+
+@dataclass
+class MetricFamily:
+    """One metric family as prometheus_client collects it, under the name, unit and attribute
+    keys it has over OTLP."""
+
+    name: str
+    kind: str  # prometheus_client's type: "counter", "gauge", "histogram"...
+    unit: str  # UCUM ("s", "By"), or ""
+    description: str
+    # (what follows the family's name in the sample's: "", "_total", "_bucket", "_created"...,
+    # labels, value, exemplar: (labels, value, unix seconds) or None)
+    samples: list
+
+
+@dataclass
+class MetricsSnapshot:
+    """The HTTP process's metrics at one moment."""
+
+    time_ns: int  # epoch
+    number: int  # snapshots taken before this one
+    families: list[MetricFamily]
 
 
 # ---- where each process listens ------------------------------------------------------------------
@@ -156,18 +195,25 @@ class Endpoints:
     detokenizer = property(lambda self: self._address("detokenizer"))
     manager = property(lambda self: self._address("manager"))
     tracing = property(lambda self: self._address("tracing"))
+    metrics = property(lambda self: self._address("metrics"))
 
 
-def bind(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
+def bind(ctx: zmq.Context, kind: int, address: str, queue: int | None = None) -> zmq.Socket:
+    """`queue`: how many messages may wait to be read (ZMQ's receive high-water mark; 1000 by default)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if queue is not None:
+        sock.setsockopt(zmq.RCVHWM, queue)
     sock.bind(address)
     return sock
 
 
-def connect(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
+def connect(ctx: zmq.Context, kind: int, address: str, queue: int | None = None) -> zmq.Socket:
+    """`queue`: how many messages may wait for a slow peer (ZMQ's send high-water mark; 1000 by default)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    if queue is not None:
+        sock.setsockopt(zmq.SNDHWM, queue)
     sock.connect(address)
     return sock
 

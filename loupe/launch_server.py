@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+from collections import Counter
 from multiprocessing.connection import wait
 
 import uvicorn
@@ -23,13 +24,15 @@ from loupe.config import ServerArgs
 from loupe.core import ModelInfo
 from loupe.distributed.parallel import Ranks, free_address
 from loupe.process import EXIT_LOST_PEER, Ready, StartFailed, configure_logging, run_child
-from loupe.tracing.settings import ExportSettings, missing_packages
+from loupe.tracing.settings import ExportSettings, MetricsSettings, missing_packages
 from loupe.tracing.spans import ChildStart
 
 logger = logging.getLogger("loupe")
 CHILD_STOP_SECONDS = 5
 EXPORTER_START_S = 30  # a failed start waits this long at most for the span exporter, to send its trace
-EXPORTER_RESTARTS = 5  # a span exporter that keeps dying is left dead: serving comes first
+EXPORTER_RESTARTS = 5  # an exporter that keeps dying is left dead: serving comes first
+# The children that serve no request, by name: what each is called in the log, what it exports.
+EXPORTERS = {"exporter": ("span exporter", "spans"), "metrics": ("metrics exporter", "metrics")}
 
 
 def served_model_name(args: ServerArgs) -> str:
@@ -78,6 +81,19 @@ def tracing_settings(args: ServerArgs) -> ExportSettings | None:
         raise SystemExit(f"loupe: {e}") from None
 
 
+def metrics_settings(spans: ExportSettings | None) -> MetricsSettings | None:
+    """Check that OTEL_METRICS_EXPORTER=otlp can run before anything starts; one line and exit if
+    not. `spans`: where spans go, when tracing is on."""
+    try:
+        settings = MetricsSettings.from_env(spans)
+    except ValueError as e:
+        raise SystemExit(f"loupe: {e}") from None
+    missing = missing_packages() if settings is not None else []
+    if missing:
+        raise SystemExit(f"loupe: OTEL_METRICS_EXPORTER=otlp needs OpenTelemetry: pip install {' '.join(missing)}")
+    return settings
+
+
 def check_transfer_backend(args: ServerArgs) -> None:
     """A disaggregated server moving KV by NIXL needs it installed: one line and exit if not."""
     import importlib.util
@@ -122,22 +138,29 @@ def share_cores_politely(args: ServerArgs) -> None:
 class Supervisor:
     """Starts the children, waits for them to be ready, and watches them while serving."""
 
-    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints, tracing: ExportSettings | None):
+    def __init__(self, args: ServerArgs, endpoints: ipc.Endpoints, tracing: ExportSettings | None,
+                 metrics: MetricsSettings | None = None):
         from loupe.detokenizer import DetokenizerProcess
         from loupe.dp_controller import DataParallelController
         from loupe.scheduler.process import SchedulerProcess
-        from loupe.tracing.exporter import ExporterProcess
+        from loupe.tracing.exporter import ExporterProcess, server_resource
+        from loupe.tracing.metrics_exporter import MetricsExporterProcess
 
         self.ctx = mp.get_context("spawn")
         share_cores_politely(args)
         self.log_level = args.log_level
         self.children: list[tuple[str, mp.Process, object]] = []
         self.starts: dict[str, ChildStart] = {}  # what each child's start took, for the start-up trace
-        self.exporter_args = (ExporterProcess, tracing, endpoints)
-        self.exporter_restarts = 0
+        self.exporters = {}  # name -> how to start it
+        resource = server_resource() if tracing is not None or metrics is not None else None
+        if tracing is not None:
+            self.exporters["exporter"] = (ExporterProcess, tracing, endpoints, resource)
+        if metrics is not None:
+            self.exporters["metrics"] = (MetricsExporterProcess, metrics, endpoints, resource)
+        self.restarts: Counter[str] = Counter()
         serves_http = args.node_rank == 0
-        if tracing is not None:  # first, so that the others' spans have somewhere to go
-            self.start("exporter", *self.exporter_args)
+        for name, build in self.exporters.items():  # first, so that the others' spans have somewhere to go
+            self.start(name, *build)
         if args.dp_size > 1 and serves_http:
             self.start("DP controller", DataParallelController, args.load_balance_method, args.traces("dp"), endpoints)
         for dp_rank in range(args.dp_size):
@@ -201,8 +224,8 @@ class Supervisor:
 
     def watch(self, on_death, on_exporter_death=None) -> None:
         """Until a serving child dies (then `on_death(message, exit code)`) or the server
-        stops. The span exporter is not a serving child: when it dies (then
-        `on_exporter_death(restarted)`) it is started again, up to EXPORTER_RESTARTS times."""
+        stops. An exporter is not a serving child: when one dies it is started again, up to
+        EXPORTER_RESTARTS times (the span exporter's death: `on_exporter_death(restarted)`)."""
         while True:
             sentinels = {proc.sentinel: (name, proc) for name, proc, _ in self.children}
             ready = wait(list(sentinels))
@@ -210,31 +233,33 @@ class Supervisor:
                 return
             name, proc = sentinels[ready[0]]
             proc.join()
-            if name != "exporter":
+            if name not in self.exporters:
                 break
             self.children = [child for child in self.children if child[1] is not proc]
-            restart = self.exporter_restarts < EXPORTER_RESTARTS
+            restart = self.restarts[name] < EXPORTER_RESTARTS
+            called, what = EXPORTERS[name]
             if restart:
-                self.exporter_restarts += 1
-                logger.warning("loupe: the span exporter (pid %d) died with exit code %s; starting it again "
-                               "(the spans it held are lost, counted as dropped)", proc.pid, proc.exitcode)
-                self.start("exporter", *self.exporter_args)
+                self.restarts[name] += 1
+                logger.warning("loupe: the %s (pid %d) died with exit code %s; starting it again%s", called, proc.pid,
+                               proc.exitcode, " (the spans it held are lost, counted as dropped)" if name == "exporter"
+                               else "")
+                self.start(name, *self.exporters[name])
             else:
-                logger.error("loupe: the span exporter (pid %d) died with exit code %s, %d times now; not "
-                             "starting it again: serving goes on, spans are no longer exported",
-                             proc.pid, proc.exitcode, EXPORTER_RESTARTS + 1)
-            if on_exporter_death is not None:
+                logger.error("loupe: the %s (pid %d) died with exit code %s, %d times now; not starting it again: "
+                             "serving goes on, %s are no longer exported", called, proc.pid, proc.exitcode,
+                             EXPORTER_RESTARTS + 1, what)
+            if name == "exporter" and on_exporter_death is not None:
                 on_exporter_death(restart)
         what = ("lost contact with another rank of its replica (on another node, or stopped)"
                 if proc.exitcode == EXIT_LOST_PEER else f"died with exit code {proc.exitcode}")
         on_death(f"loupe: the {name} process (pid {proc.pid}) {what}; shutting down", proc.exitcode)
 
     def stop(self, before_exporter=None) -> None:
-        """Stop the serving children, run `before_exporter`, then stop the span exporter
-        last so that it exports every span the others flushed on their way out."""
+        """Stop the serving children, run `before_exporter`, then stop the exporters last so
+        that they export every span the others flushed on their way out, and the last metrics."""
         self.stopping = True
-        serving = [p for name, p, _ in self.children if name != "exporter"]
-        exporters = [p for name, p, _ in self.children if name == "exporter"]
+        serving = [p for name, p, _ in self.children if name not in self.exporters]
+        exporters = [p for name, p, _ in self.children if name in self.exporters]
         for group in (serving, exporters):
             for proc in group:
                 if proc.is_alive():
@@ -279,16 +304,18 @@ def launch(args: ServerArgs) -> int:
     check_transfer_backend(args)
     if args.node_rank > 0:
         return run_other_node(args, tracing)
+    metrics_export = metrics_settings(tracing)
     sock = listen_socket(args.host, args.port)
     endpoints = ipc.Endpoints.create(args.dp_size)
-    supervisor = Supervisor(args, endpoints, tracing)
+    supervisor = Supervisor(args, endpoints, tracing, metrics_export)
     from loupe.model.loader import load_tokenizer
     from loupe.server.app import create_app
-    from loupe.server.metrics import Metrics
+    from loupe.server.metrics import Metrics, MetricsPusher
     from loupe.server.tokenizer_manager import TokenizerManager
     from loupe.tracing.spans import RequestTracer, open_tracer, record_startup
 
     metrics = Metrics()
+    pusher = MetricsPusher(metrics, endpoints.metrics, metrics_export.interval_ms / 1000) if metrics_export else None
     tracer = None
     if tracing is not None:  # its environment was checked by tracing_settings
         tracer = open_tracer(RequestTracer, True, endpoints.tracing, include_content=args.trace_include_content,
@@ -311,7 +338,7 @@ def launch(args: ServerArgs) -> int:
         recorder (a failed start's spans go with the flush at exit)."""
         if tracer is None:
             return
-        attributes = {"service.instance.id": f"{args.host}:{args.port}", "gen_ai.response.model": name,
+        attributes = {"server.address": args.host, "server.port": args.port, "gen_ai.response.model": name,
                       "tp_size": args.tp_size, "pp_size": args.pp_size, "dp_size": args.dp_size,
                       "disaggregation.role": args.disaggregation_mode}
         record = functools.partial(record_startup, tracer.recorder, started, list(supervisor.starts.values()),
@@ -343,10 +370,17 @@ def launch(args: ServerArgs) -> int:
     # make those harmless so that the children are stopped below rather than orphaned.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+
+    def before_exporters() -> None:  # what the serving side still has for them
+        if manager.tracer is not None:
+            manager.tracer.flush()
+        if pusher is not None:
+            pusher.close()
+
     try:
         server.run(sockets=[sock])
     finally:
-        supervisor.stop(before_exporter=manager.tracer.flush if manager.tracer else None)
+        supervisor.stop(before_exporter=before_exporters)
         shutil.rmtree(endpoints.folder, ignore_errors=True)
     return supervisor.exit_code
 

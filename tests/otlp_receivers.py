@@ -1,7 +1,10 @@
-"""Real OTLP trace receivers on loopback, for tests: gRPC and HTTP/protobuf."""
+"""Real OTLP trace and metrics receivers on loopback, for tests: gRPC and HTTP/protobuf; and
+a reader of OTLP JSON lines."""
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections import Counter
@@ -9,7 +12,29 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+from google.protobuf.json_format import Parse
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from loupe.tracing.file_export import ID_FIELDS, with_ids
+
+# signal -> (the request and answer of its Export, how a gRPC servicer of it is added to a server)
+SERVICES = {
+    "traces": (trace_service_pb2.ExportTraceServiceRequest, trace_service_pb2.ExportTraceServiceResponse,
+               trace_service_pb2_grpc.add_TraceServiceServicer_to_server),
+    "metrics": (metrics_service_pb2.ExportMetricsServiceRequest, metrics_service_pb2.ExportMetricsServiceResponse,
+                metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server),
+}
+
+
+def parse_json_line(line: str, signal: str = "traces"):
+    """One OTLP JSON line back into its request: protobuf's JSON parser, after turning
+    OTLP/JSON's hex ids into the base64 protobuf's mapping takes."""
+    message = json.loads(line)
+    for item in with_ids(message):
+        for key in item.keys() & ID_FIELDS:
+            item[key] = base64.b64encode(bytes.fromhex(item[key])).decode()
+    return Parse(json.dumps(message), SERVICES[signal][0]())
 
 
 def flatten(value):
@@ -20,15 +45,16 @@ def flatten(value):
 
 
 class Receiver:
-    """Collects every span it is sent; `hang_seconds` makes each export wait first. As a
-    context manager, stopped on leaving."""
+    """Collects every export it is sent, of spans or of metrics (`signal`); `hang_seconds`
+    makes each export wait first. As a context manager, stopped on leaving."""
 
-    def __init__(self, hang_seconds: float = 0.0):
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+    def __init__(self, hang_seconds: float = 0.0, signal: str = "traces"):
+        self.requests: list = []
         self.hang_seconds = hang_seconds
         self.lock = threading.Lock()
+        self.request_type, self.response_type, self.add_servicer = SERVICES[signal]
 
-    def record(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
+    def record(self, request) -> None:
         if self.hang_seconds:
             time.sleep(self.hang_seconds)
         with self.lock:
@@ -66,6 +92,43 @@ class Receiver:
         names = Counter(f"{s['name']} (trace {s['trace_id'][:8]})" for s in spans)
         raise AssertionError(f"spans never satisfied the condition; got {len(spans)} spans: {dict(names)}")
 
+    def points(self, name: str) -> list[dict]:
+        """The data points of metric `name` in every export, in the order they came."""
+        out = []
+        with self.lock:
+            requests = list(self.requests)
+        for request in requests:
+            for rm in request.resource_metrics:
+                resource = {a.key: flatten(a.value) for a in rm.resource.attributes}
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name != name:
+                            continue
+                        data = getattr(m, m.WhichOneof("data"))
+                        for p in data.data_points:
+                            point = {"kind": m.WhichOneof("data"), "unit": m.unit, "resource": resource,
+                                     "scope": sm.scope.name, "temporality": getattr(data, "aggregation_temporality", 0),
+                                     "attributes": {a.key: flatten(a.value) for a in p.attributes},
+                                     "start": p.start_time_unix_nano, "time": p.time_unix_nano}
+                            if m.WhichOneof("data") == "histogram":
+                                point.update(count=p.count, sum=p.sum, bucket_counts=list(p.bucket_counts),
+                                             bounds=list(p.explicit_bounds),
+                                             exemplars=[(e.trace_id.hex(), e.as_double) for e in p.exemplars])
+                            else:
+                                point.update(value=p.as_double, monotonic=getattr(data, "is_monotonic", None))
+                            out.append(point)
+        return out
+
+    def wait_for_points(self, name: str, predicate, timeout: float = 20.0) -> list[dict]:
+        """The points of metric `name` once `predicate(points)` holds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            points = self.points(name)
+            if predicate(points):
+                return points
+            time.sleep(0.1)
+        raise AssertionError(f"the points of {name} never satisfied the condition; got {self.points(name)}")
+
     def export_count(self) -> int:
         with self.lock:
             return len(self.requests)
@@ -80,13 +143,13 @@ class Receiver:
         self.stop()
 
 
-class GrpcReceiver(Receiver, trace_service_pb2_grpc.TraceServiceServicer):
+class GrpcReceiver(Receiver):
     """On `port` (0: any free one), plaintext or with TLS server `credentials`."""
 
-    def __init__(self, hang_seconds: float = 0.0, port: int = 0, credentials=None):
-        super().__init__(hang_seconds)
+    def __init__(self, hang_seconds: float = 0.0, port: int = 0, credentials=None, signal: str = "traces"):
+        super().__init__(hang_seconds, signal)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.add_servicer(self, self.server)
         address = f"127.0.0.1:{port}"
         self.port = (self.server.add_secure_port(address, credentials) if credentials
                      else self.server.add_insecure_port(address))
@@ -94,25 +157,25 @@ class GrpcReceiver(Receiver, trace_service_pb2_grpc.TraceServiceServicer):
 
     def Export(self, request, context):  # noqa: N802 (the gRPC method name)
         self.record(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
+        return self.response_type()
 
     def stop(self) -> None:
         self.server.stop(0)
 
 
 class HttpReceiver(Receiver):
-    def __init__(self, hang_seconds: float = 0.0):
-        super().__init__(hang_seconds)
+    def __init__(self, hang_seconds: float = 0.0, signal: str = "traces"):
+        super().__init__(hang_seconds, signal)
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 receiver.paths.append(self.path)
-                request = trace_service_pb2.ExportTraceServiceRequest()
+                request = receiver.request_type()
                 request.ParseFromString(body)
                 receiver.record(request)
-                payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                payload = receiver.response_type().SerializeToString()
                 self.send_response(200)
                 self.send_header("content-type", "application/x-protobuf")
                 self.send_header("content-length", str(len(payload)))

@@ -1,12 +1,17 @@
-"""Prometheus metrics of the server, served at /metrics."""
+"""Prometheus metrics of the server, served at /metrics and, with OTEL_METRICS_EXPORTER=otlp,
+pushed as snapshots to the metrics exporter process (tracing/metrics_exporter.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
+import zmq
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from loupe import ipc
 from loupe.ipc import ExporterStats, SchedulerStats
 
 SHORT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -18,6 +23,13 @@ GENAI_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5
 GENAI_TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model")  # gen_ai.operation.name…
 PROVIDER = "loupe"  # gen_ai.provider.name, as on the root spans
+# Over OTLP the GenAI metrics take their OpenTelemetry names and attribute keys back (Prometheus
+# spells the dots as underscores and adds the unit to the name); loupe_* keep theirs.
+OTEL_NAMES = {f"{name.replace('.', '_')}_seconds": name for name in (
+    "gen_ai.server.request.duration", "gen_ai.server.time_to_first_token", "gen_ai.server.time_per_output_token")}
+OTEL_ATTRIBUTES = {key.replace(".", "_"): key for key in (
+    "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "error.type")}
+UNITS = {"seconds": "s", "bytes": "By", "tokens": "{token}"}  # UCUM, from a family's unit or its name's last word
 
 
 class Metrics:
@@ -59,6 +71,10 @@ class Metrics:
             ["reason"], registry=r)
         self.exporter_restarts = Counter("loupe_tracing_exporter_restarts", "Times the span exporter process died "
                                          "and was started again", registry=r)
+        self.metrics_snapshots = Counter("loupe_metrics_snapshots", "Snapshots of these metrics pushed over OTLP, by "
+                                         "what became of them: exported; failed (the backend refused them, was down "
+                                         "or did not answer in time); dropped (the metrics exporter was busy with "
+                                         "an earlier one)", ["result"], registry=r)
         self._exporter_totals = ExporterStats(0, 0, 0)
         self._replicas: dict[int, SchedulerStats] = {}
         self.open_requests = Gauge("loupe_open_requests", "Requests the HTTP side holds state for", registry=r)
@@ -123,9 +139,58 @@ class Metrics:
         if restarted:
             self.exporter_restarts.inc()
 
+    def metrics_exported(self, report: ipc.MetricsExported) -> None:
+        self.metrics_snapshots.labels(result="exported" if report.ok else "failed").inc()
+        self.metrics_snapshots.labels(result="dropped").inc(report.superseded)
+
+    def snapshot(self, number: int) -> ipc.MetricsSnapshot:
+        """Every family as collected now, in plain values, under its OTLP name and unit, with
+        attribute keys for labels; an empty label is no attribute, as in Prometheus."""
+        families = []
+        for family in self.registry.collect():
+            cut = len(family.name)
+            samples = [(s.name[cut:], {OTEL_ATTRIBUTES.get(k, k): v for k, v in s.labels.items() if v}, s.value,
+                        s.exemplar and tuple(s.exemplar)) for s in family.samples]
+            families.append(ipc.MetricFamily(OTEL_NAMES.get(family.name, family.name), family.type,
+                                             UNITS.get(family.unit or family.name.rpartition("_")[2], ""),
+                                             family.documentation, samples))
+        return ipc.MetricsSnapshot(time.time_ns(), number, families)
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The metrics and their content type: OpenMetrics, which alone shows the latency
         histograms' trace-id exemplars, when the scraper's Accept header asks for it."""
         if "application/openmetrics-text" in accept:
             return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
         return generate_latest(self.registry), PROMETHEUS_TEXT
+
+
+class MetricsPusher:
+    """A snapshot of `metrics` to the metrics exporter every `interval` seconds, from a thread
+    of its own (collecting takes ~1 ms). Never waits: while the exporter is busy (a slow
+    backend) or gone, snapshots are dropped and counted; a later one carries the same totals."""
+
+    def __init__(self, metrics: Metrics, address: str, interval: float):
+        self.metrics, self.interval = metrics, interval
+        self.sock = ipc.connect(zmq.Context.instance(), zmq.PUSH, address, queue=ipc.METRICS_QUEUE)
+        self.taken = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="metrics-push", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self.push()
+
+    def push(self) -> None:
+        snapshot = self.metrics.snapshot(self.taken)
+        self.taken += 1
+        try:
+            self.sock.send(ipc.encode(snapshot), zmq.NOBLOCK)
+        except zmq.Again:
+            self.metrics.metrics_snapshots.labels(result="dropped").inc()
+
+    def close(self) -> None:
+        """Push a last snapshot: the exporter, stopped next, sends what changed since the previous one."""
+        self.stopped.set()
+        self.thread.join()
+        self.push()

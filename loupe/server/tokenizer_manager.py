@@ -155,10 +155,11 @@ class TokenizerManager:
             self.tracer.maybe_flush()
 
     async def run_inbox(self) -> None:
-        """Route the detokenizer's text and the scheduler's stats; runs for the server's life."""
+        """Route the detokenizer's text and the other processes' stats; runs for the server's life."""
         self.loop = asyncio.get_running_loop()
         dispatch = ipc.Dispatch({ipc.TextBatch: self._deliver, ipc.SchedulerStats: self.metrics.set_scheduler_stats,
-                                 ipc.ExporterStats: self.metrics.set_exporter_stats})
+                                 ipc.ExporterStats: self.metrics.set_exporter_stats,
+                                 ipc.MetricsExported: self.metrics.metrics_exported})
         while True:
             dispatch(ipc.decode(await self.inbox.recv()))
 

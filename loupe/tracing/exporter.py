@@ -23,7 +23,7 @@ import zmq
 
 from loupe import ipc
 from loupe.process import yield_to_serving
-from loupe.tracing.settings import ExportSettings
+from loupe.tracing.settings import ExportSettings, MetricsSettings
 from loupe.tracing.tail import TailKeeper
 
 logger = logging.getLogger(__name__)
@@ -34,10 +34,11 @@ DRAIN_QUIET_S = 0.2  # at shutdown: no span batch for this long means every one 
 ENDPOINT_CHECK_S = 2.0
 
 
-def make_exporter(settings: ExportSettings):
-    """An OTLP exporter of built requests: loupe's own gRPC sender, the SDK's HTTP one, or
-    OTLP JSON lines to a file (a file:// endpoint). Headers, timeout, compression and
-    certificates come from the SDK's env vars; an https:// endpoint means TLS."""
+def make_exporter(settings: ExportSettings | MetricsSettings, signal: str = "traces"):
+    """An OTLP exporter of built requests of `signal` ("traces" or "metrics"): loupe's own
+    gRPC sender, the SDK's HTTP one, or OTLP JSON lines to a file (a file:// endpoint).
+    Headers, timeout, compression and certificates come from the SDK's env vars for the
+    signal; an https:// endpoint means TLS."""
     if settings.protocol == "file":
         from loupe.tracing.file_export import FileExporter, file_path
 
@@ -45,21 +46,57 @@ def make_exporter(settings: ExportSettings):
     if settings.protocol == "grpc":
         from loupe.tracing.grpc_export import GrpcExporter
 
-        return GrpcExporter(settings.endpoint)
+        return GrpcExporter(settings.endpoint, signal)
+    if signal == "metrics":
+        from loupe.tracing.metrics_otlp import HttpMetricExporter
+
+        return HttpMetricExporter(endpoint=settings.endpoint)
     from loupe.tracing.otlp import HttpExporter
 
     return HttpExporter(endpoint=settings.endpoint)
 
 
-def make_resource():
+def server_resource() -> dict[str, object]:
+    """The resource of a server's spans and metrics: OTEL_SERVICE_NAME and
+    OTEL_RESOURCE_ATTRIBUTES, service.name "loupe" by default. Made once, in the main
+    process, so that the service.instance.id the SDK draws for each process is the same
+    whichever exporter sends, and after one is started again."""
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 
     named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
-    return Resource.create({} if named else {SERVICE_NAME: "loupe"})
+    return dict(Resource.create({} if named else {SERVICE_NAME: "loupe"}).attributes)
+
+
+def check_endpoint(protocol: str, endpoint: str, what: str = "spans", setting: str = "--otlp-endpoint") -> None:
+    """Say where `what` goes, and whether anything listens there now (a refused or unanswered
+    connection is the usual reason for a trace that never appears)."""
+    if protocol == "file":
+        from loupe.tracing.file_export import file_path
+
+        logger.info("writing %s as OTLP JSON lines to %s", what, os.path.abspath(file_path(endpoint)))
+        return
+    logger.info("exporting %s over OTLP %s to %s", what, protocol, endpoint)
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=ENDPOINT_CHECK_S).close()
+    except OSError as e:
+        logger.warning("nothing answers at %s:%d (%s): %s will fail to export until the OTLP backend "
+                       "is up (check %s)", url.hostname, port, e.strerror or e, what, setting)
+
+
+def stop_on_sigterm(stop) -> tuple[socket.socket, socket.socket]:
+    """Call `stop()` on SIGTERM, and make the first socket returned readable, so that a poll
+    on it ends at once (the second is the signal's end: keep it open)."""
+    signal.signal(signal.SIGTERM, lambda *_: stop())
+    signals, wake = socket.socketpair()
+    wake.setblocking(False)
+    signal.set_wakeup_fd(wake.fileno())
+    return signals, wake
 
 
 class ExporterProcess:
-    def __init__(self, settings: ExportSettings, endpoints: ipc.Endpoints):
+    def __init__(self, settings: ExportSettings, endpoints: ipc.Endpoints, resource: dict | None = None):
         from opentelemetry.sdk.trace.export import SpanExportResult
 
         from loupe.tracing.otlp import SpanEncoder
@@ -67,7 +104,7 @@ class ExporterProcess:
         self.settings = settings
         self.success = SpanExportResult.SUCCESS
         self.exporter = make_exporter(settings)
-        self.encoder = SpanEncoder(make_resource().attributes)
+        self.encoder = SpanEncoder(resource if resource is not None else server_resource())
         ctx = zmq.Context()
         self.inbox = ipc.bind(ctx, zmq.PULL, endpoints.tracing)
         self.to_manager = ipc.connect(ctx, zmq.PUSH, endpoints.manager)
@@ -87,15 +124,8 @@ class ExporterProcess:
         A signal ends a wait at once (through the signal wake-up fd), so the loop wakes only
         for spans, the stats and signals."""
         yield_to_serving()
-        self.check_endpoint()
-
-        def stop(*_) -> None:
-            self.stopping = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signals, wake = socket.socketpair()
-        wake.setblocking(False)
-        signal.set_wakeup_fd(wake.fileno())
+        check_endpoint(self.settings.protocol, self.settings.endpoint)
+        signals, _wake = stop_on_sigterm(self.stop)  # both stay open while it runs
         worker = threading.Thread(target=self.export_loop, name="otlp-export", daemon=True)
         worker.start()
         poller = zmq.Poller()
@@ -124,27 +154,12 @@ class ExporterProcess:
         self.exporter.shutdown()
         ipc.send(self.to_manager, self.stats())
 
+    def stop(self) -> None:
+        self.stopping = True
+
     def stats(self) -> ipc.ExporterStats:
         return ipc.ExporterStats(self.exported, self.dropped, self.failed, dict(self.tail.kept),
                                  dict(self.tail.discarded), os.getpid(), len(self.queue) + self.tail.num_held)
-
-    def check_endpoint(self) -> None:
-        """Say where spans go, and whether anything listens there now (a refused or unanswered
-        connection is the usual reason for a trace that never appears)."""
-        s = self.settings
-        if s.protocol == "file":
-            from loupe.tracing.file_export import file_path
-
-            logger.info("writing spans as OTLP JSON lines to %s", os.path.abspath(file_path(s.endpoint)))
-            return
-        logger.info("exporting spans over OTLP %s to %s", s.protocol, s.endpoint)
-        url = urlparse(s.endpoint)
-        port = url.port or (443 if url.scheme == "https" else 80)
-        try:
-            socket.create_connection((url.hostname, port), timeout=ENDPOINT_CHECK_S).close()
-        except OSError as e:
-            logger.warning("nothing answers at %s:%d (%s): spans will fail to export until the OTLP backend "
-                           "is up (check --otlp-endpoint)", url.hostname, port, e.strerror or e)
 
     def drain(self, quiet_s: float = DRAIN_QUIET_S, limit_s: float = 1.0) -> None:
         """Receive until nothing has come for `quiet_s` (`limit_s` at most). The main process

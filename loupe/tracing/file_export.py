@@ -1,9 +1,9 @@
 """OTLP JSON lines to a file: the OpenTelemetry file-exporter format, for `loupe traces`.
 
-Each export is one `ExportTraceServiceRequest` (the very message the gRPC and HTTP senders
-send) on one line, in OTLP/JSON: lowerCamelCase field names, enums as integers, 64-bit
-integers as decimal strings, and trace and span ids as hex strings (protobuf's own JSON
-mapping writes bytes as base64; OTLP/JSON does not). The OpenTelemetry Collector's
+Each export is one `ExportTraceServiceRequest` or `ExportMetricsServiceRequest` (the very
+message the gRPC and HTTP senders send) on one line, in OTLP/JSON: lowerCamelCase field
+names, enums as integers, 64-bit integers as decimal strings, and trace and span ids as hex
+strings (protobuf's own JSON mapping writes bytes as base64; OTLP/JSON does not). The OpenTelemetry Collector's
 `otlpjsonfile` receiver reads these files, and so does `loupe traces`.
 
 A line is written with one `write()` and flushed to the OS at once, so a killed exporter
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
@@ -29,15 +30,28 @@ ID_FIELDS = ("traceId", "spanId", "parentSpanId")
 
 
 def otlp_json(request) -> str:
-    """An ExportTraceServiceRequest as one line of OTLP/JSON."""
+    """An ExportTraceServiceRequest or ExportMetricsServiceRequest as one line of OTLP/JSON."""
     message = MessageToDict(request, use_integers_for_enums=True)
+    for item in with_ids(message):
+        for key in item.keys() & ID_FIELDS:
+            item[key] = base64.b64decode(item[key]).hex()
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
+def with_ids(message: dict) -> Iterator[dict]:
+    """The parts of an OTLP/JSON request that may hold ids: spans and their links, or the
+    exemplars of metrics' data points."""
     for resource_spans in message.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
-                for item in (span, *span.get("links", ())):
-                    for key in item.keys() & ID_FIELDS:
-                        item[key] = base64.b64decode(item[key]).hex()
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+                yield span
+                yield from span.get("links", ())
+    for resource_metrics in message.get("resourceMetrics", ()):
+        for scope_metrics in resource_metrics.get("scopeMetrics", ()):
+            for metric in scope_metrics.get("metrics", ()):
+                for data in (metric.get("sum"), metric.get("gauge"), metric.get("histogram")):
+                    for point in (data or {}).get("dataPoints", ()):
+                        yield from point.get("exemplars", ())
 
 
 def file_path(endpoint: str) -> str:
@@ -45,15 +59,15 @@ def file_path(endpoint: str) -> str:
     return endpoint[len("file://"):]
 
 
-def check_writable(path: str) -> None:
-    """Raise ValueError naming --otlp-endpoint when spans could not be written to `path`."""
+def check_writable(path: str, name: str = "--otlp-endpoint") -> None:
+    """Raise ValueError naming the setting `name` when OTLP could not be written to `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     if not path or path.endswith("/"):
-        raise ValueError(f"--otlp-endpoint file:// must name a file, got {'file://' + path!r}")
+        raise ValueError(f"{name} file:// must name a file, got {'file://' + path!r}")
     if not os.path.isdir(folder):
-        raise ValueError(f"--otlp-endpoint names a file in {folder}, which is not a folder that exists")
+        raise ValueError(f"{name} names a file in {folder}, which is not a folder that exists")
     if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ValueError(f"--otlp-endpoint names {path}, which this user cannot write")
+        raise ValueError(f"{name} names {path}, which this user cannot write")
 
 
 class FileExporter:
@@ -72,7 +86,7 @@ class FileExporter:
             self.file.write(line)
             self.file.flush()
         except OSError as e:
-            logger.warning("writing spans to %s failed: %s", self.path, e)
+            logger.warning("writing to %s failed: %s", self.path, e)
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 

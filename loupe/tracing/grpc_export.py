@@ -34,7 +34,8 @@ from opentelemetry.util.re import parse_env_headers
 from loupe.tracing.settings import first_env, normalize_endpoint, parsed
 
 logger = logging.getLogger(__name__)
-EXPORT_PATH = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+EXPORT_PATHS = {"traces": "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                "metrics": "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"}
 OK, UNAVAILABLE = "0", "14"
 # CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE,
 # DATA_LOSS: the codes the SDK's gRPC exporter retries.
@@ -42,27 +43,24 @@ RETRYABLE = {"1", "4", "8", "10", "11", "14", "15"}
 COMPRESSORS = {"gzip": gzip.compress, "deflate": zlib.compress}
 
 
-def otlp_env(name: str, default: str | None = None) -> str | None:
-    """`OTEL_EXPORTER_OTLP_TRACES_{name}`, else `OTEL_EXPORTER_OTLP_{name}`, else `default`."""
-    return first_env(f"OTEL_EXPORTER_OTLP_TRACES_{name}", f"OTEL_EXPORTER_OTLP_{name}", default=default)
-
-
 class GrpcExporter:
-    """Sends ExportTraceServiceRequests to an OTLP/gRPC endpoint: `host:port`, `http://` or
-    `https://` (TLS)."""
+    """Sends ExportTraceServiceRequests (`signal` "traces") or ExportMetricsServiceRequests
+    ("metrics") to an OTLP/gRPC endpoint: `host:port`, `http://` or `https://` (TLS)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, signal: str = "traces") -> None:
+        self.signal = signal
         url = urlparse(normalize_endpoint(endpoint, "grpc"))
         self.address = (url.hostname, url.port or 4317)
         self.tls = url.scheme == "https"
-        self.timeout = parsed(otlp_env("TIMEOUT", "10"), float, lambda v: v > 0, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        self.timeout = parsed(self.env("TIMEOUT", "10"), float, lambda v: v > 0, self.env_name("TIMEOUT"),
                               "a positive number of seconds")
-        compression = (otlp_env("COMPRESSION") or "none").strip().lower()
+        compression = (self.env("COMPRESSION") or "none").strip().lower()
         if compression not in (*COMPRESSORS, "none"):
-            raise ValueError(f"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION must be gzip, deflate or none, got {compression!r}")
+            raise ValueError(f"{self.env_name('COMPRESSION')} must be gzip, deflate or none, got {compression!r}")
         self.compress = COMPRESSORS.get(compression)
-        metadata = parse_env_headers(otlp_env("HEADERS") or "", liberal=True)
-        self.headers = [(":method", "POST"), (":scheme", "https" if self.tls else "http"), (":path", EXPORT_PATH),
+        metadata = parse_env_headers(self.env("HEADERS") or "", liberal=True)
+        self.headers = [(":method", "POST"), (":scheme", "https" if self.tls else "http"),
+                        (":path", EXPORT_PATHS[signal]),
                         (":authority", url.netloc if url.port else f"{url.netloc}:4317"), ("content-type", "application/grpc"),
                         ("te", "trailers"), ("user-agent", "loupe-otlp-exporter"),
                         *([("grpc-encoding", compression)] if self.compress else []),
@@ -70,6 +68,13 @@ class GrpcExporter:
         self.sock: socket.socket | None = None
         self.conn: h2.connection.H2Connection | None = None
         self.closing = threading.Event()
+
+    def env_name(self, name: str) -> str:
+        return f"OTEL_EXPORTER_OTLP_{self.signal.upper()}_{name}"
+
+    def env(self, name: str, default: str | None = None) -> str | None:
+        """`OTEL_EXPORTER_OTLP_{SIGNAL}_{name}`, else `OTEL_EXPORTER_OTLP_{name}`, else `default`."""
+        return first_env(self.env_name(name), f"OTEL_EXPORTER_OTLP_{name}", default=default)
 
     def export(self, request) -> SpanExportResult:
         payload = request.SerializeToString()
@@ -88,7 +93,8 @@ class GrpcExporter:
                 return SpanExportResult.SUCCESS
             wait = min(backoff * random.uniform(0.8, 1.2), deadline - time.monotonic())
             if status not in RETRYABLE or wait <= 0:
-                logger.warning("exporting spans to %s:%s failed: gRPC status %s %s", *self.address, status, detail)
+                logger.warning("exporting %s to %s:%s failed: gRPC status %s %s", self.signal, *self.address, status,
+                               detail)
                 return SpanExportResult.FAILURE
             self.closing.wait(wait)
             backoff *= 2
@@ -142,9 +148,9 @@ class GrpcExporter:
         sock = socket.create_connection(self.address, timeout=max(0.001, deadline - time.monotonic()))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls:
-            context = ssl.create_default_context(cafile=otlp_env("CERTIFICATE"))
-            if otlp_env("CLIENT_CERTIFICATE"):
-                context.load_cert_chain(otlp_env("CLIENT_CERTIFICATE"), otlp_env("CLIENT_KEY"))
+            context = ssl.create_default_context(cafile=self.env("CERTIFICATE"))
+            if self.env("CLIENT_CERTIFICATE"):
+                context.load_cert_chain(self.env("CLIENT_CERTIFICATE"), self.env("CLIENT_KEY"))
             context.set_alpn_protocols(["h2"])
             sock = context.wrap_socket(sock, server_hostname=self.address[0])
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))

@@ -7,9 +7,9 @@ in the batch) is encoded once and copied per request, with its own span id.
 
 gRPC requests go out through loupe's own sender (tracing/grpc_export.py). HTTP ones go
 through the SDK's OTLP/HTTP exporter, so its environment variables (headers, timeout,
-compression, certificates), TLS and retries apply: a small subclass hands it the built
+compression, certificates), TLS and retries apply: a small mixin hands it the built
 request through a private hook, there since 1.45; the package is pinned below 2 in
-pyproject.toml, and `HttpExporter` refuses to start, saying so, where the hook is missing.
+pyproject.toml, and `SdkHttpSender` refuses to start, saying so, where the hook is missing.
 """
 
 from __future__ import annotations
@@ -164,10 +164,11 @@ class SpanEncoder:
         return request
 
 
-class HttpExporter(sdk_http.OTLPSpanExporter):
-    """The SDK's OTLP/HTTP span exporter sending requests built here. Hook: since 1.45 its
-    `export()` serialises ReadableSpans and hands the bytes to `self._client.export`, the
-    shared OTLP HTTP client that compresses, retries and applies headers, timeout and TLS."""
+class SdkHttpSender:
+    """Mixed into one of the SDK's OTLP/HTTP exporters, it sends requests built here. Hook:
+    since 1.45 their `export()` encodes the SDK's own objects and hands the bytes to
+    `self._client.export`, the shared OTLP HTTP client that compresses, retries and applies
+    headers, timeout and TLS."""
 
     def __init__(self, endpoint: str) -> None:
         super().__init__(endpoint=endpoint)
@@ -177,8 +178,12 @@ class HttpExporter(sdk_http.OTLPSpanExporter):
             raise RuntimeError("OTLP http/protobuf export needs opentelemetry-exporter-otlp-proto-http>=1.45,<2 "
                                f"(installed: {version('opentelemetry-exporter-otlp-proto-http')})")
 
-    def export(self, request: ExportTraceServiceRequest) -> SpanExportResult:
+    def export(self, request) -> SpanExportResult:
         if self._shutdown:
             return SpanExportResult.FAILURE
         result = self._client.export(request.SerializeToString())
         return SpanExportResult.SUCCESS if result.success else SpanExportResult.FAILURE
+
+
+class HttpExporter(SdkHttpSender, sdk_http.OTLPSpanExporter):
+    """The SDK's OTLP/HTTP span exporter, sending ExportTraceServiceRequests built here."""

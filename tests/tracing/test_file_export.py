@@ -1,14 +1,13 @@
 """Spans to a file: OTLP JSON lines, as the OpenTelemetry Collector's otlpjsonfile receiver reads them."""
 
-import base64
 import json
 import multiprocessing as mp
 import time
 
 import pytest
 import zmq
-from google.protobuf.json_format import Parse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from otlp_receivers import parse_json_line
 
 from loupe import ipc
 from loupe.process import Ready, run_child
@@ -24,25 +23,13 @@ T0 = 1_700_000_000_000_000_000
 def request(trace_id: int = 0xABC, steps: int = 2) -> ExportTraceServiceRequest:
     """A root, a thread span, a failed stage and a decode-step fan-out, as the exporter encodes them."""
     root = SpanRecord(trace_id, 10, 0x77, "Req r1", 0, 5_000, {"rid": "r1", "gen_ai.latency.e2e": 5e-6,
-                                                          "loupe.request.outcome": "completed"},
+                                                               "loupe.request.outcome": "completed"},
                       [("first_token", 1_000, {"completion_tokens": 1})], kind=SERVER, remote_parent=True)
     items = [(root, T0), (SpanRecord(trace_id, 11, 10, "Scheduler [TP 0]", 100, 4_000, {"tp_rank": 0}), T0),
              (SpanRecord(trace_id, 12, 11, "decode", 200, 3_000, error="boom"), T0)]
     fanout = Fanout("decode_step", 300, 400, {"batch_size": 2}, [(trace_id, 12, i) for i in range(steps)])
     items += [(fanout, T0, parent) for parent in fanout.parents]
     return SpanEncoder({"service.name": "loupe"}).encode(items)
-
-
-def parse_line(line: str) -> ExportTraceServiceRequest:
-    """Protobuf's JSON parser, after turning OTLP/JSON's hex ids into the base64 protobuf's mapping takes."""
-    message = json.loads(line)
-    for rs in message["resourceSpans"]:
-        for ss in rs["scopeSpans"]:
-            for span in ss["spans"]:
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if key in span:
-                        span[key] = base64.b64encode(bytes.fromhex(span[key])).decode()
-    return Parse(json.dumps(message), ExportTraceServiceRequest())
 
 
 def test_a_line_is_otlp_json_and_parses_back_into_the_same_request():
@@ -56,7 +43,7 @@ def test_a_line_is_otlp_json_and_parses_back_into_the_same_request():
     assert span["startTimeUnixNano"] == str(T0) and "start_time_unix_nano" not in span  # lowerCamelCase
     assert raw["resourceSpans"][0]["resource"]["attributes"][0] == {"key": "service.name",
                                                                      "value": {"stringValue": "loupe"}}
-    assert parse_line(line) == sent
+    assert parse_json_line(line) == sent
 
 
 def test_rotation_by_size_keeps_every_line_in_order_and_a_bounded_number_of_files(tmp_path):
@@ -72,7 +59,7 @@ def test_rotation_by_size_keeps_every_line_in_order_and_a_bounded_number_of_file
     for name in ("traces.2.jsonl", "traces.3.jsonl", "traces.jsonl"):
         lines = (tmp_path / name).read_text().splitlines()
         assert len(lines) <= 3
-        ids += [parse_line(line).resource_spans[0].scope_spans[0].spans[0].trace_id for line in lines]
+        ids += [parse_json_line(line).resource_spans[0].scope_spans[0].spans[0].trace_id for line in lines]
     assert [int.from_bytes(t, "big") for t in ids] == list(range(4, 11))
 
     again = FileExporter(str(path), max_bytes=one_line, backups=5)  # a restarted exporter numbers on
@@ -127,5 +114,5 @@ def test_the_exporter_process_writes_everything_queued_before_it_exits(tmp_path)
         stats.close(0)
     lines = path.read_text().splitlines()
     assert len(lines) == 3  # exports of at most 8 spans
-    names = [s.name for line in lines for s in parse_line(line).resource_spans[0].scope_spans[0].spans]
+    names = [s.name for line in lines for s in parse_json_line(line).resource_spans[0].scope_spans[0].spans]
     assert sorted(names) == sorted(f"s{i}" for i in range(20))
