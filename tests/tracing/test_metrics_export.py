@@ -225,7 +225,8 @@ class MetricsExporter:
         self.proc = ctx.Process(target=run_child, args=("metrics", "info", write, MetricsExporterProcess, settings,
                                                          self.endpoints), daemon=True)
         self.proc.start()
-        assert read.recv() == Ready()
+        got = read.recv()
+        assert isinstance(got, Ready) and got.info is None  # ready, with no info to give
         self.metrics = Metrics()
         self.pusher = MetricsPusher(self.metrics, self.endpoints.metrics, interval)
 
