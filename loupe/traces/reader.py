@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from sys import intern
 
 SERVER_KIND = 2
 STATUS_ERROR = 2
@@ -72,21 +73,25 @@ def value(any_value: dict):
 
 
 def attributes(pairs: Iterable[dict]) -> dict:
-    return {kv["key"]: value(kv.get("value", NO_VALUE)) for kv in pairs}
+    """Attributes by key, the keys interned (a large file repeats a few keys millions of times)."""
+    return {intern(kv["key"]): value(kv.get("value", NO_VALUE)) for kv in pairs}
 
 
 def spans_of(request: dict) -> Iterable[Span]:
+    """The spans of one export. Their names and trace and parent ids are interned: the spans of
+    a large file share a few names, and each id is repeated by many spans."""
     for resource_spans in request.get("resourceSpans", ()):
         resource = attributes(resource_spans.get("resource", {}).get("attributes", ()))
         service = str(resource.get("service.name", ""))
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for s in scope_spans.get("spans", ()):
                 status = s.get("status", {})
+                parent = s.get("parentSpanId", "").lower()
                 yield Span(
-                    s["traceId"].lower(), s["spanId"].lower(), s.get("parentSpanId", "").lower() or None,
-                    s.get("name", ""), int(s.get("startTimeUnixNano", 0)), int(s.get("endTimeUnixNano", 0)),
+                    intern(s["traceId"].lower()), s["spanId"].lower(), intern(parent) if parent else None,
+                    intern(s.get("name", "")), int(s.get("startTimeUnixNano", 0)), int(s.get("endTimeUnixNano", 0)),
                     s.get("kind", 1), attributes(s.get("attributes", ())),
-                    [Event(e.get("name", ""), int(e.get("timeUnixNano", 0)), attributes(e.get("attributes", ())))
+                    [Event(intern(e.get("name", "")), int(e.get("timeUnixNano", 0)), attributes(e.get("attributes", ())))
                      for e in s.get("events", ())],
                     status.get("code", 0), status.get("message", ""), service)
 
