@@ -4,6 +4,7 @@ wrote with `--otlp-endpoint file:///path/traces.jsonl`, without a tracing backen
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -153,7 +154,11 @@ def main(argv: list[str] | None = None) -> None:
         args.trace_id = None if args.slowest or args.route else args.files.pop(0)
         if not args.files:
             raise SystemExit("loupe traces why: give TRACE_ID FILE… or --slowest N FILE…")
+    spans = load(args.files, console)
+    gc.freeze()  # the spans live as long as the command and hold no cycles: collections need not walk them
     try:
-        args.run(args, load(args.files, console), console)
+        args.run(args, spans, console)
     except LookupError as e:  # a trace id that names no trace, or several
         raise SystemExit(f"loupe traces {args.command}: {e}") from None
+    finally:
+        gc.unfreeze()  # for a caller that goes on (the tests)
