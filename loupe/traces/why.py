@@ -65,8 +65,9 @@ class Passes:
     def __init__(self, traces: dict[str, list[Span]]):
         self.batches: dict[tuple[str, int], Batch] = {}
         self.prompt_tokens: dict[str, int] = {}  # rid: its prompt's length
-        for spans in traces.values():
-            children = children_by_parent(spans)
+        self.children: dict[str, dict[str | None, list[Span]]] = {}  # trace id: its spans by parent (explain's too)
+        for trace_id, spans in traces.items():
+            children = self.children[trace_id] = children_by_parent(spans)
             for root in (s for s in spans if s.is_request):
                 rid = rid_of(root)
                 self.prompt_tokens[rid] = int(root.attributes.get("gen_ai.usage.prompt_tokens", 0) or 0)
@@ -200,7 +201,7 @@ def count(n: int, thing: str) -> str:
 
 def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     """Where `root`'s request spent its time, as causes (see the module's docstring)."""
-    children = children_by_parent(spans)
+    children = passes.children.get(root.trace_id) or children_by_parent(spans)  # a trace the passes were not built from
     first = next((e.time for e in root.events if e.name == "first_token"), None)
     line = Timeline(root.start, root.end, first)
     threads_below = {c.span_id for c in children.get(root.span_id, ())}
