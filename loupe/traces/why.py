@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import statistics
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from rich.table import Table
@@ -58,15 +59,21 @@ class Batch:
         return (self.end - self.start) / 1e9
 
 
+def quietly(items: Collection, what: str) -> Iterable:
+    """`items` as they are. Passes and explain_all walk traces and requests through
+    `each(items, what)`, which `loupe traces` makes a progress bar on a terminal."""
+    return items
+
+
 class Passes:
     """Every forward pass in the files, by (scheduler, batch id), and each scheduler's
     decode-only passes by batch size (the baseline a step is measured against)."""
 
-    def __init__(self, traces: dict[str, list[Span]]):
+    def __init__(self, traces: dict[str, list[Span]], each: Callable[[Collection, str], Iterable] = quietly):
         self.batches: dict[tuple[str, int], Batch] = {}
         self.prompt_tokens: dict[str, int] = {}  # rid: its prompt's length
         self.children: dict[str, dict[str | None, list[Span]]] = {}  # trace id: its spans by parent (explain's too)
-        for trace_id, spans in traces.items():
+        for trace_id, spans in each(traces.items(), "indexing forward passes"):
             children = self.children[trace_id] = children_by_parent(spans)
             for root in (s for s in spans if s.is_request):
                 rid = rid_of(root)
@@ -344,14 +351,17 @@ def explain_from_attributes(root: Span, line: Timeline) -> None:
             at += int(seconds * 1e9)
 
 
-def explain_all(traces: dict[str, list[Span]], roots: list[Span]) -> list[Explanation]:
-    passes = Passes(traces)
-    return [explain(root, traces[root.trace_id], passes) for root in roots]
+def explain_all(traces: dict[str, list[Span]], roots: list[Span],
+                each: Callable[[Collection, str], Iterable] = quietly) -> list[Explanation]:
+    passes = Passes(traces, each)
+    return [explain(root, traces[root.trace_id], passes) for root in each(roots, "explaining requests")]
 
 
-def explain_succeeded(traces: dict[str, list[Span]]) -> list[Explanation]:
+def explain_succeeded(traces: dict[str, list[Span]],
+                      each: Callable[[Collection, str], Iterable] = quietly) -> list[Explanation]:
     """Every request that succeeded (a run's view leaves failed ones out, as the summary's latencies do)."""
-    return explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request and s.status != STATUS_ERROR])
+    return explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request and s.status != STATUS_ERROR],
+                       each)
 
 
 def pick(traces: dict[str, list[Span]], trace_id: str | None, slowest: int, route: str | None) -> list[Span]:
