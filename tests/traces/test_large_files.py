@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 
 from conftest import request_spans, write
 from rich.console import Console
@@ -11,7 +14,9 @@ from test_why import request
 from loupe.cli import main
 from loupe.traces import commands
 from loupe.traces.reader import read_files
-from loupe.traces.why import Passes, explain
+from loupe.traces.why import Passes, explain, explain_succeeded
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_explaining_with_the_passes_index_of_each_trace_gives_what_building_it_again_gave(tmp_path):
@@ -48,3 +53,25 @@ def test_to_a_pipe_a_large_file_prints_what_a_small_one_would(load_run, monkeypa
         main(["traces", "why", "--slowest", "2", path])
         outputs.append(capsys.readouterr())
     assert outputs[0] == outputs[1] and "explaining" not in outputs[1].out + outputs[1].err
+
+
+def test_the_benchmarks_copies_of_a_file_stay_apart_and_explain_as_the_original(tmp_path):
+    """benchmarks/bench_traces_file.py --grow: fresh ids, times and batch ids in each copy, so no
+    two copies share a trace, a request or a forward pass."""
+    seed = write(tmp_path / "seed.jsonl", request(1, "short", 0, 2, 5, 16, 280, list(range(1, 12)), 8)
+                 + request(2, "long", 25, 27, 36, 216, 300, list(range(4, 12)), 1124, cached=64))
+    grown = str(tmp_path / "grown.jsonl")
+    size_gb = 2.5 * os.path.getsize(seed) / 2**30  # three copies: each is a little longer than the seed
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "bench_traces_file.py"), "--grow", seed,
+                    "--size-gb", str(size_gb), "--output", grown], check=True, cwd=REPO, capture_output=True)
+    original, copies = read_files([seed]).traces, read_files([grown]).traces
+    assert len(copies) == 3 * len(original)
+    assert len(Passes(copies).batches) == 3 * len(Passes(original).batches)
+    rids = [s.attributes["rid"] for spans in copies.values() for s in spans if s.is_request]
+    assert len(set(rids)) == len(rids) == 6
+
+    def causes(traces: dict) -> list:
+        return sorted((e.e2e, e.ttft, [(c.name, c.e2e, c.ttft, len(c.evidence)) for c in e.causes])
+                      for e in explain_succeeded(traces))
+
+    assert causes(copies) == sorted(causes(original) * 3)
