@@ -4,7 +4,6 @@ wrote with `--otlp-endpoint file:///path/traces.jsonl`, without a tracing backen
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loupe.traces import perfetto
-from loupe.traces.reader import SpanFile, read_files
+from loupe.traces.reader import SpanFile, collector_off, read_files
 from loupe.traces.requests import all_requests
 
 PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
@@ -176,11 +175,8 @@ def main(argv: list[str] | None = None) -> None:
         args.trace_id = None if args.slowest or args.route else args.files.pop(0)
         if not args.files:
             raise SystemExit("loupe traces why: give TRACE_ID FILE… or --slowest N FILE…")
-    spans = load(args.files, console)
-    gc.freeze()  # the spans live as long as the command and hold no cycles: collections need not walk them
-    try:
-        args.run(args, spans, console)
-    except LookupError as e:  # a trace id that names no trace, or several
-        raise SystemExit(f"loupe traces {args.command}: {e}") from None
-    finally:
-        gc.unfreeze()  # for a caller that goes on (the tests)
+    with collector_off():  # a command's spans and explanations live until it ends: collecting would find little
+        try:
+            args.run(args, load(args.files, console), console)
+        except LookupError as e:  # a trace id that names no trace, or several
+            raise SystemExit(f"loupe traces {args.command}: {e}") from None

@@ -127,7 +127,7 @@ def lines_of(paths: Iterable[str], advance: Callable[[int], None] | None) -> Ite
 def collector_off() -> Iterator[None]:
     """The cyclic garbage collector off: reading makes millions of objects and frees none, so
     each of its passes would walk them all again to find nothing (on a 1 GB file that took
-    longer than the reading itself)."""
+    longer than the reading itself). Back as it was after."""
     was_on = gc.isenabled()
     gc.disable()
     try:

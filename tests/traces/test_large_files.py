@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import subprocess
@@ -53,6 +54,7 @@ def test_to_a_pipe_a_large_file_prints_what_a_small_one_would(load_run, monkeypa
         main(["traces", "why", "--slowest", "2", path])
         outputs.append(capsys.readouterr())
     assert outputs[0] == outputs[1] and "explaining" not in outputs[1].out + outputs[1].err
+    assert gc.isenabled()  # off while a command runs, back after it
 
 
 def test_the_benchmarks_copies_of_a_file_stay_apart_and_explain_as_the_original(tmp_path):
