@@ -7,15 +7,17 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loupe.traces import perfetto
-from loupe.traces.reader import SpanFile, read_files
+from loupe.traces.reader import SpanFile, collector_off, read_files
 from loupe.traces.requests import all_requests
 
 PROGRESS_FROM_BYTES = 32 * 2**20  # a progress bar for reading more than this, on a terminal
+PROGRESS_FROM_ITEMS = 1_000  # and for walking more traces or requests than this after reading
 WIDTH_OFF_TERMINAL = 150  # columns of output to a file or pipe (rich would take 80): ids stay whole
 
 
@@ -40,13 +42,31 @@ def load(paths: list[str], console: Console) -> SpanFile:
     return spans
 
 
+def walker(console: Console) -> Callable[[Collection, str], Iterable]:
+    """`each(items, what)` for why's Passes and explain_all: a progress bar saying `what` while
+    many traces or requests are walked on a terminal; nothing otherwise."""
+
+    def each(items: Collection, what: str) -> Iterable:
+        if len(items) < PROGRESS_FROM_ITEMS or not console.is_terminal:
+            return items
+        return with_bar(items, what, console)
+
+    return each
+
+
+def with_bar(items: Collection, what: str, console: Console) -> Iterator:
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        yield from progress.track(items, total=len(items))
+
+
 def summary(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.summary import summarize, tables
     from loupe.traces.why import explain_succeeded, run_tables, run_view
 
     requests = all_requests(spans.traces, join_pairs=not args.per_server)
     result = summarize(requests, args.slowest)
-    view = run_view(explain_succeeded(spans.traces))
+    view = run_view(explain_succeeded(spans.traces, walker(console)))
     if args.json:
         print(json.dumps({"files": args.files, "traces": len(spans.traces), **result, **view}, indent=2))
         return
@@ -61,7 +81,8 @@ def show(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     trace_id = find_trace(spans.traces, args.trace_id)
     from loupe.traces.why import Passes
 
-    console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold, passes=Passes(spans.traces)))
+    passes = Passes(spans.traces, walker(console))
+    console.print(waterfall(spans.traces[trace_id], width=args.bar_width, folded=args.fold, passes=passes))
 
 
 def why(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
@@ -69,7 +90,8 @@ def why(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.why import explain_all, pick, table
 
     trace_id = find_trace(spans.traces, args.trace_id) if args.trace_id else None
-    explanations = explain_all(spans.traces, pick(spans.traces, trace_id, args.slowest or 1, args.route))
+    explanations = explain_all(spans.traces, pick(spans.traces, trace_id, args.slowest or 1, args.route),
+                               walker(console))
     if args.json:
         print(json.dumps([e.as_dict() for e in explanations], indent=2))
         return
@@ -109,7 +131,7 @@ def plot(args: argparse.Namespace, spans: SpanFile, console: Console) -> None:
     from loupe.traces.why import explain_succeeded
 
     if args.timeline:
-        drawn = timeline(explain_succeeded(spans.traces), args.output)
+        drawn = timeline(explain_succeeded(spans.traces, walker(console)), args.output)
     else:
         drawn = draw(all_requests(spans.traces), args.output)
     console.print(f"wrote {args.output}: {drawn} requests")
@@ -186,10 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         missing = ("no -- between the runs" if args.after is None
                    else f"no files {'after' if args.files else 'before'} --")
         raise SystemExit(f"loupe traces diff: {missing}; give BEFORE_FILE… -- AFTER_FILE…")
-    try:
-        if args.command == "diff":  # two runs, each read on its own
-            diff(args, load(args.files, console), load(args.after, console), console)
-        else:
-            args.run(args, load(args.files, console), console)
-    except LookupError as e:  # a trace id that names no trace, or several
-        raise SystemExit(f"loupe traces {args.command}: {e}") from None
+    with collector_off():  # a command's spans and explanations live until it ends: collecting would find little
+        try:
+            if args.command == "diff":  # two runs, each read on its own
+                diff(args, load(args.files, console), load(args.after, console), console)
+            else:
+                args.run(args, load(args.files, console), console)
+        except LookupError as e:  # a trace id that names no trace, or several
+            raise SystemExit(f"loupe traces {args.command}: {e}") from None

@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import statistics
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 from rich.table import Table
@@ -63,15 +64,22 @@ class Batch:
         return (self.end - self.start) / 1e9
 
 
+def quietly(items: Collection, what: str) -> Iterable:
+    """`items` as they are. Passes and explain_all walk traces and requests through
+    `each(items, what)`, which `loupe traces` makes a progress bar on a terminal."""
+    return items
+
+
 class Passes:
     """Every forward pass in the files, by (scheduler, batch id), and each scheduler's
     decode-only passes by batch size (the baseline a step is measured against)."""
 
-    def __init__(self, traces: dict[str, list[Span]]):
+    def __init__(self, traces: dict[str, list[Span]], each: Callable[[Collection, str], Iterable] = quietly):
         self.batches: dict[tuple[str, int], Batch] = {}
         self.prompt_tokens: dict[str, int] = {}  # rid: its prompt's length
-        for spans in traces.values():
-            children = children_by_parent(spans)
+        self.children: dict[str, dict[str | None, list[Span]]] = {}  # trace id: its spans by parent (explain's too)
+        for trace_id, spans in each(traces.items(), "indexing forward passes"):
+            children = self.children[trace_id] = children_by_parent(spans)
             for root in (s for s in spans if s.is_request):
                 rid = rid_of(root)
                 self.prompt_tokens[rid] = int(root.attributes.get("gen_ai.usage.prompt_tokens", 0) or 0)
@@ -240,7 +248,7 @@ def count(n: int, thing: str) -> str:
 
 def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     """Where `root`'s request spent its time, as causes (see the module's docstring)."""
-    children = children_by_parent(spans)
+    children = passes.children.get(root.trace_id) or children_by_parent(spans)  # a trace the passes were not built from
     first = next((e.time for e in root.events if e.name == "first_token"), None)
     line = Timeline(root.start, root.end, first)
     threads_below = {c.span_id for c in children.get(root.span_id, ())}
@@ -288,7 +296,8 @@ def explain_pair(pair: Pair, spans: list[Span], passes: Passes) -> Explanation:
     line.add("router", edges[0], edges[1])
     line.take(p, "prefill", edges[1], edges[2])
     line.take(d, "decode", edges[2], edges[3], rename={"queued": "decode queue"}, fill="bootstrap wait")
-    busy = passes.in_flight(schedulers(pair.decode, children_by_parent(spans))[0].name, pair.transfer.start)
+    children = passes.children.get(pair.decode.trace_id) or children_by_parent(spans)
+    busy = passes.in_flight(schedulers(pair.decode, children)[0].name, pair.transfer.start)
     line.add("KV transfer", edges[3], edges[4], f"{pair.transfer_text()}: from leaving the prefill server to the "
              "decode server having it" + ("" if busy is None else f", which was running a forward pass until "
                                           f"{ms((busy[1].end - pair.transfer.start) / 1e9)} later (batch {busy[0]})"))
@@ -458,16 +467,17 @@ def explain_from_attributes(root: Span, line: Timeline) -> None:
             at += int(seconds * 1e9)
 
 
-def explain_all(traces: dict[str, list[Span]], roots: list[Span]) -> list[Explanation]:
+def explain_all(traces: dict[str, list[Span]], roots: list[Span],
+                each: Callable[[Collection, str], Iterable] = quietly) -> list[Explanation]:
     """Each root's request explained; a prefill/decode pair's two roots as one request, once."""
-    passes = Passes(traces)
+    passes = Passes(traces, each)
     pair_of: dict[tuple[str, str], Pair] = {}  # (trace id, root span id): its pair
     for trace_id in dict.fromkeys(root.trace_id for root in roots):
         spans = traces[trace_id]
-        for pair in pairs(spans, children_by_parent(spans)):
+        for pair in pairs(spans, passes.children.get(trace_id) or children_by_parent(spans)):
             pair_of[(trace_id, pair.prefill.span_id)] = pair_of[(trace_id, pair.decode.span_id)] = pair
     out, done = [], set()
-    for root in roots:
+    for root in each(roots, "explaining requests"):
         pair = pair_of.get((root.trace_id, root.span_id))
         if pair is None:
             out.append(explain(root, traces[root.trace_id], passes))
@@ -477,9 +487,10 @@ def explain_all(traces: dict[str, list[Span]], roots: list[Span]) -> list[Explan
     return out
 
 
-def explain_succeeded(traces: dict[str, list[Span]]) -> list[Explanation]:
+def explain_succeeded(traces: dict[str, list[Span]],
+                      each: Callable[[Collection, str], Iterable] = quietly) -> list[Explanation]:
     """Every request that succeeded (a run's view leaves failed ones out, as the summary's latencies do)."""
-    explained = explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request])
+    explained = explain_all(traces, [s for spans in traces.values() for s in spans if s.is_request], each)
     return [e for e in explained if not e.error]
 
 

@@ -1,8 +1,10 @@
 """OTLP JSON lines into spans, and each request's stages from them."""
 
+import gc
+
 from conftest import T0, request_spans, write
 
-from loupe.traces.reader import read_files
+from loupe.traces.reader import attributes, read_files
 from loupe.traces.requests import all_requests
 
 
@@ -55,3 +57,26 @@ def test_a_prefill_decode_pair_is_one_request_in_one_trace_or_a_root_per_server(
     requests = all_requests(read.traces, join_pairs=False)
     assert [(r.rid, r.route) for r in requests] == [("p", "/v1/completions (prefill)"), ("d", "/v1/completions (decode)")]
     assert requests[1].stages["decode"] == 0.04
+
+
+def test_every_kind_of_otlp_value_is_read():
+    pairs = [{"key": "s", "value": {"stringValue": "x"}}, {"key": "i", "value": {"intValue": "12345678901"}},
+             {"key": "b", "value": {"boolValue": True}}, {"key": "d", "value": {"doubleValue": 0.5}},
+             {"key": "a", "value": {"arrayValue": {"values": [{"stringValue": "stop"}, {"intValue": 3}]}}},
+             {"key": "kv", "value": {"kvlistValue": {"values": [{"key": "k", "value": {"boolValue": False}}]}}},
+             {"key": "none", "value": {}}, {"key": "missing"}]
+    assert attributes(pairs) == {"s": "x", "i": 12345678901, "b": True, "d": 0.5, "a": ["stop", 3],
+                                 "kv": {"k": False}, "none": None, "missing": None}
+
+
+def test_reading_leaves_the_garbage_collector_as_it_found_it(tmp_path):
+    path = write(tmp_path / "t.jsonl", request_spans(1, "r1", 0, 1, 1, 1))
+    assert gc.isenabled()
+    read_files([path])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        read_files([path])
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
