@@ -302,7 +302,8 @@ def explain_pair(pair: Pair, spans: list[Span], passes: Passes) -> Explanation:
              "decode server having it" + ("" if busy is None else f", which was running a forward pass until "
                                           f"{ms((busy[1].end - pair.transfer.start) / 1e9)} later (batch {busy[0]})"))
     for role, side in (("prefill", p), ("decode", d)):
-        line.causes["KV transfer"].evidence += [f"{role}: {e}" for e in side.cause("KV transfer").evidence]
+        if (moved := side.cause("KV transfer")) is not None:  # a decode server's kv_receive may not be recorded
+            line.causes["KV transfer"].evidence += [f"{role}: {e}" for e in moved.evidence]
     line.take(d, "decode", edges[4], edges[5])
     line.token_gaps, line.stall = d.token_gaps, d.stall
     notes = [f"a prefill/decode pair: {p.rid} on the prefill server, {d.rid} on the decode server "
