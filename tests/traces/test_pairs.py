@@ -17,6 +17,7 @@ from loupe.traces.why import explain_all, explain_succeeded, pick
 from loupe.tracing.recorder import SERVER, SpanRecord
 
 ROOM = 4242
+ROUTER_SPAN = 900_000_000  # ids set here stay clear of those conftest's thread() counts from 1
 KV_BYTES = 4_000_000
 
 
@@ -29,7 +30,7 @@ def span(trace_id: int, span_id: int, parent: int, name: str, start: float, end:
 
 
 def root(trace_id: int, span_id: int, role: str, start: float, end: float, first_token: float) -> SpanRecord:
-    return SpanRecord(trace_id, span_id, 1, f"Req {role}-rid", at(start), at(end),
+    return SpanRecord(trace_id, span_id, ROUTER_SPAN, f"Req {role}-rid", at(start), at(end),
                       {"rid": f"{role}-rid", "http.route": "/v1/completions", "disaggregation.role": role,
                        "bootstrap_room": ROOM}, [("first_token", at(first_token), {})], None, SERVER,
                       remote_parent=True)
@@ -43,8 +44,8 @@ def pair(claimed: float, trace_id: int = 7) -> list[SpanRecord]:
     steps of 10 ms, and the answer done 46 ms after the last."""
     late = max(0.0, claimed + 2 - 414)
     sent, arrived = 414 + late, 454 + late
-    p, d = 10_000, 20_000
-    out = [SpanRecord(trace_id, 1, None, "http_request", at(0), at(1000), {})]
+    p, d = 10_000_000, 20_000_000
+    out = [SpanRecord(trace_id, ROUTER_SPAN, None, "http_request", at(0), at(1000), {})]
     tokenizer = thread(trace_id, p, "Tokenizer", 100, at(2), at(500 + late))
     scheduler = thread(trace_id, p, "Scheduler", 200, at(4), at(498 + late), tp_rank=0)
     out += [root(trace_id, p, "prefill", 2, 500 + late, 499 + late), tokenizer,
