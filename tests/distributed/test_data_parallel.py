@@ -35,8 +35,9 @@ def generate(server, prompt, max_new_tokens=12, start: threading.Barrier | None 
 def replica_of(receiver, response) -> int:
     """Which replica served a request, read from its trace."""
     trace_id = response.headers["traceparent"].split("-")[1]
-    spans = receiver.wait_for(lambda s: sum(x["trace_id"] == trace_id and x["name"].startswith(("Scheduler", "DP"))
-                                            for x in s) >= 2)
+    wanted = ("Scheduler", "DP Controller", "Req ")  # the processes' spans come apart: wait for all three
+    spans = receiver.wait_for(lambda s: {w for x in s if x["trace_id"] == trace_id for w in wanted
+                                         if x["name"].startswith(w)} == set(wanted))
     mine = [s for s in spans if s["trace_id"] == trace_id]
     scheduler = next(s for s in mine if s["name"].startswith("Scheduler"))
     dispatch = next(s for s in mine if s["name"] == "dispatch" and "dp_rank" in s["attributes"])
