@@ -93,6 +93,7 @@ class Passes:
         self.decode_only = {key: (statistics.median(b.seconds for b in batches),
                                   statistics.median(b.kv_tokens for b in batches))
                             for key, batches in by_size.items()}
+        self.nearest: dict[tuple[str, int], tuple[float, float] | None] = {}  # baseline's answers
         self.sizes: dict[str, list[int]] = {}  # scheduler: the batch sizes it ran decode-only
         for scheduler, size in self.decode_only:
             self.sizes.setdefault(scheduler, []).append(size)
@@ -122,12 +123,13 @@ class Passes:
 
     def baseline(self, scheduler: str, size: int) -> tuple[float, float] | None:
         """The median decode-only pass of this scheduler with the nearest batch size: its
-        seconds and KV tokens."""
-        sizes = self.sizes.get(scheduler)
-        if not sizes:
-            return None
-        nearest = min(sizes, key=lambda s: (abs(s - size), s))
-        return self.decode_only[(scheduler, nearest)]
+        seconds and KV tokens (looked up once per size: it is asked for every step)."""
+        key = (scheduler, size)
+        if key not in self.nearest:
+            sizes = self.sizes.get(scheduler)
+            nearest = min(sizes, key=lambda s: (abs(s - size), s)) if sizes else None
+            self.nearest[key] = self.decode_only[(scheduler, nearest)] if sizes else None
+        return self.nearest[key]
 
     def in_flight(self, scheduler: str, at: int) -> tuple[int, Batch] | None:
         """The pass this scheduler was running at `at` (epoch ns), with its id."""
