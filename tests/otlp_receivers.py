@@ -44,6 +44,23 @@ def flatten(value):
     return getattr(value, kind) if kind else None
 
 
+def attributes(pairs) -> dict:
+    return {a.key: flatten(a.value) for a in pairs}
+
+
+def poll(read, predicate, timeout: float) -> tuple:
+    """`read()` every 0.1 s until `predicate` holds of it, for up to `timeout` s: the last read,
+    and whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if predicate(value):
+            return value, True
+        if time.monotonic() >= deadline:
+            return value, False
+        time.sleep(0.1)
+
+
 class Receiver:
     """Collects every export it is sent, of spans or of metrics (`signal`); `hang_seconds`
     makes each export wait first. As a context manager, stopped on leaving."""
@@ -60,46 +77,43 @@ class Receiver:
         with self.lock:
             self.requests.append(request)
 
+    def received(self) -> list:
+        """The export requests so far (a copy: the server's threads keep adding)."""
+        with self.lock:
+            return list(self.requests)
+
     def spans(self) -> list[dict]:
         out = []
-        with self.lock:
-            requests = list(self.requests)
-        for request in requests:
+        for request in self.received():
             for rs in request.resource_spans:
-                resource = {a.key: flatten(a.value) for a in rs.resource.attributes}
+                resource = attributes(rs.resource.attributes)
                 for ss in rs.scope_spans:
                     for s in ss.spans:
                         out.append({
                             "name": s.name, "trace_id": s.trace_id.hex(), "span_id": s.span_id.hex(),
                             "parent_id": s.parent_span_id.hex() or None, "kind": s.kind,
                             "start": s.start_time_unix_nano, "end": s.end_time_unix_nano,
-                            "attributes": {a.key: flatten(a.value) for a in s.attributes},
-                            "events": [{"name": e.name, "time": e.time_unix_nano,
-                                        "attributes": {a.key: flatten(a.value) for a in e.attributes}} for e in s.events],
+                            "attributes": attributes(s.attributes),
+                            "events": [{"name": e.name, "time": e.time_unix_nano, "attributes": attributes(e.attributes)}
+                                       for e in s.events],
                             "status": s.status.code, "status_message": s.status.message,
                             "resource": resource, "trace_state": s.trace_state,
                         })
         return out
 
     def wait_for(self, predicate, timeout: float = 20.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            spans = self.spans()
-            if predicate(spans):
-                return spans
-            time.sleep(0.1)
-        spans = self.spans()
+        spans, held = poll(self.spans, predicate, timeout)
+        if held:
+            return spans
         names = Counter(f"{s['name']} (trace {s['trace_id'][:8]})" for s in spans)
         raise AssertionError(f"spans never satisfied the condition; got {len(spans)} spans: {dict(names)}")
 
     def points(self, name: str) -> list[dict]:
         """The data points of metric `name` in every export, in the order they came."""
         out = []
-        with self.lock:
-            requests = list(self.requests)
-        for request in requests:
+        for request in self.received():
             for rm in request.resource_metrics:
-                resource = {a.key: flatten(a.value) for a in rm.resource.attributes}
+                resource = attributes(rm.resource.attributes)
                 for sm in rm.scope_metrics:
                     for m in sm.metrics:
                         if m.name != name:
@@ -108,7 +122,7 @@ class Receiver:
                         for p in data.data_points:
                             point = {"kind": m.WhichOneof("data"), "unit": m.unit, "resource": resource,
                                      "scope": sm.scope.name, "temporality": getattr(data, "aggregation_temporality", 0),
-                                     "attributes": {a.key: flatten(a.value) for a in p.attributes},
+                                     "attributes": attributes(p.attributes),
                                      "start": p.start_time_unix_nano, "time": p.time_unix_nano}
                             if m.WhichOneof("data") == "histogram":
                                 point.update(count=p.count, sum=p.sum, bucket_counts=list(p.bucket_counts),
@@ -121,13 +135,10 @@ class Receiver:
 
     def wait_for_points(self, name: str, predicate, timeout: float = 20.0) -> list[dict]:
         """The points of metric `name` once `predicate(points)` holds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            points = self.points(name)
-            if predicate(points):
-                return points
-            time.sleep(0.1)
-        raise AssertionError(f"the points of {name} never satisfied the condition; got {self.points(name)}")
+        points, held = poll(lambda: self.points(name), predicate, timeout)
+        if held:
+            return points
+        raise AssertionError(f"the points of {name} never satisfied the condition; got {points}")
 
     def export_count(self) -> int:
         with self.lock:
