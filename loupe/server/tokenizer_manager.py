@@ -194,31 +194,29 @@ class TokenizerManager:
         if result.error and result.error_code == "kv_transfer_failed":
             m.kv_transfer_failures.inc()
         state.end = now
-        exemplar = self._exemplar(state, result, now)
+        outcome = Outcome.of_result(result.finish_reason, result.error)
+        exemplar = self._exemplar(state, outcome, now)
         m.e2e_latency.observe(now - state.created, exemplar)
         m.prefill_time.observe(result.prefill_seconds, exemplar)
         m.decode_time.observe(result.decode_seconds, exemplar)
         if result.detokenize_seconds is not None:
             m.detokenize_time.observe(result.detokenize_seconds, exemplar)
         m.requests.labels(status=status(result)).inc()
-        outcome = Outcome.of_result(result.finish_reason, result.error)
         m.outcomes.labels(outcome=outcome).inc()
         if state.operation is not None and outcome != Outcome.CANCELLED:  # a cancelled request is not timed
             ttft = state.first_token_time - state.created if state.first_token_time is not None else None
             m.observe_genai(state.operation, state.model, now - state.created, ttft, out.completion_tokens,
                             result.error_code if result.error else None, exemplar)
 
-    def _exemplar(self, state: RequestState, result: ipc.RequestResult | None = None, now: float = 0.0
-                  ) -> dict | None:
+    def _exemplar(self, state: RequestState, outcome: Outcome | None = None, now: float = 0.0) -> dict | None:
         """The latency histograms' exemplar: the trace id, when the trace will be exported. An
-        undecided trace's only once it ended (`result`), if a tail rule will keep it (its root
-        ends a little later, so it is at least this slow; one that fails only then gets none)."""
+        undecided trace's only once it ended (with `outcome`), if a tail rule will keep it (its
+        root ends a little later, so it is at least this slow; one that fails only then gets none)."""
         trace = state.trace
         decision = trace.ctx.decision if trace is not None else TraceDecision.OFF
         kept = decision == TraceDecision.SAMPLED or (
-            decision == TraceDecision.UNDECIDED and result is not None
-            and self.tracer.control.verdict(Outcome.of_result(result.finish_reason, result.error),
-                                            now - trace.start / 1e9))
+            decision == TraceDecision.UNDECIDED and outcome is not None
+            and self.tracer.control.verdict(outcome, now - trace.start / 1e9))
         return {"trace_id": state.trace_id} if kept else None
 
 
