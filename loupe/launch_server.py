@@ -204,7 +204,7 @@ class Supervisor:
                     raise RuntimeError(f"the {name} process exited during start-up (exit code {proc.exitcode})")
                 if isinstance(info, StartFailed):
                     raise RuntimeError(f"{name}: {info.error}")
-                self.starts[name].ready, self.starts[name].phases = time.perf_counter_ns(), info.phases
+                self._heard_ready(name, info)
                 infos.append(info)
                 del pending[reader]
         return infos
@@ -220,7 +220,10 @@ class Supervisor:
             except EOFError:
                 info = None
             if isinstance(info, Ready):
-                self.starts[name].ready, self.starts[name].phases = time.perf_counter_ns(), info.phases
+                self._heard_ready(name, info)
+
+    def _heard_ready(self, name: str, info: Ready) -> None:
+        self.starts[name].ready, self.starts[name].phases = time.perf_counter_ns(), info.phases
 
     def watch(self, on_death, on_exporter_death=None) -> None:
         """Until a serving child dies (then `on_death(message, exit code)`) or the server
