@@ -121,6 +121,11 @@ class Passes:
     def batch(self, scheduler: str, batch_id, start: int, end: int) -> Batch:
         return self.batches.setdefault((scheduler, batch_id), Batch(start, end))
 
+    def children_of(self, trace_id: str, spans: list[Span]) -> dict[str | None, list[Span]]:
+        """A trace's spans by parent: the index built with the passes, or (a trace they were not
+        built from) made now."""
+        return self.children.get(trace_id) or children_by_parent(spans)
+
     def baseline(self, scheduler: str, size: int) -> tuple[float, float] | None:
         """The median decode-only pass of this scheduler with the nearest batch size: its
         seconds and KV tokens (looked up once per size: it is asked for every step)."""
@@ -250,7 +255,7 @@ def count(n: int, thing: str) -> str:
 
 def explain(root: Span, spans: list[Span], passes: Passes) -> Explanation:
     """Where `root`'s request spent its time, as causes (see the module's docstring)."""
-    children = passes.children.get(root.trace_id) or children_by_parent(spans)  # a trace the passes were not built from
+    children = passes.children_of(root.trace_id, spans)
     first = next((e.time for e in root.events if e.name == "first_token"), None)
     line = Timeline(root.start, root.end, first)
     threads_below = {c.span_id for c in children.get(root.span_id, ())}
@@ -298,7 +303,7 @@ def explain_pair(pair: Pair, spans: list[Span], passes: Passes) -> Explanation:
     line.add("router", edges[0], edges[1])
     line.take(p, "prefill", edges[1], edges[2])
     line.take(d, "decode", edges[2], edges[3], rename={"queued": "decode queue"}, fill="bootstrap wait")
-    children = passes.children.get(pair.decode.trace_id) or children_by_parent(spans)
+    children = passes.children_of(pair.decode.trace_id, spans)
     busy = passes.in_flight(schedulers(pair.decode, children)[0].name, pair.transfer.start)
     line.add("KV transfer", edges[3], edges[4], f"{pair.transfer_text()}: from leaving the prefill server to the "
              "decode server having it" + ("" if busy is None else f", which was running a forward pass until "
@@ -477,7 +482,7 @@ def explain_all(traces: dict[str, list[Span]], roots: list[Span],
     pair_of: dict[tuple[str, str], Pair] = {}  # (trace id, root span id): its pair
     for trace_id in dict.fromkeys(root.trace_id for root in roots):
         spans = traces[trace_id]
-        for pair in pairs(spans, passes.children.get(trace_id) or children_by_parent(spans)):
+        for pair in pairs(spans, passes.children_of(trace_id, spans)):
             pair_of[(trace_id, pair.prefill.span_id)] = pair_of[(trace_id, pair.decode.span_id)] = pair
     out, done = [], set()
     for root in each(roots, "explaining requests"):
